@@ -1,0 +1,25 @@
+"""bema-offline: offline BEMA/EMA averaging of Hugging Face Trainer checkpoints.
+
+```python
+>>> from bema_offline import BEMASchedule, average
+>>> result = average("runs/dpo", "runs/dpo-bema", schedule=BEMASchedule(update_freq=100), base_model="Qwen/Qwen2.5-0.5B")
+```
+"""
+
+__version__ = "0.1.0"
+
+from .api import AveragedModel, AverageResult, average  # noqa: E402
+from .errors import BemaError, DataError, UsageError  # noqa: E402
+from .schedule import BEMASchedule, effective_weights  # noqa: E402
+
+__all__ = [
+    "AverageResult",
+    "AveragedModel",
+    "BEMASchedule",
+    "BemaError",
+    "DataError",
+    "UsageError",
+    "__version__",
+    "average",
+    "effective_weights",
+]

@@ -1,0 +1,206 @@
+"""Just enough of the safetensors format to read tensors lazily with `pread` and to write shards in place.
+
+Reading through `pread` into our own buffers, rather than through `safe_open`'s memory map, keeps the pages of
+the input files out of the process's resident set: peak RSS stays at what we allocate.
+
+Format: 8 bytes little-endian header length N, N bytes of JSON `{name: {dtype, shape, data_offsets}, ...}`
+(plus an optional `__metadata__` of strings), then the data; offsets are relative to the end of the header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import ctypes
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    name: str
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        return self.torch_dtype.itemsize
+
+    @property
+    def is_float(self) -> bool:
+        return self.torch_dtype.is_floating_point
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate the header of a safetensors file.
+
+    Returns:
+        `(tensors, metadata)`: the tensors by name, in file order, and the `__metadata__` strings.
+
+    Raises:
+        `DataError`: the file is truncated, its header is malformed or inconsistent with its size.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise DataError(f"{path}: truncated safetensors file ({size} bytes); re-save or remove this checkpoint")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise DataError(
+                    f"{path}: safetensors header length {header_len} runs past the end of the file ({size} bytes); "
+                    "the file is truncated or corrupt"
+                )
+            raw = f.read(header_len)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: malformed safetensors header ({e}); the file is corrupt") from e
+    if not isinstance(header, dict):
+        raise DataError(f"{path}: malformed safetensors header (not a JSON object); the file is corrupt")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise DataError(f"{path}: malformed safetensors __metadata__ (not a JSON object)")
+    data_start = 8 + header_len
+    tensors = [_tensor_info(path, name, entry, data_start) for name, entry in header.items()]
+    tensors.sort(key=lambda t: (t.start, t.nbytes))
+    previous = None
+    for t in tensors:
+        if previous is not None and t.start < previous.start + previous.nbytes:
+            raise DataError(f"{path}: tensors {previous.name!r} and {t.name!r} overlap; the file is corrupt")
+        previous = t
+    if previous is not None and previous.start + previous.nbytes > size:
+        raise DataError(
+            f"{path}: tensor {previous.name!r} ends at byte {previous.start + previous.nbytes} "
+            f"but the file has {size} bytes; the file is truncated"
+        )
+    return {t.name: t for t in tensors}, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: malformed header entry; the file is corrupt")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise DataError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise DataError(f"{where}: malformed shape {shape!r}; the file is corrupt")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise DataError(f"{where}: malformed data_offsets {offsets!r}; the file is corrupt")
+    nbytes = offsets[1] - offsets[0]
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    if nbytes != expected:
+        raise DataError(
+            f"{where}: shape {shape} of {dtype} needs {expected} bytes but data_offsets span {nbytes}; the file is corrupt"
+        )
+    return TensorInfo(name=name, path=path, dtype=dtype, shape=tuple(shape), start=data_start + offsets[0], nbytes=nbytes)
+
+
+def writable_view(buffer: torch.Tensor) -> memoryview:
+    """A writable memoryview over a contiguous CPU tensor's bytes, for `os.preadv` to read into."""
+    array = (ctypes.c_char * buffer.nbytes).from_address(buffer.data_ptr())
+    return memoryview(array).cast("B")
+
+
+class OpenFiles:
+    """Positioned reads or writes on many files, keeping at most `max_open` open (least recently used closed)."""
+
+    def __init__(self, *, writable: bool = False, max_open: int = 64) -> None:
+        self.flags = os.O_WRONLY if writable else os.O_RDONLY
+        self.max_open = max_open
+        self._fds: OrderedDict[Path, int] = OrderedDict()
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.pop(path, None)
+        if fd is None:
+            try:
+                fd = os.open(path, self.flags)
+            except OSError as e:
+                raise DataError(f"{path}: cannot open ({e.strerror or e})") from e
+            while len(self._fds) >= self.max_open:
+                os.close(self._fds.popitem(last=False)[1])
+        self._fds[path] = fd
+        return fd
+
+    def read_into(self, path: Path, offset: int, view: memoryview) -> None:
+        """Fill `view` with the bytes of `path` starting at `offset`."""
+        fd = self._fd(path)
+        done = 0
+        while done < len(view):
+            try:
+                n = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as e:
+                raise DataError(f"{path}: read error at byte {offset + done} ({e.strerror or e})") from e
+            if n == 0:
+                raise DataError(f"{path}: file ended at byte {offset + done} while reading; it was truncated during the run")
+            done += n
+
+    def write_at(self, path: Path, offset: int, view: memoryview) -> None:
+        """Write all of `view` into `path` at `offset`."""
+        fd = self._fd(path)
+        done = 0
+        while done < len(view):
+            try:
+                done += os.pwrite(fd, view[done:], offset + done)
+            except OSError as e:
+                raise DataError(f"{path}: write failed ({e.strerror or e}); free some disk space or choose another --output") from e
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> OpenFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
