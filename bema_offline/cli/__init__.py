@@ -1,0 +1,76 @@
+"""The `bema-offline` command group and the `bema-average` shortcut.
+
+Errors print one line, `error: ...`, and exit with 2 for bad usage, 1 for bad data, 130 on Ctrl-C;
+`--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from .. import __version__
+from ..errors import BemaError
+from ._help import CONTEXT
+from .average import average_command
+from .demo import demo_command
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="bema-offline")
+def cli() -> None:
+    """Average a finished training run's checkpoints with BEMA or EMA, offline and streaming."""
+
+
+cli.add_command(average_command, "average")
+cli.add_command(demo_command, "demo")
+
+
+def _run(command: click.Command, args: list[str] | None = None, prog_name: str | None = None) -> None:
+    args = sys.argv[1:] if args is None else args
+    debug = "--debug" in args
+    try:
+        command.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        click.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {e.format_message()} (see --help)", err=True)
+        sys.exit(e.exit_code)
+    except BemaError as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except OSError as e:
+        if debug:
+            traceback.print_exc()
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{e.strerror or e}; nothing was written (--debug shows the traceback)", err=True)
+        sys.exit(1)
+    except Exception as e:  # a bug: still one line, unless --debug
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug and report it)", err=True)
+        sys.exit(1)
+
+
+def main() -> None:
+    """Entry point of `bema-offline`."""
+    _run(cli, prog_name="bema-offline")
+
+
+def average_main() -> None:
+    """Entry point of `bema-average`, the same as `bema-offline average`."""
+    _run(average_command, prog_name="bema-average")

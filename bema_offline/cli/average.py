@@ -1,0 +1,152 @@
+"""`bema-offline average` (also `bema-average`): replay BEMA/EMA over a run's checkpoints."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from ..api import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, average
+from ..report import plan_report
+from ..schedule import BEMASchedule
+from ._help import CONTEXT, SectionedCommand, debug_option, option
+
+EPILOG = """\b
+Examples:
+  bema-average runs/dpo --base-model Qwen/Qwen2.5-0.5B --update-freq 100 --output runs/dpo-bema
+  bema-average runs/dpo --update-after 200 --update-freq 100 --every-update --output runs/dpo-bema
+  bema-average runs/dpo --base-model ./base --save ema,bema --dry-run
+"""
+
+
+def _steps(ctx, param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of steps") from None
+
+
+def _kinds(ctx, param, value: str) -> list[str]:
+    kinds = [part.strip() for part in value.split(",") if part.strip()]
+    bad = [k for k in kinds if k not in ("bema", "ema")]
+    if bad or not kinds:
+        raise click.BadParameter(f"{value!r}: choose bema, ema or ema,bema")
+    return kinds
+
+
+@click.command(cls=SectionedCommand, epilog=EPILOG, context_settings=CONTEXT)
+@click.argument("ckpt_dir", type=click.Path(path_type=Path))
+@option("--base-model", section="Input", help="Weights before training (θ0 when --update-after is 0): a local folder or a Hub repo id.")
+@option("--min-step", type=int, section="Input", help="Ignore checkpoints before this step.")
+@option("--max-step", type=int, section="Input", help="Ignore checkpoints after this step.")
+@option("--allow-missing", is_flag=True, section="Input", help="Skip update steps that have no checkpoint (recorded in the provenance) instead of failing.")
+@option("--update-freq", type=int, default=400, show_default=True, section="Schedule (TRL's BEMACallback)", help="φ: update every this many steps. Match the run's save_steps.")
+@option("--ema-power", type=float, default=0.5, show_default=True, section="Schedule (TRL's BEMACallback)", help="κ: β = (lag + multiplier·t)^-κ; 0 makes the EMA the last iterate.")
+@option("--bias-power", type=float, default=0.2, show_default=True, section="Schedule (TRL's BEMACallback)", help="η: α = (lag + multiplier·t)^-η; 0 is full correction (α = 1).")
+@option("--lag", type=float, default=10, show_default=True, section="Schedule (TRL's BEMACallback)", help="ρ: virtual starting age of the schedule.")
+@option("--update-after", type=int, default=0, show_default=True, section="Schedule (TRL's BEMACallback)", help="τ: burn-in; θ0 is checkpoint-τ when > 0, the base model when 0.")
+@option("--multiplier", type=float, default=1.0, show_default=True, section="Schedule (TRL's BEMACallback)", help="γ: time multiplier.")
+@option("--min-ema-multiplier", type=float, default=0.0, show_default=True, section="Schedule (TRL's BEMACallback)", help="Lower clamp on β.")
+@option("--convention", type=click.Choice(["trl", "paper"]), default="trl", show_default=True, section="Schedule (TRL's BEMACallback)", help="trl: TRL's BEMACallback; paper: the authors' offline code (every checkpoint, their clock).")
+@option("--no-bias-correction", is_flag=True, section="Schedule (TRL's BEMACallback)", help="Write the plain EMA (α = 0), same as --save ema.")
+@option("--output", "-o", type=click.Path(path_type=Path), section="Output", help="Output folder. Default: CKPT_DIR/bema-offline.")
+@option("--save", default="bema", show_default=True, callback=_kinds, section="Output", help="What to write: bema, ema, or ema,bema (one subfolder each).")
+@option("--every-update", is_flag=True, section="Output", help="Write one folder per update step: OUTPUT/step-N/.")
+@option("--steps", callback=_steps, section="Output", help="Write these update steps, e.g. 800,1600: OUTPUT/step-N/.")
+@option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), section="Output", help="Output dtype of float tensors. Default: the checkpoints'.")
+@option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, show_default=True, section="Output", help="Largest safetensors shard.")
+@option("--overwrite", is_flag=True, section="Output", help="Replace an existing output folder.")
+@option("--max-memory", default=DEFAULT_MAX_MEMORY, show_default=True, section="Performance", help="Working memory for tensor data; peak RSS stays near this plus the Python and torch baseline.")
+@option("--accum-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True, section="Performance", help="Accumulation dtype.")
+@option("--dry-run", is_flag=True, section="Run", help="Print the plan (steps, β, α, effective weights) and write nothing.")
+@option("--quiet", "-q", is_flag=True, section="Run", help="No progress bars or summary.")
+@debug_option
+def average_command(
+    ckpt_dir: Path,
+    base_model: str | None,
+    min_step: int | None,
+    max_step: int | None,
+    allow_missing: bool,
+    update_freq: int,
+    ema_power: float,
+    bias_power: float,
+    lag: float,
+    update_after: int,
+    multiplier: float,
+    min_ema_multiplier: float,
+    convention: str,
+    no_bias_correction: bool,
+    output: Path | None,
+    save: list[str],
+    every_update: bool,
+    steps: list[int] | None,
+    dtype: str | None,
+    max_shard_size: str,
+    overwrite: bool,
+    max_memory: str,
+    accum_dtype: str,
+    dry_run: bool,
+    quiet: bool,
+    debug: bool,
+) -> None:
+    """Average the checkpoint-N folders of CKPT_DIR with BEMA (or EMA) and write Hugging Face model folders.
+
+    The checkpoints are streamed tensor by tensor within --max-memory, and TRL's BEMACallback is replayed
+    exactly: with fp32 checkpoints the result is bit-identical to TRL's online bema/ folder.
+    """
+    if every_update and steps:
+        raise click.UsageError("--every-update and --steps exclude each other")
+    if no_bias_correction:
+        if "bema" in save and save != ["bema"]:
+            raise click.UsageError("--no-bias-correction writes the plain EMA; do not also ask for --save bema")
+        save = ["ema"]
+    schedule = BEMASchedule(
+        update_freq=update_freq,
+        ema_power=ema_power,
+        bias_power=bias_power,
+        lag=lag,
+        update_after=update_after,
+        multiplier=multiplier,
+        min_ema_multiplier=min_ema_multiplier,
+        convention=convention,
+    )
+    output = output if output is not None else ckpt_dir / "bema-offline"
+    started = time.perf_counter()
+    result = average(
+        ckpt_dir,
+        output,
+        schedule=schedule,
+        base_model=base_model,
+        save=save,
+        steps="every" if every_update else (steps or "last"),
+        min_step=min_step,
+        max_step=max_step,
+        allow_missing=allow_missing,
+        accum_dtype=accum_dtype,
+        dtype=dtype,
+        max_memory=max_memory,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        progress=not quiet,
+    )
+    if dry_run:
+        click.echo(plan_report(result.plan, [str(o.path) for o in result.outputs]))
+        click.echo("\ndry run: nothing was written")
+        return
+    if quiet:
+        return
+    if result.removed_leftovers:
+        click.echo(f"removed the leftovers of an interrupted run at {output}", err=True)
+    for note in result.plan.notes:
+        click.echo(f"note: {note}", err=True)
+    missing = sorted({s for run in result.plan.schedules for s in run.missing_steps})
+    if missing:
+        click.echo(f"warning: skipped update steps without a checkpoint: {', '.join(map(str, missing))}", err=True)
+    elapsed = time.perf_counter() - started
+    for out in result.outputs:
+        click.echo(f"wrote {out.path}: {out.kind} at step {out.step}")
+    click.echo(f"read {result.plan.bytes_to_read / 2**20:.1f} MiB from {len(result.plan.sources)} sources in {elapsed:.1f} s")

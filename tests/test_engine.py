@@ -1,0 +1,171 @@
+"""The streaming engine against independent references: TRL's ops replayed on whole tensors, and float64."""
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+from synthetic import make_run
+
+from bema_offline import BEMASchedule, average
+from bema_offline.engine import group_slices
+
+
+def load_output(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    return tensors
+
+
+def trl_replay(weights, schedule, update_steps, out_step, dtype=torch.float32):
+    """TRL's BEMACallback ops, on whole tensors, in `dtype`."""
+    theta0 = {k: v.to(dtype).clone() for k, v in weights[schedule.theta0_step].items()}
+    ema = {k: v.clone() for k, v in theta0.items()}
+    for step in update_steps:
+        if step > out_step:
+            break
+        beta = schedule.beta(step)
+        for k in ema:
+            ema[k].mul_(1 - beta).add_(weights[step][k].to(dtype), alpha=beta)
+    alpha = schedule.alpha(out_step)
+    return {k: ema[k] + alpha * (weights[out_step][k].to(dtype) - theta0[k]) for k in ema}
+
+
+def float64_reference(weights, schedule, update_steps, out_step, kind="bema"):
+    """The plain recurrence in float64."""
+    theta0 = {k: v.double() for k, v in weights[schedule.theta0_step].items()}
+    ema = dict(theta0)
+    for step in update_steps:
+        if step > out_step:
+            break
+        beta = schedule.beta(step)
+        ema = {k: (1 - beta) * ema[k] + beta * weights[step][k].double() for k in ema}
+    if kind == "ema":
+        return ema
+    alpha = schedule.alpha(out_step)
+    return {k: ema[k] + alpha * (weights[out_step][k].double() - theta0[k]) for k in ema}
+
+
+schedules = st.builds(
+    BEMASchedule,
+    update_freq=st.integers(1, 3),
+    ema_power=st.floats(0, 1.5),
+    bias_power=st.floats(0, 1),
+    lag=st.floats(1, 20),
+    update_after=st.integers(0, 3),
+    multiplier=st.floats(0.2, 3),
+    min_ema_multiplier=st.sampled_from([0.0, 0.0, 0.2, 0.45]),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schedule=schedules, n_steps=st.integers(7, 10), shards=st.integers(1, 3), budget=st.integers(4096, 6000), seed=st.integers(0, 2**16))
+def test_tiny_budget_is_bit_identical_and_matches_references(schedule, n_steps, shards, budget, seed):
+    steps = list(range(1, n_steps + 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir, base_dir, weights = make_run(Path(tmp), steps, shards=shards, seed=seed)
+        update_steps = schedule.update_steps(steps)
+        big = average(run_dir, Path(tmp) / "big", schedule=schedule, base_model=base_dir, max_memory="1GiB")
+        small = average(run_dir, Path(tmp) / "small", schedule=schedule, base_model=base_dir, max_memory=budget)
+        out_step = big.outputs[0].step
+        assert out_step == update_steps[-1]
+        assert len(group_slices(small.plan, max_memory=budget, accum_dtype=torch.float32)) > 1
+        big_t, small_t = load_output(Path(tmp) / "big"), load_output(Path(tmp) / "small")
+        trl = trl_replay(weights, schedule, update_steps, out_step)
+        ref64 = float64_reference(weights, schedule, update_steps, out_step)
+        assert big_t.keys() == small_t.keys() == trl.keys()
+        for name in big_t:
+            assert torch.equal(big_t[name], small_t[name]), name
+            assert torch.equal(big_t[name], trl[name]), name
+            scale = max(1.0, float(ref64[name].abs().max()))
+            assert torch.allclose(big_t[name].double(), ref64[name], rtol=0, atol=64 * 2**-24 * scale * len(update_steps)), name
+
+
+def test_bf16_inputs_accumulate_in_fp32_closer_to_float64_than_bf16_buffers(tmp_path):
+    steps = list(range(1, 9))
+    run_dir, base_dir, weights = make_run(tmp_path, steps, dtype=torch.bfloat16)
+    schedule = BEMASchedule(update_freq=1)
+    average(run_dir, tmp_path / "out", schedule=schedule, base_model=base_dir)
+    out = load_output(tmp_path / "out")
+    ref64 = float64_reference(weights, schedule, steps, 8)
+    trl_bf16 = trl_replay(weights, schedule, steps, 8, dtype=torch.bfloat16)
+    ours_err = sum(float((out[k].double() - ref64[k]).abs().sum()) for k in out)
+    bf16_err = sum(float((trl_bf16[k].double() - ref64[k]).abs().sum()) for k in out)
+    assert all(t.dtype == torch.bfloat16 for t in out.values())
+    assert ours_err < bf16_err
+    # and exactly the fp32 replay rounded to bf16
+    trl32 = trl_replay(weights, schedule, steps, 8, dtype=torch.float32)
+    assert all(torch.equal(out[k], trl32[k].to(torch.bfloat16)) for k in out)
+
+
+def test_float64_accumulation_and_output_dtype(tmp_path):
+    steps = [1, 2, 3]
+    run_dir, base_dir, weights = make_run(tmp_path, steps)
+    schedule = BEMASchedule(update_freq=1)
+    average(run_dir, tmp_path / "out", schedule=schedule, base_model=base_dir, accum_dtype="float64", dtype="bfloat16")
+    out = load_output(tmp_path / "out")
+    ref64 = float64_reference(weights, schedule, steps, 3)
+    assert all(torch.equal(out[k], ref64[k].to(torch.bfloat16)) for k in out)
+
+
+def test_ema_output_and_every_update(tmp_path):
+    steps = [2, 4, 6]
+    run_dir, base_dir, weights = make_run(tmp_path, steps)
+    schedule = BEMASchedule(update_freq=2)
+    result = average(run_dir, tmp_path / "out", schedule=schedule, base_model=base_dir, save=("ema", "bema"), steps="every")
+    assert sorted(str(o.path.relative_to(tmp_path / "out")) for o in result.outputs) == sorted(
+        f"{kind}/step-{s}" for kind in ("ema", "bema") for s in steps
+    )
+    for step in steps:
+        ema = load_output(tmp_path / "out" / "ema" / f"step-{step}")
+        ref = float64_reference(weights, schedule, steps, step, kind="ema")
+        for k in ema:
+            assert torch.allclose(ema[k].double(), ref[k], atol=1e-6)
+        bema = load_output(tmp_path / "out" / "bema" / f"step-{step}")
+        trl = trl_replay(weights, schedule, steps, step)
+        assert all(torch.equal(bema[k], trl[k]) for k in bema)
+
+
+def test_frozen_and_non_float_tensors_are_copied_unchanged(tmp_path):
+    steps = [1, 2, 3, 4]
+    counter = torch.arange(7, dtype=torch.int64)
+    run_dir, base_dir, weights = make_run(tmp_path, steps, extra={"position_ids": counter}, frozen=("model.norm.weight",))
+    average(run_dir, tmp_path / "out", schedule=BEMASchedule(update_freq=1, ema_power=0.3), base_model=base_dir)
+    out = load_output(tmp_path / "out")
+    assert torch.equal(out["position_ids"], counter)
+    assert torch.equal(out["model.norm.weight"], weights[0]["model.norm.weight"])
+    assert not torch.equal(out["model.embed_tokens.weight"], weights[4]["model.embed_tokens.weight"])
+
+
+def test_sweep_of_schedules_in_one_pass_equals_separate_runs(tmp_path):
+    steps = [1, 2, 3, 4, 5, 6]
+    run_dir, base_dir, _ = make_run(tmp_path, steps)
+    configs = [("a", BEMASchedule(update_freq=1)), ("b", BEMASchedule(update_freq=2, update_after=2, ema_power=0.3))]
+    together = average(run_dir, tmp_path / "sweep", schedule=configs, base_model=base_dir)
+    assert [o.path.name for o in together.outputs] == ["a", "b"]
+    for name, schedule in configs:
+        average(run_dir, tmp_path / name, schedule=schedule, base_model=base_dir)
+        one, swept = load_output(tmp_path / name), load_output(tmp_path / "sweep" / name)
+        assert all(torch.equal(one[k], swept[k]) for k in one)
+
+
+@pytest.mark.parametrize("budget", [4096, 100_000, 2**30])
+def test_groups_fit_the_budget(tmp_path, budget):
+    run_dir, base_dir, _ = make_run(tmp_path, [1, 2])
+    result = average(run_dir, tmp_path / "o", schedule=BEMASchedule(update_freq=1), base_model=base_dir, dry_run=True)
+    groups = group_slices(result.plan, max_memory=budget, accum_dtype=torch.float32)
+    per_element = 4 + 4 * 2  # read buffer + θ0 + one EMA, fp32
+    for group in groups:
+        assert sum(p.numel for p in group) * per_element <= budget
+    covered = {}
+    for group in groups:
+        for p in group:
+            covered.setdefault(p.name, []).append((p.start, p.stop))
+    for info in result.plan.tensors:
+        ranges = sorted(covered[info.name])
+        assert ranges[0][0] == 0 and ranges[-1][1] == info.numel
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
