@@ -1,0 +1,64 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from bema_offline import UsageError
+from bema_offline.safetensors_io import OpenFiles
+from bema_offline.writer import ModelFolderWriter, TensorSpec, copy_sidecar_files, parse_size, shard_tensors
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [("5GB", 5 * 10**9), ("512MiB", 512 * 2**20), ("1.5KB", 1500), ("100", 100), ("2 gib", 2 * 2**30), (7, 7)],
+)
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+def test_parse_size_rejects_garbage():
+    with pytest.raises(UsageError, match="--max-memory 'lots'"):
+        parse_size("lots", option="--max-memory")
+
+
+def test_shards_follow_order_and_size():
+    specs = [TensorSpec(n, "F32", (10,)) for n in "abcde"]  # 40 bytes each
+    assert [[s.name for s in shard] for shard in shard_tensors(specs, 100)] == [["a", "b"], ["c", "d"], ["e"]]
+    big = [TensorSpec("huge", "F32", (100,)), TensorSpec("x", "F32", (1,))]
+    assert [[s.name for s in shard] for shard in shard_tensors(big, 50)] == [["huge"], ["x"]]
+
+
+def test_slices_written_in_any_order_read_back_with_safetensors(tmp_path):
+    specs = [TensorSpec("w", "BF16", (4, 3)), TensorSpec("n", "I64", (5,)), TensorSpec("v", "F32", (7,))]
+    values = {"w": torch.randn(4, 3).to(torch.bfloat16), "n": torch.arange(5), "v": torch.randn(7)}
+    with OpenFiles(writable=True) as files:
+        writer = ModelFolderWriter(tmp_path, specs, max_shard_size=30, files=files)
+        writer.write("v", 4, values["v"][4:])
+        writer.write("w", 0, values["w"].flatten())
+        writer.write("n", 0, values["n"])
+        writer.write("v", 0, values["v"][:4])
+    writer.finish()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in values.values())
+    for name, shard in index["weight_map"].items():
+        with safe_open(tmp_path / shard, "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            assert torch.equal(f.get_tensor(name), values[name])
+        header_len = int.from_bytes((tmp_path / shard).read_bytes()[:8], "little")
+        assert header_len % 8 == 0
+
+
+def test_sidecar_files_come_from_the_first_source_that_has_them(tmp_path):
+    newest, base, out = tmp_path / "newest", tmp_path / "base", tmp_path / "out"
+    for folder in (newest, base, out):
+        folder.mkdir()
+    (newest / "config.json").write_text(json.dumps({"torch_dtype": "float32", "dtype": "float32", "hidden_size": 8}))
+    (base / "config.json").write_text("{}")
+    (base / "tokenizer.json").write_text("{}")
+    (base / "optimizer.pt").write_text("no")
+    copied = copy_sidecar_files([newest, base], out, dtype="bfloat16")
+    assert copied == ["config.json", "tokenizer.json"]
+    config = json.loads((out / "config.json").read_text())
+    assert config == {"torch_dtype": "bfloat16", "dtype": "bfloat16", "hidden_size": 8}
+    assert not (out / "optimizer.pt").exists()
