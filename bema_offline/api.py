@@ -65,6 +65,7 @@ def average(
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = False,
+    threads: int | None = None,
 ) -> AverageResult:
     """Average a Trainer run's checkpoints with BEMA or EMA, streaming, and write Hugging Face model folders.
 
@@ -87,6 +88,7 @@ def average(
         overwrite (`bool`, defaults to False): replace an existing output folder.
         dry_run (`bool`, defaults to False): plan and validate only; write nothing.
         progress (`bool`, defaults to False): show progress bars.
+        threads (`int`, *optional*): worker threads; default one per core. The result does not depend on it.
 
     Returns:
         `AverageResult`: the plan and the output folders.
@@ -103,6 +105,8 @@ def average(
     if accum_dtype not in ACCUM_DTYPES:
         raise UsageError(f"--accum-dtype must be float32 or float64, got {accum_dtype!r}")
     budget = parse_size(max_memory, option="--max-memory")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
     shard_size = parse_size(max_shard_size, option="--max-shard-size")
     schedules = [("", schedule)] if isinstance(schedule, BEMASchedule) else list(schedule)
     needs_base = any(s.theta0_step == BASE_STEP for _, s in schedules)
@@ -138,7 +142,7 @@ def average(
     with OutputLock(output):
         staging, leftovers = fresh_staging(output)
         try:
-            _write_outputs(plan, staging, settings, progress=progress)
+            _write_outputs(plan, staging, settings, progress=progress, threads=threads)
             check_output(output, overwrite=overwrite, run_dir=plan.run_dir, source_folders=source_folders)
             publish(staging, output, overwrite=overwrite)
         except BaseException:
@@ -147,7 +151,7 @@ def average(
     return AverageResult(plan, outputs, written=True, removed_leftovers=leftovers)
 
 
-def _write_outputs(plan: Plan, staging: Path, settings: dict, *, progress: bool) -> None:
+def _write_outputs(plan: Plan, staging: Path, settings: dict, *, progress: bool, threads: int | None = None) -> None:
     specs = [TensorSpec(info.name, plan.output_dtypes[info.name], info.shape) for info in plan.tensors]
     folders = [staging / spec.relpath if spec.relpath else staging for spec in plan.outputs]
     with OpenFiles(writable=True, max_open=256) as files:
@@ -160,6 +164,7 @@ def _write_outputs(plan: Plan, staging: Path, settings: dict, *, progress: bool)
                 FolderSink(writers),
                 accum_dtype=ACCUM_DTYPES[settings["accum_dtype"]],
                 max_memory=settings["max_memory"],
+                threads=threads,
                 on_progress=on_progress,
             ).run()
     for writer, folder, spec in zip(writers, folders, plan.outputs):

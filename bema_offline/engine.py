@@ -1,34 +1,51 @@
 """The streaming engine: replay the BEMA/EMA recurrences group by group, reading each input byte once.
 
-For each group of tensor slices that fits the memory budget, and for each step in order, the engine reads those
-slices from that step's files with `pread`, advances every schedule's recurrence, and hands each output slice to
-a sink as soon as it is known. State is θ0 (one per distinct `update_after`) and one EMA per schedule, only for
-the group in hand.
+The tensors are cut into slices and packed into groups. For each group, and for each step in order, a worker
+reads the group's bytes from that step's files with `pread`, advances every schedule's recurrence, and hands each
+output slice to a sink as soon as it is known. State is θ0 (one per distinct `update_after`) and one EMA per
+schedule, only for the group in hand.
 
-The arithmetic is TRL's, op for op, on each tensor slice:
+The arithmetic is TRL's, op for op, on the whole group at once (its slices lie side by side in one buffer):
 
     ema.mul_(1 - beta).add_(theta_t, alpha=beta)
     bema = ema + alpha * (theta_t - theta0)
 
-Elementwise ops give the same bits on any slicing, so the result does not depend on the budget.
+Elementwise ops give the same bits on any slicing, so the result depends neither on the budget nor on the
+number of workers.
+
+Speed comes from three choices, each measured (docs/benchmarks.md):
+
+- groups are small enough (`CACHE_BYTES` per worker) that a group's state stays in the CPU cache from one step to
+  the next, so memory traffic is mostly the input bytes themselves;
+- every buffer a worker needs lives in one arena allocated once and reused for every group;
+- several workers (threads; torch releases the GIL) each take whole groups, so reading and arithmetic of
+  different groups overlap on different cores.
+
 A tensor that is bit-identical in θ0 and in every checkpoint replayed (a frozen parameter) is written unchanged.
 Non-float tensors are copied from the output step's checkpoint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+import os
+import threading
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .errors import DataError
+from .checkpoints import WeightSource
 from .plan import Plan
 from .safetensors_io import DTYPES, OpenFiles, writable_view
 
-# Per-element transient memory while one slice is processed: the upcast input, θ_t − θ0, and the result.
-_TRANSIENT_ACCUM_COPIES = 3
 MIN_MEMORY = 4096
+# Working memory per worker when --max-memory allows more: small enough to stay in this kind of CPU's cache
+# (1 MiB L2 and 32 MiB L3 here) across the steps of a group, large enough that per-op overhead is negligible.
+CACHE_BYTES = 8 * 2**20
+_ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -45,8 +62,8 @@ class Slice:
 
 
 class Sink:
-    """Where output slices go. `write(output_index, slice, tensor)`; the tensor is in the accumulation dtype
-    (or the input dtype for non-float tensors), and is only valid during the call."""
+    """Where output slices go. `write(output_index, slice, tensor)`; the tensor has the output dtype and is only
+    valid during the call. The engine calls it from one thread at a time."""
 
     def write(self, output_index: int, piece: Slice, tensor: torch.Tensor) -> None:  # pragma: no cover - protocol
         raise NotImplementedError
@@ -58,41 +75,159 @@ class _Update:
     beta: float
 
 
+@dataclass(frozen=True)
+class _Kind:
+    """What a group holds: float slices averaged in `accum` and written as `out`, or non-float slices copied."""
+
+    accum: torch.dtype | None  # None: copied, not averaged
+    out: torch.dtype
+
+
 def accumulation_dtype(input_dtype: torch.dtype, accum_dtype: torch.dtype) -> torch.dtype:
     """The wider of the requested accumulation dtype and the input's (fp64 checkpoints stay fp64)."""
     return torch.promote_types(input_dtype, accum_dtype)
 
 
-def group_slices(plan: Plan, *, max_memory: int, accum_dtype: torch.dtype) -> list[list[Slice]]:
-    """Cut the tensors into slices and pack them into groups whose working memory fits `max_memory` bytes."""
+def default_threads() -> int:
+    """The cores this process may run on (at most 8: beyond that the memory bus, not the cores, is the limit)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def _kind(plan: Plan, name: str, accum_dtype: torch.dtype) -> _Kind:
+    info = plan.sources[plan.read_steps[-1]].tensors[name]
+    out = DTYPES[plan.output_dtypes[name]]
+    if not info.is_float:
+        return _Kind(None, out)
+    return _Kind(accumulation_dtype(info.torch_dtype, accum_dtype), out)
+
+
+def _arena_bytes(kind: _Kind, *, read: int, numel: int, slices: int, n_state: int) -> int:
+    """The arena a group needs: its read buffer (slices of mixed dtypes 8-byte aligned), and for float groups θ0,
+    the EMAs, the upcast input, one scratch buffer and the cast output, each 64-byte aligned."""
+    read_part = _align(read + 8 * slices)
+    if kind.accum is None:
+        return read_part
+    return read_part + (n_state + 2) * _align(numel * kind.accum.itemsize) + _align(numel * kind.out.itemsize)
+
+
+def group_slices(
+    plan: Plan,
+    *,
+    max_memory: int,
+    accum_dtype: torch.dtype,
+    cache_bytes: int | None = None,
+    names: Collection[str] | None = None,
+) -> list[list[Slice]]:
+    """Cut the tensors into slices and pack them into groups whose working memory fits a budget.
+
+    The working memory of a group counts θ0 (one per distinct `update_after`) and one EMA per schedule, so a sweep
+    of many configs gets smaller groups within the same budget.
+
+    Args:
+        plan (`Plan`): the run.
+        max_memory (`int`): working-memory budget of one group, in bytes.
+        accum_dtype (`torch.dtype`): the requested accumulation dtype.
+        cache_bytes (`int`, *optional*): a smaller budget to use when `max_memory` is larger (see `CACHE_BYTES`).
+        names (`Collection[str]`, *optional*): only these tensors (a rank's share); default all.
+
+    Returns:
+        `list[list[Slice]]`: groups in file order; the slices of a group share a kind (float or not, and dtypes).
+    """
     if max_memory < MIN_MEMORY:
         raise DataError(f"--max-memory {max_memory} bytes is too small; give at least {MIN_MEMORY} bytes")
-    n_theta0 = len({run.schedule.theta0_step for run in plan.schedules})
-    n_ema = len(plan.schedules)
+    budget = max_memory if cache_bytes is None else min(max_memory, cache_bytes)
+    n_state = len({run.schedule.theta0_step for run in plan.schedules}) + len(plan.schedules)
     groups: list[list[Slice]] = []
-    group: list[Slice] = []
-    group_bytes = group_transient = 0
+    open_groups: dict[_Kind, tuple[list[Slice], int, int]] = {}  # kind -> (slices, read bytes, elements)
     for info in plan.tensors:
+        if names is not None and info.name not in names:
+            continue
+        kind = _kind(plan, info.name, accum_dtype)
+        # copied tensors are packed as if averaged, so that every group's buffers fit the same arena
+        packing = kind if kind.accum is not None else _Kind(accum_dtype, kind.out)
         read_size = max(source.tensors[info.name].itemsize for source in plan.sources.values())
-        if info.is_float:
-            accum_size = accumulation_dtype(info.torch_dtype, accum_dtype).itemsize
-            resident = read_size + accum_size * (n_theta0 + n_ema)
-            transient = accum_size * _TRANSIENT_ACCUM_COPIES + 8
-        else:
-            resident, transient = read_size, 0
-        per_slice = max(1, max_memory // (2 * (resident + transient)))
+        per_element = read_size + packing.accum.itemsize * (n_state + 2) + packing.out.itemsize
+        slack = 8 + 64 * (n_state + 4)  # alignment: one slice of `per_slice` elements always fits
+        per_slice = (budget - slack) // per_element
+        if per_slice < 1:
+            raise DataError(
+                f"--max-memory {max_memory} bytes is too small for {len(plan.schedules)} configs; "
+                f"give at least {slack + per_element} bytes per worker"
+            )
+        group, read, numel = open_groups.get(kind, ([], 0, 0))
         for start in range(0, max(info.numel, 1), per_slice):
             piece = Slice(info.name, start, min(start + per_slice, info.numel))
-            piece_bytes, piece_transient = resident * piece.numel, transient * piece.numel
-            if group and group_bytes + piece_bytes + max(group_transient, piece_transient) > max_memory:
+            need = _arena_bytes(
+                packing, read=read + piece.numel * read_size, numel=numel + piece.numel, slices=len(group) + 1, n_state=n_state
+            )
+            if group and need > budget:
                 groups.append(group)
-                group, group_bytes, group_transient = [], 0, 0
+                group, read, numel = [], 0, 0
             group.append(piece)
-            group_bytes += piece_bytes
-            group_transient = max(group_transient, piece_transient)
-    if group:
-        groups.append(group)
+            read += piece.numel * read_size
+            numel += piece.numel
+        open_groups[kind] = (group, read, numel)
+    groups.extend(group for group, _, _ in open_groups.values() if group)
     return groups
+
+
+def _align(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+class _Worker:
+    """One worker's files and arena: a byte buffer, allocated once, that holds every buffer a group needs."""
+
+    def __init__(self, arena_bytes: int) -> None:
+        self.files = OpenFiles()
+        self.arena = torch.empty(arena_bytes, dtype=torch.uint8)
+        self.used = 0
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        """The next `nbytes` of the arena (64-byte aligned); `reset()` frees them all."""
+        view = self.arena[self.used : self.used + nbytes]
+        self.used += _align(nbytes)
+        return view
+
+    def reset(self) -> None:
+        self.used = 0
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a group's bytes lie at one step, and where they go in the read buffer."""
+
+    ranges: list[tuple[Path, int, int, int]]  # coalesced (path, file offset, buffer offset, nbytes)
+    nbytes: int  # of the read buffer
+    offsets: list[int]  # each slice's offset in the read buffer
+    dtypes: list[torch.dtype]  # each slice's dtype at this step
+    numels: list[int]
+    dtype: torch.dtype | None  # the slices' common dtype (they then lie back to back), or None
+
+    @classmethod
+    def of(cls, source: WeightSource, group: list[Slice]) -> _Layout:
+        infos = [source.tensors[piece.name] for piece in group]
+        dtypes = [info.torch_dtype for info in infos]
+        mixed = len(set(dtypes)) > 1
+        ranges: list[tuple[Path, int, int, int]] = []
+        offsets = []
+        offset = 0
+        for piece, info in zip(group, infos):
+            if mixed:
+                offset = -(-offset // 8) * 8
+            start, nbytes = info.start + piece.start * info.itemsize, piece.numel * info.itemsize
+            last = ranges[-1] if ranges else None
+            if last and last[0] == info.path and last[1] + last[3] == start and last[2] + last[3] == offset:
+                ranges[-1] = (last[0], last[1], last[2], last[3] + nbytes)
+            else:
+                ranges.append((info.path, start, offset, nbytes))
+            offsets.append(offset)
+            offset += nbytes
+        return cls(ranges, offset, offsets, dtypes, [p.numel for p in group], None if mixed else dtypes[0])
 
 
 class Engine:
@@ -102,7 +237,9 @@ class Engine:
         plan (`Plan`): what to read and write.
         sink (`Sink`): receives output slices.
         accum_dtype (`torch.dtype`, defaults to float32): accumulation dtype (widened to the input's if wider).
-        max_memory (`int`): working-memory budget in bytes for tensor data.
+        max_memory (`int`): working-memory budget in bytes for tensor data, shared by all workers.
+        threads (`int`, *optional*): workers; default one per core (see `default_threads`).
+        names (`Collection[str]`, *optional*): process only these tensors (a rank's share); default all.
         on_progress (`Callable[[int, int], None]`, optional): called with (bytes read, tensors finished).
     """
 
@@ -113,15 +250,24 @@ class Engine:
         *,
         accum_dtype: torch.dtype = torch.float32,
         max_memory: int,
+        threads: int | None = None,
+        names: Collection[str] | None = None,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.plan = plan
         self.sink = sink
         self.accum_dtype = accum_dtype
-        self.groups = group_slices(plan, max_memory=max_memory, accum_dtype=accum_dtype)
-        self.on_progress = on_progress or (lambda nbytes, ntensors: None)
-        self.files = OpenFiles()
+        threads = threads or default_threads()
+        self.threads = max(1, min(threads, max_memory // MIN_MEMORY))
+        self.groups = group_slices(
+            plan, max_memory=max_memory // self.threads, accum_dtype=accum_dtype, cache_bytes=CACHE_BYTES, names=names
+        )
+        self.threads = max(1, min(self.threads, len(self.groups)))
+        self._on_progress = on_progress or (lambda nbytes, ntensors: None)
         self.theta0_steps = sorted({run.schedule.theta0_step for run in plan.schedules})
+        self.starts_at: dict[int, list[int]] = {}  # θ0 step -> schedules whose EMA starts there
+        for index, run in enumerate(plan.schedules):
+            self.starts_at.setdefault(run.schedule.theta0_step, []).append(index)
         self.updates: dict[int, list[_Update]] = {}
         for index, run in enumerate(plan.schedules):
             for step in run.update_steps:
@@ -130,117 +276,172 @@ class Engine:
         for index, out in enumerate(plan.outputs):
             alpha = plan.schedules[out.schedule_index].schedule.alpha(out.step)
             self.outputs_at.setdefault((out.schedule_index, out.step), []).append((index, out.kind, alpha))
-        self.output_steps = {step for _, step in self.outputs_at}
-        self.output_dtypes = {name: DTYPES[dtype] for name, dtype in plan.output_dtypes.items()}
+        self.output_steps = sorted({out.step for out in plan.outputs})
+        self.kinds = [_kind(plan, group[0].name, accum_dtype) for group in self.groups]
         self.last_slice = {}
         for group in self.groups:
             for piece in group:
                 self.last_slice[piece.name] = piece
+        self.arena_bytes = max((self._arena_need(group, kind) for group, kind in zip(self.groups, self.kinds)), default=0)
+        self._lock = threading.Lock()
+        self._next = 0
+        self._error: BaseException | None = None
+
+    # --- running ---------------------------------------------------------------------------------------------
 
     def run(self) -> None:
+        """Process every group, on `threads` workers; re-raise the first error any worker met."""
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # workers, not intra-op threads: OpenMP barriers stall when cores are shared
+        workers = [_Worker(self.arena_bytes) for _ in range(self.threads)]
+        threads = [threading.Thread(target=self._work, args=(w,), name=f"bema-worker-{i}", daemon=True) for i, w in enumerate(workers[1:])]
         try:
-            for group in self.groups:
-                self._run_group(group)
+            for thread in threads:
+                thread.start()
+            self._work(workers[0])
+        except BaseException as e:  # Ctrl-C in the main thread: stop the others too
+            self._fail(e)
         finally:
-            self.files.close()
+            for thread in threads:
+                thread.join()
+            for worker in workers:
+                worker.files.close()
+            torch.set_num_threads(torch_threads)
+        if self._error is not None:
+            raise self._error
+
+    def _work(self, worker: _Worker) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self._error is not None or self._next == len(self.groups):
+                        return
+                    index = self._next
+                    self._next += 1
+                worker.reset()
+                if self.kinds[index].accum is None:
+                    self._copy_group(self.groups[index], worker)
+                else:
+                    self._average_group(self.groups[index], self.kinds[index], worker)
+                finished = sum(1 for piece in self.groups[index] if self.last_slice[piece.name] == piece)
+                self._progress(0, finished)
+        except BaseException as e:
+            self._fail(e)
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = error
+
+    def _progress(self, nbytes: int, ntensors: int) -> None:
+        with self._lock:
+            self._on_progress(nbytes, ntensors)
 
     # --- one group -------------------------------------------------------------------------------------------
 
-    def _run_group(self, group: list[Slice]) -> None:
-        theta0: dict[tuple[int, Slice], torch.Tensor] = {}
-        ema: dict[tuple[int, Slice], torch.Tensor] = {}
-        unchanged: dict[tuple[int, Slice], bool] = {}
-        buffer = torch.empty(self._read_bytes(group), dtype=torch.uint8)
+    def _arena_need(self, group: list[Slice], kind: _Kind) -> int:
+        read = sum(p.numel * max(s.tensors[p.name].itemsize for s in self.plan.sources.values()) for p in group)
+        numel = sum(p.numel for p in group)
+        n_state = len(self.theta0_steps) + len(self.plan.schedules)
+        return _arena_bytes(kind, read=read, numel=numel, slices=len(group), n_state=n_state)
+
+    def _average_group(self, group: list[Slice], kind: _Kind, worker: _Worker) -> None:
+        layouts = {step: _Layout.of(self.plan.sources[step], group) for step in self.plan.read_steps}
+        numel = sum(p.numel for p in group)
+        read = worker.take(max(layout.nbytes for layout in layouts.values()))
+        xa = worker.take(numel * kind.accum.itemsize).view(kind.accum)
+        theta0 = {step: worker.take(numel * kind.accum.itemsize).view(kind.accum) for step in self.theta0_steps}
+        ema = [worker.take(numel * kind.accum.itemsize).view(kind.accum) for _ in self.plan.schedules]
+        scratch = worker.take(numel * kind.accum.itemsize).view(kind.accum)
+        out = worker.take(numel * kind.out.itemsize).view(kind.out)
+        bounds = []  # each slice's [start, stop) in the group's element space
+        for piece in group:
+            start = bounds[-1][1] if bounds else 0
+            bounds.append((start, start + piece.numel))
+        unchanged = {index: list(range(len(group))) for index in range(len(self.plan.schedules))}
         for step in self.plan.read_steps:
-            for piece, x in zip(group, self._read(step, group, buffer)):
-                if not x.dtype.is_floating_point:
-                    if step in self.output_steps:
-                        self._emit_raw(step, piece, x)
-                    continue
-                xa = x.to(accumulation_dtype(self._input_dtype(piece), self.accum_dtype))
-                fresh = xa.data_ptr() != x.data_ptr()  # .to() made a copy we may keep
-                if step in self.theta0_steps:
-                    theta0[step, piece] = xa if fresh else xa.clone()
-                for index, run in enumerate(self.plan.schedules):
-                    tau = run.schedule.theta0_step
-                    if step == tau:
-                        ema[index, piece] = theta0[tau, piece].clone()
-                        unchanged[index, piece] = True
-                for update in self.updates.get(step, ()):
-                    key = (update.schedule_index, piece)
-                    ema[key].mul_(1 - update.beta).add_(xa, alpha=update.beta)
-                    tau = self.plan.schedules[update.schedule_index].schedule.theta0_step
-                    if unchanged[key]:
-                        unchanged[key] = torch.equal(xa, theta0[tau, piece])
-                    for output_index, kind, alpha in self.outputs_at.get((update.schedule_index, step), ()):
-                        if unchanged[key]:
-                            out = theta0[tau, piece]
-                        elif kind == "ema":
-                            out = ema[key]
-                        else:
-                            out = ema[key] + alpha * (xa - theta0[tau, piece])
-                        self._emit(output_index, piece, out)
-        for (_, piece), state in ema.items():
-            if not bool(torch.isfinite(state).all()):
-                self.raise_non_finite(piece)
-        self.on_progress(0, sum(1 for piece in group if self.last_slice[piece.name] == piece))
+            x = self._read(layouts[step], read, theta0.get(step, xa), worker)
+            if step in theta0:
+                if x.data_ptr() != theta0[step].data_ptr():
+                    theta0[step].copy_(x)
+                for index in self.starts_at.get(step, ()):
+                    ema[index].copy_(theta0[step])
+            for update in self.updates.get(step, ()):
+                index = update.schedule_index
+                ema[index].mul_(1 - update.beta).add_(x, alpha=update.beta)
+                tau = theta0[self.plan.schedules[index].schedule.theta0_step]
+                if unchanged[index]:
+                    unchanged[index] = [i for i in unchanged[index] if torch.equal(x[slice(*bounds[i])], tau[slice(*bounds[i])])]
+                for output_index, output_kind, alpha in self.outputs_at.get((index, step), ()):
+                    if output_kind == "ema":
+                        out.copy_(ema[index])
+                    else:  # ema + alpha * (x - theta0), op for op
+                        torch.sub(x, tau, out=scratch)
+                        out.copy_(scratch.mul_(alpha).add_(ema[index]))
+                    for i in unchanged[index]:
+                        out[slice(*bounds[i])].copy_(tau[slice(*bounds[i])])
+                    if not _all_finite(out):
+                        self._raise_non_finite(group, bounds, out, worker)
+                    self._emit(output_index, [(piece, out[start:stop]) for piece, (start, stop) in zip(group, bounds)])
+        for state in ema:
+            if not _all_finite(state):
+                self._raise_non_finite(group, bounds, state, worker)
 
-    def _emit(self, output_index: int, piece: Slice, tensor: torch.Tensor) -> None:
-        """Cast to the output dtype, refuse non-finite values, and hand the slice to the sink."""
-        out = tensor.to(self.output_dtypes[piece.name])
-        if out.dtype.is_floating_point and not bool(torch.isfinite(out).all()):
-            self.raise_non_finite(piece)
-        self.sink.write(output_index, piece, out)
+    def _copy_group(self, group: list[Slice], worker: _Worker) -> None:
+        """Non-float tensors: each output gets them as they are at its step."""
+        layouts = {step: _Layout.of(self.plan.sources[step], group) for step in self.plan.read_steps}
+        read = worker.take(max(layout.nbytes for layout in layouts.values()))
+        for step in self.output_steps:
+            layout = layouts[step]
+            for path, start, buffer_offset, nbytes in layout.ranges:
+                worker.files.read_into(path, start, writable_view(read[buffer_offset : buffer_offset + nbytes]))
+            pieces = [
+                (piece, read[offset : offset + piece.numel * dtype.itemsize].view(dtype))
+                for piece, offset, dtype in zip(group, layout.offsets, layout.dtypes)
+            ]
+            for output_index, out in enumerate(self.plan.outputs):
+                if out.step == step:
+                    self._emit(output_index, pieces)
+        # counted as read at every step, so that progress adds up to the plan's total
+        self._progress(sum(layout.nbytes for layout in layouts.values()), 0)
 
-    def _emit_raw(self, step: int, piece: Slice, x: torch.Tensor) -> None:
-        for (index, output_step), outs in self.outputs_at.items():
-            if output_step == step:
-                for output_index, _, _ in outs:
-                    self._emit(output_index, piece, x)
+    def _emit(self, output_index: int, pieces: list[tuple[Slice, torch.Tensor]]) -> None:
+        """Hand a group's output slices to the sink, one worker at a time."""
+        with self._lock:
+            for piece, tensor in pieces:
+                self.sink.write(output_index, piece, tensor)
 
     # --- reading ---------------------------------------------------------------------------------------------
 
-    def _input_dtype(self, piece: Slice) -> torch.dtype:
-        return DTYPES[self.plan.sources[self.plan.read_steps[-1]].tensors[piece.name].dtype]
-
-    def _read_bytes(self, group: list[Slice]) -> int:
-        return max(
-            sum(source.tensors[p.name].itemsize * p.numel for p in group) for source in self.plan.sources.values()
-        )
-
-    def _read(self, step: int, group: list[Slice], buffer: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Read the group's slices at `step` into `buffer`, coalescing adjacent ranges; yield typed views."""
-        source = self.plan.sources[step]
-        ranges = []  # (path, file offset, buffer offset, nbytes)
-        offset = 0
-        for piece in group:
-            info = source.tensors[piece.name]
-            start, nbytes = info.start + piece.start * info.itemsize, piece.numel * info.itemsize
-            last = ranges[-1] if ranges else None
-            if last and last[0] == info.path and last[1] + last[3] == start and last[2] + last[3] == offset:
-                ranges[-1] = (last[0], last[1], last[2], last[3] + nbytes)
-            else:
-                ranges.append((info.path, start, offset, nbytes))
-            offset += nbytes
-        view = writable_view(buffer)
-        for path, start, buffer_offset, nbytes in ranges:
-            self.files.read_into(path, start, view[buffer_offset : buffer_offset + nbytes])
-        self.on_progress(offset, 0)
-        offset = 0
-        for piece in group:
-            info = source.tensors[piece.name]
-            nbytes = piece.numel * info.itemsize
-            yield buffer[offset : offset + nbytes].view(info.torch_dtype)
-            offset += nbytes
+    def _read(self, layout: _Layout, read: torch.Tensor, into: torch.Tensor, worker: _Worker) -> torch.Tensor:
+        """Read a group at one step and return it in the accumulation dtype: converted into `into`, or the read
+        buffer itself when the input already has that dtype."""
+        for path, start, buffer_offset, size in layout.ranges:
+            worker.files.read_into(path, start, writable_view(read[buffer_offset : buffer_offset + size]))
+        self._progress(layout.nbytes, 0)
+        if layout.dtype is not None:
+            x = read[: layout.nbytes].view(layout.dtype)
+            return x if layout.dtype == into.dtype else into.copy_(x)
+        element = 0
+        for offset, dtype, numel in zip(layout.offsets, layout.dtypes, layout.numels):
+            into[element : element + numel].copy_(read[offset : offset + numel * dtype.itemsize].view(dtype))
+            element += numel
+        return into
 
     # --- errors ----------------------------------------------------------------------------------------------
 
-    def raise_non_finite(self, piece: Slice) -> None:
+    def _raise_non_finite(self, group: list[Slice], bounds: list[tuple[int, int]], values: torch.Tensor, worker: _Worker) -> None:
+        for piece, (start, stop) in zip(group, bounds):
+            if not bool(torch.isfinite(values[start:stop]).all()):
+                self.raise_non_finite(piece, worker.files)
+        raise AssertionError("non-finite values in no slice")  # pragma: no cover
+
+    def raise_non_finite(self, piece: Slice, files: OpenFiles) -> None:
         """Name the first step whose input holds NaN or Inf in this tensor, or report an overflow."""
         for step in self.plan.read_steps:
             info = self.plan.sources[step].tensors[piece.name]
             buffer = torch.empty(piece.numel * info.itemsize, dtype=torch.uint8)
-            self.files.read_into(info.path, info.start + piece.start * info.itemsize, writable_view(buffer))
+            files.read_into(info.path, info.start + piece.start * info.itemsize, writable_view(buffer))
             if not bool(torch.isfinite(buffer.view(info.torch_dtype)).all()):
                 raise DataError(
                     f"tensor {piece.name!r} has NaN or Inf values at step {step} ({info.path}); "
@@ -249,3 +450,13 @@ class Engine:
         raise DataError(
             f"averaging tensor {piece.name!r} overflowed to Inf or NaN; try --accum-dtype float64 or another --dtype"
         )
+
+
+def _all_finite(values: torch.Tensor) -> bool:
+    """Whether every value is finite, in one pass without allocating: any Inf or NaN makes the sum non-finite, so a
+    finite sum proves it; a non-finite sum may be an overflow of the sum itself, so it is checked exactly."""
+    if values.numel() == 0:
+        return True
+    if values.dtype.itemsize == 1:  # float8: no sum, no isfinite
+        values = values.float()
+    return math.isfinite(float(values.sum())) or bool(torch.isfinite(values).all())

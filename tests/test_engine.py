@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from synthetic import make_run
 
-from bema_offline import BEMASchedule, average
+from bema_offline import BEMASchedule, DataError, average
 from bema_offline.engine import group_slices
 
 
@@ -169,3 +169,61 @@ def test_groups_fit_the_budget(tmp_path, budget):
         ranges = sorted(covered[info.name])
         assert ranges[0][0] == 0 and ranges[-1][1] == info.numel
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_workers_do_not_change_a_bit(tmp_path, threads):
+    run_dir, base_dir, _ = make_run(tmp_path, [1, 2, 3, 4], shards=2, extra={"position_ids": torch.arange(9)})
+    schedule = BEMASchedule(update_freq=1)
+    kwargs = dict(schedule=schedule, base_model=base_dir, max_memory=20_000, save=("ema", "bema"))
+    average(run_dir, tmp_path / "one", threads=1, **kwargs)
+    average(run_dir, tmp_path / "many", threads=threads, **kwargs)
+    for kind in ("ema", "bema"):
+        assert folder_bytes(tmp_path / "one" / kind) == folder_bytes(tmp_path / "many" / kind)
+
+
+def test_sweep_state_fits_the_budget_with_smaller_groups(tmp_path):
+    from bema_offline.engine import Engine, Sink
+
+    run_dir, base_dir, _ = make_run(tmp_path, [1, 2])
+    one = average(run_dir, tmp_path / "o", schedule=BEMASchedule(update_freq=1), base_model=base_dir, dry_run=True).plan
+    configs = [(f"c{i}", BEMASchedule(update_freq=1, ema_power=0.1 * i, update_after=i % 2)) for i in range(8)]
+    eight = average(run_dir, tmp_path / "o", schedule=configs, base_model=base_dir, dry_run=True).plan
+    budget = 12_000
+    largest = {}
+    for name, plan in (("one", one), ("eight", eight)):
+        engine = Engine(plan, Sink(), max_memory=budget, threads=2)
+        assert engine.arena_bytes * engine.threads <= budget
+        largest[name] = max(sum(p.numel for p in group) for group in engine.groups)
+    assert largest["eight"] * 2 < largest["one"] < 400  # 2 θ0 + 8 EMAs instead of 1 + 1; 400: the largest tensor
+
+
+def test_budget_too_small_for_a_sweep_says_so(tmp_path):
+    run_dir, base_dir, _ = make_run(tmp_path, [1, 2])
+    configs = [(f"c{i}", BEMASchedule(update_freq=1, lag=1 + i)) for i in range(64)]
+    with pytest.raises(DataError, match="too small for 64 configs; give at least"):
+        average(run_dir, tmp_path / "o", schedule=configs, base_model=base_dir, max_memory=4096)
+
+
+def test_mixed_dtypes_in_one_group_and_a_wider_base(tmp_path):
+    """bf16 and fp32 tensors of odd sizes share groups under --dtype float32; the base model is fp32."""
+    shapes = {"a.weight": (7, 3), "b.weight": (5,), "c.weight": (3, 3)}
+    run_dir, base_dir, weights = make_run(tmp_path, [1, 2, 3], shapes=shapes, dtype=torch.bfloat16)
+    from synthetic import save_weights
+
+    for step in (0, 1, 2, 3):
+        weights[step]["b.weight"] = weights[step]["b.weight"].float() + step * 1e-3
+        folder = base_dir if step == 0 else run_dir / f"checkpoint-{step}"
+        tensors = weights[step] if step else {k: v.float() for k, v in weights[0].items()}
+        save_weights(folder, tensors)
+    weights[0] = {k: v.float() for k, v in weights[0].items()}
+    schedule = BEMASchedule(update_freq=1)
+    for budget in ("1GiB", 4096):
+        average(run_dir, tmp_path / f"out-{budget}", schedule=schedule, base_model=base_dir, dtype="float32", max_memory=budget, threads=1)
+        out = load_output(tmp_path / f"out-{budget}")
+        trl = trl_replay(weights, schedule, [1, 2, 3], 3)
+        assert all(out[k].dtype == torch.float32 and torch.equal(out[k], trl[k]) for k in trl)

@@ -60,6 +60,7 @@ def _kinds(ctx, param, value: str) -> list[str]:
 @option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, show_default=True, section="Output", help="Largest safetensors shard.")
 @option("--overwrite", is_flag=True, section="Output", help="Replace an existing output folder.")
 @option("--max-memory", default=DEFAULT_MAX_MEMORY, show_default=True, section="Performance", help="Working memory for tensor data; peak RSS stays near this plus the Python and torch baseline.")
+@option("--threads", type=int, section="Performance", help="Worker threads. Default: one per core. Results do not depend on it.")
 @option("--accum-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True, section="Performance", help="Accumulation dtype.")
 @option("--dry-run", is_flag=True, section="Run", help="Print the plan (steps, β, α, effective weights) and write nothing.")
 @option("--quiet", "-q", is_flag=True, section="Run", help="No progress bars or summary.")
@@ -87,6 +88,7 @@ def average_command(
     max_shard_size: str,
     overwrite: bool,
     max_memory: str,
+    threads: int | None,
     accum_dtype: str,
     dry_run: bool,
     quiet: bool,
@@ -128,6 +130,7 @@ def average_command(
         accum_dtype=accum_dtype,
         dtype=dtype,
         max_memory=max_memory,
+        threads=threads,
         max_shard_size=max_shard_size,
         overwrite=overwrite,
         dry_run=dry_run,
