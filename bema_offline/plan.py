@@ -98,6 +98,9 @@ def make_plan(
         raise UsageError(f"--save takes {' and/or '.join(KINDS)}, got {','.join(save) or 'nothing'}")
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {dtype!r}")
+    names = [name for name, _ in schedules]
+    if len(names) > 1 and (not all(names) or len(set(names)) < len(names)):
+        raise UsageError(f"several schedules need distinct names (one output folder each), got {names}")
     found = find_checkpoints(run_dir, min_step=min_step, max_step=max_step)
     runs = [_schedule_run(name, schedule, found, allow_missing) for name, schedule in schedules]
 
@@ -219,7 +222,7 @@ def _outputs(runs: list[ScheduleRun], save: list[str], steps: str | Sequence[int
         for kind in save:
             weights = effective_weights(run.schedule, run.update_steps, chosen, kind)
             for step in chosen:
-                parts = [run.name] if len(runs) > 1 else []
+                parts = [run.name] if run.name else []
                 parts += [kind] if len(save) > 1 else []
                 parts += [f"step-{step}"] if steps != "last" else []
                 outputs.append(OutputSpec(index, kind, step, "/".join(parts), weights[step]))

@@ -29,8 +29,31 @@ class SectionedCommand(click.Command):
                 formatter.write_dl(records)
 
 
+class GreedyOption(SectionOption):
+    """A repeatable option whose value also takes the `NAME=VALUES` arguments that follow it, so that
+    `--grid ema_power=0.3,0.5 bias_power=0.1,0.2` reads as one grid. The values are joined with spaces."""
+
+    def add_to_parser(self, parser, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            # click's parser is private; if its shape ever changes, the option stays a plain repeatable one
+            parser_option = getattr(parser, "_long_opt", {}).get(name) or getattr(parser, "_short_opt", {}).get(name)
+            if parser_option is None or not hasattr(parser_option, "process"):
+                continue
+            process = parser_option.process
+
+            def greedy(value, state, process=process):
+                values = [value]
+                while state.rargs and "=" in state.rargs[0] and not state.rargs[0].startswith("-"):
+                    values.append(state.rargs.pop(0))
+                process(" ".join(values), state)
+
+            parser_option.process = greedy
+
+
 def option(*args, section: str, **kwargs):
-    return click.option(*args, cls=SectionOption, section=section, **kwargs)
+    kwargs.setdefault("cls", SectionOption)
+    return click.option(*args, section=section, **kwargs)
 
 
 def debug_option(func):

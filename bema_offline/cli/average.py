@@ -10,13 +10,15 @@ import click
 from ..api import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, average
 from ..report import plan_report
 from ..schedule import BEMASchedule
-from ._help import CONTEXT, SectionedCommand, debug_option, option
+from ..sweep import load_sweep, parse_grid
+from ._help import CONTEXT, GreedyOption, SectionedCommand, debug_option, option
 
 EPILOG = """\b
 Examples:
   bema-average runs/dpo --base-model Qwen/Qwen2.5-0.5B --update-freq 100 --output runs/dpo-bema
   bema-average runs/dpo --update-after 200 --update-freq 100 --every-update --output runs/dpo-bema
   bema-average runs/dpo --base-model ./base --save ema,bema --dry-run
+  bema-average runs/dpo --base-model ./base --grid ema_power=0.3,0.5,0.7 bias_power=0.1,0.2 -o runs/dpo-sweep
 """
 
 
@@ -52,6 +54,8 @@ def _kinds(ctx, param, value: str) -> list[str]:
 @option("--min-ema-multiplier", type=float, default=0.0, show_default=True, section="Schedule (TRL's BEMACallback)", help="Lower clamp on β.")
 @option("--convention", type=click.Choice(["trl", "paper"]), default="trl", show_default=True, section="Schedule (TRL's BEMACallback)", help="trl: TRL's BEMACallback; paper: the authors' offline code (every checkpoint, their clock).")
 @option("--no-bias-correction", is_flag=True, section="Schedule (TRL's BEMACallback)", help="Write the plain EMA (α = 0), same as --save ema.")
+@option("--grid", multiple=True, cls=GreedyOption, section="Sweep (many configs, one read)", help="Every combination of FIELD=V1,V2,... (schedule fields, e.g. ema_power=0.3,0.5 bias_power=0.1,0.2); one folder per config, OUTPUT/ema_power=0.3,bias_power=0.1/. Other fields come from the options above.")
+@option("--sweep", "sweep_file", type=click.Path(path_type=Path), section="Sweep (many configs, one read)", help="A YAML or JSON list of configs (schedule fields and an optional name); one folder per config, OUTPUT/NAME/.")
 @option("--output", "-o", type=click.Path(path_type=Path), section="Output", help="Output folder. Default: CKPT_DIR/bema-offline.")
 @option("--save", default="bema", show_default=True, callback=_kinds, section="Output", help="What to write: bema, ema, or ema,bema (one subfolder each).")
 @option("--every-update", is_flag=True, section="Output", help="Write one folder per update step: OUTPUT/step-N/.")
@@ -80,6 +84,8 @@ def average_command(
     min_ema_multiplier: float,
     convention: str,
     no_bias_correction: bool,
+    grid: tuple[str, ...],
+    sweep_file: Path | None,
     output: Path | None,
     save: list[str],
     every_update: bool,
@@ -115,6 +121,12 @@ def average_command(
         min_ema_multiplier=min_ema_multiplier,
         convention=convention,
     )
+    if grid and sweep_file:
+        raise click.UsageError("--grid and --sweep exclude each other")
+    if grid:
+        schedule = parse_grid(grid, base=schedule)
+    elif sweep_file:
+        schedule = load_sweep(sweep_file, base=schedule)
     output = output if output is not None else ckpt_dir / "bema-offline"
     started = time.perf_counter()
     result = average(
