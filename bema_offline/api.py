@@ -5,6 +5,8 @@ checkpoint discovery → plan → streaming engine → writer → atomic publish
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,13 +17,14 @@ from tqdm.auto import tqdm
 
 from .card import PROVENANCE_FILE, model_card, provenance
 from .checkpoints import BASE_STEP, resolve_base_model
-from .engine import Engine
+from .distributed import Share, assign_shards, join, plan_digest
+from .engine import Engine, check_device
 from .errors import DataError, UsageError
 from .plan import Plan, make_plan
-from .publish import OutputLock, check_output, discard, fresh_staging, publish
+from .publish import OutputLock, check_output, discard, fresh_staging, publish, staging_path
 from .safetensors_io import OpenFiles, read_header
 from .schedule import BEMASchedule
-from .writer import FolderSink, ModelFolderWriter, TensorSpec, copy_sidecar_files, parse_size
+from .writer import FolderSink, ModelFolderWriter, TensorSpec, copy_sidecar_files, parse_size, shard_names, shard_tensors
 
 DEFAULT_MAX_MEMORY = "512MiB"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -66,6 +69,8 @@ def average(
     dry_run: bool = False,
     progress: bool = False,
     threads: int | None = None,
+    device: str = "cpu",
+    distributed: bool = False,
 ) -> AverageResult:
     """Average a Trainer run's checkpoints with BEMA or EMA, streaming, and write Hugging Face model folders.
 
@@ -89,6 +94,11 @@ def average(
         dry_run (`bool`, defaults to False): plan and validate only; write nothing.
         progress (`bool`, defaults to False): show progress bars.
         threads (`int`, *optional*): worker threads; default one per core. The result does not depend on it.
+        device (`str`, defaults to "cpu"): where the arithmetic runs: "cpu", "cuda" or "cuda:N" (the reads and
+            writes stay on the CPU). In a distributed run, "cuda" means each rank's local GPU.
+        distributed (`bool`, defaults to False): join the torch.distributed run this process is one rank of
+            (started by torchrun): each rank writes its own shards, rank 0 publishes. The output is byte-identical
+            to a single-process run's. See `bema_offline.distributed`.
 
     Returns:
         `AverageResult`: the plan and the output folders.
@@ -107,6 +117,7 @@ def average(
     budget = parse_size(max_memory, option="--max-memory")
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
+    check_device(device)
     shard_size = parse_size(max_shard_size, option="--max-shard-size")
     schedules = [("", schedule)] if isinstance(schedule, BEMASchedule) else list(schedule)
     needs_base = any(s.theta0_step == BASE_STEP for _, s in schedules)
@@ -139,10 +150,19 @@ def average(
         return AverageResult(plan, outputs, written=False)
 
     settings = {"accum_dtype": accum_dtype, "dtype": dtype, "max_memory": budget, "max_shard_size": shard_size}
+    share = join() if distributed else None
+    if share is not None:  # one of several ranks (torchrun)
+        try:
+            leftovers = _average_shared(
+                share, plan, output, settings, overwrite=overwrite, progress=progress, threads=threads, device=device
+            )
+        finally:
+            share.close()
+        return AverageResult(plan, outputs, written=True, removed_leftovers=leftovers)
     with OutputLock(output):
         staging, leftovers = fresh_staging(output)
         try:
-            _write_outputs(plan, staging, settings, progress=progress, threads=threads)
+            _write_outputs(plan, staging, settings, progress=progress, threads=threads, device=device)
             check_output(output, overwrite=overwrite, run_dir=plan.run_dir, source_folders=source_folders)
             publish(staging, output, overwrite=overwrite)
         except BaseException:
@@ -151,24 +171,111 @@ def average(
     return AverageResult(plan, outputs, written=True, removed_leftovers=leftovers)
 
 
-def _write_outputs(plan: Plan, staging: Path, settings: dict, *, progress: bool, threads: int | None = None) -> None:
+def _average_shared(
+    share: Share,
+    plan: Plan,
+    output: Path,
+    settings: dict,
+    *,
+    overwrite: bool,
+    progress: bool,
+    threads: int | None,
+    device: str,
+) -> bool:
+    """One rank's part of a distributed run: rank 0 locks, stages and publishes; every rank writes its own shards."""
+    digests = share.sync("planning", value=plan_digest(plan))
+    if len(set(digests)) > 1:
+        rank = next(r for r, digest in enumerate(digests) if digest != digests[0])
+        raise DataError(f"rank {rank} planned another run than rank 0: every node must see the same files at the same paths")
+    source_folders = [source.folder for source in plan.sources.values()]
+    with contextlib.ExitStack() as stack:
+
+        def prepare() -> bool:
+            stack.enter_context(OutputLock(output))
+            return fresh_staging(output)[1]
+
+        leftovers = share.run("preparing the output", prepare, main_only=True)
+        staging = staging_path(output)
+        try:
+            writers = share.run(
+                "writing its shards",
+                lambda: _write_shards(
+                    plan, staging, settings, progress=progress and share.is_main, threads=threads, device=device, share=share
+                ),
+            )
+
+            def finish() -> None:
+                _finish_folders(plan, settings, writers)
+                check_output(output, overwrite=overwrite, run_dir=plan.run_dir, source_folders=source_folders)
+                publish(staging, output, overwrite=overwrite)
+
+            share.run("publishing", finish, main_only=True)
+        except BaseException:
+            if share.is_main:
+                discard(staging)
+            raise
+    return bool(leftovers)
+
+
+def _write_outputs(
+    plan: Plan, staging: Path, settings: dict, *, progress: bool, threads: int | None = None, device: str = "cpu"
+) -> None:
+    writers = _write_shards(plan, staging, settings, progress=progress, threads=threads, device=device)
+    _finish_folders(plan, settings, writers)
+
+
+def _write_shards(
+    plan: Plan,
+    staging: Path,
+    settings: dict,
+    *,
+    progress: bool,
+    threads: int | None,
+    device: str = "cpu",
+    share: Share | None = None,
+) -> list[ModelFolderWriter]:
+    """Compute and write the shards of every output folder (a rank's own shards when `share` is given)."""
     specs = [TensorSpec(info.name, plan.output_dtypes[info.name], info.shape) for info in plan.tensors]
     folders = [staging / spec.relpath if spec.relpath else staging for spec in plan.outputs]
+    shards, todo = None, plan
+    if share is not None and device == "cuda":
+        device = f"cuda:{share.local_rank}"
+    if share is not None:
+        layout = shard_tensors(specs, settings["max_shard_size"])
+        names = shard_names(len(layout))
+        sizes = {name: sum(spec.nbytes for spec in shard) for name, shard in zip(names, layout)}
+        shards = assign_shards(sizes, share.world_size)[share.rank]
+        mine = {spec.name for name, shard in zip(names, layout) if name in shards for spec in shard}
+        todo = dataclasses.replace(plan, tensors=[info for info in plan.tensors if info.name in mine])
+        if share.is_main and len(layout) < share.world_size:
+            plan.notes.append(
+                f"{len(layout)} output shards for {share.world_size} ranks: {share.world_size - len(layout)} ranks had no work; "
+                "a smaller --max-shard-size spreads the work (ranks own whole shards)"
+            )
     with OpenFiles(writable=True, max_open=256) as files:
         writers = [
-            ModelFolderWriter(folder, specs, max_shard_size=settings["max_shard_size"], files=files) for folder in folders
+            ModelFolderWriter(folder, specs, max_shard_size=settings["max_shard_size"], files=files, shards=shards) for folder in folders
         ]
-        with _progress_bars(plan, enabled=progress) as on_progress:
+        with _progress_bars(todo, enabled=progress) as on_progress:
             Engine(
-                plan,
+                todo,
                 FolderSink(writers),
                 accum_dtype=ACCUM_DTYPES[settings["accum_dtype"]],
                 max_memory=settings["max_memory"],
                 threads=threads,
+                device=device,
                 on_progress=on_progress,
             ).run()
-    for writer, folder, spec in zip(writers, folders, plan.outputs):
-        writer.finish()
+    for writer in writers:
+        writer.finish(index=share is None or share.is_main)
+    return writers
+
+
+def _finish_folders(plan: Plan, settings: dict, writers: list[ModelFolderWriter]) -> None:
+    """Check every output folder's shards, then add the sidecar files, the provenance and the model card."""
+    specs = [TensorSpec(info.name, plan.output_dtypes[info.name], info.shape) for info in plan.tensors]
+    for writer, spec in zip(writers, plan.outputs):
+        folder = writer.folder
         _check_written(writer, specs)
         newest_first = [plan.sources[s].folder for s in sorted(plan.sources, reverse=True) if s <= spec.step]
         dtype = settings["dtype"]

@@ -30,13 +30,13 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, UsageError
 from .checkpoints import WeightSource
 from .plan import Plan
 from .safetensors_io import DTYPES, OpenFiles, writable_view
@@ -120,7 +120,6 @@ def group_slices(
     max_memory: int,
     accum_dtype: torch.dtype,
     cache_bytes: int | None = None,
-    names: Collection[str] | None = None,
 ) -> list[list[Slice]]:
     """Cut the tensors into slices and pack them into groups whose working memory fits a budget.
 
@@ -132,7 +131,6 @@ def group_slices(
         max_memory (`int`): working-memory budget of one group, in bytes.
         accum_dtype (`torch.dtype`): the requested accumulation dtype.
         cache_bytes (`int`, *optional*): a smaller budget to use when `max_memory` is larger (see `CACHE_BYTES`).
-        names (`Collection[str]`, *optional*): only these tensors (a rank's share); default all.
 
     Returns:
         `list[list[Slice]]`: groups in file order; the slices of a group share a kind (float or not, and dtypes).
@@ -144,8 +142,6 @@ def group_slices(
     groups: list[list[Slice]] = []
     open_groups: dict[_Kind, tuple[list[Slice], int, int]] = {}  # kind -> (slices, read bytes, elements)
     for info in plan.tensors:
-        if names is not None and info.name not in names:
-            continue
         kind = _kind(plan, info.name, accum_dtype)
         # copied tensors are packed as if averaged, so that every group's buffers fit the same arena
         packing = kind if kind.accum is not None else _Kind(accum_dtype, kind.out)
@@ -180,21 +176,60 @@ def _align(n: int) -> int:
 
 
 class _Worker:
-    """One worker's files and arena: a byte buffer, allocated once, that holds every buffer a group needs."""
+    """One worker's files and arenas: byte buffers, allocated once, that hold every buffer a group needs.
 
-    def __init__(self, arena_bytes: int) -> None:
+    On the CPU one arena holds everything. With a GPU (`staged`), the state lives in a device arena, and the read
+    buffer and the cast output in a host arena (pinned, for fast copies), from which bytes are copied over.
+    """
+
+    def __init__(self, arena_bytes: int, *, device: torch.device, staged: bool, host_bytes: int = 0) -> None:
         self.files = OpenFiles()
-        self.arena = torch.empty(arena_bytes, dtype=torch.uint8)
-        self.used = 0
+        self.staged = staged
+        self.arena = torch.empty(arena_bytes, dtype=torch.uint8, device=device)
+        pin = device.type == "cuda"
+        self.host_arena = torch.empty(host_bytes, dtype=torch.uint8, pin_memory=pin) if staged else self.arena
+        self.used = self.host_used = 0
 
     def take(self, nbytes: int) -> torch.Tensor:
-        """The next `nbytes` of the arena (64-byte aligned); `reset()` frees them all."""
+        """The next `nbytes` of the (device) arena, 64-byte aligned; `reset()` frees them all."""
+        if not self.staged:
+            return self.take_host(nbytes)
         view = self.arena[self.used : self.used + nbytes]
         self.used += _align(nbytes)
         return view
 
+    def take_host(self, nbytes: int) -> torch.Tensor:
+        """The next `nbytes` of the host arena (the same arena without a GPU)."""
+        view = self.host_arena[self.host_used : self.host_used + nbytes]
+        self.host_used += _align(nbytes)
+        return view
+
     def reset(self) -> None:
-        self.used = 0
+        self.used = self.host_used = 0
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device for the arithmetic, refused in one line when it cannot be used.
+
+    Raises:
+        `UsageError`: not a device name, or CUDA (or that GPU) is not available.
+    """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise UsageError(f"--device {device}: only cpu and cuda are supported")
+    if not torch.cuda.is_available():
+        raise UsageError(
+            f"--device {device}: torch sees no CUDA GPU here (torch.cuda.is_available() is False; "
+            f"torch {torch.__version__}, built with CUDA {torch.version.cuda or 'no'}); use --device cpu"
+        )
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    return device
 
 
 @dataclass(frozen=True)
@@ -238,8 +273,9 @@ class Engine:
         sink (`Sink`): receives output slices.
         accum_dtype (`torch.dtype`, defaults to float32): accumulation dtype (widened to the input's if wider).
         max_memory (`int`): working-memory budget in bytes for tensor data, shared by all workers.
-        threads (`int`, *optional*): workers; default one per core (see `default_threads`).
-        names (`Collection[str]`, *optional*): process only these tensors (a rank's share); default all.
+        threads (`int`, *optional*): workers; default one per core (see `default_threads`), one with a GPU.
+        device (`str | torch.device`, defaults to "cpu"): where the arithmetic runs; "cuda" keeps the state on the
+            GPU and copies each step's bytes over (the reads stay on the CPU).
         on_progress (`Callable[[int, int], None]`, optional): called with (bytes read, tensors finished).
     """
 
@@ -251,17 +287,19 @@ class Engine:
         accum_dtype: torch.dtype = torch.float32,
         max_memory: int,
         threads: int | None = None,
-        names: Collection[str] | None = None,
+        device: str | torch.device = "cpu",
         on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.plan = plan
         self.sink = sink
         self.accum_dtype = accum_dtype
-        threads = threads or default_threads()
+        self.device = check_device(device)
+        self.staged = self.device.type != "cpu"
+        threads = threads or (1 if self.staged else default_threads())
         self.threads = max(1, min(threads, max_memory // MIN_MEMORY))
-        self.groups = group_slices(
-            plan, max_memory=max_memory // self.threads, accum_dtype=accum_dtype, cache_bytes=CACHE_BYTES, names=names
-        )
+        # a GPU has no CPU cache to fit, and wants large ops: groups then use the whole budget
+        cache_bytes = None if self.staged else CACHE_BYTES
+        self.groups = group_slices(plan, max_memory=max_memory // self.threads, accum_dtype=accum_dtype, cache_bytes=cache_bytes)
         self.threads = max(1, min(self.threads, len(self.groups)))
         self._on_progress = on_progress or (lambda nbytes, ntensors: None)
         self.theta0_steps = sorted({run.schedule.theta0_step for run in plan.schedules})
@@ -293,7 +331,10 @@ class Engine:
         """Process every group, on `threads` workers; re-raise the first error any worker met."""
         torch_threads = torch.get_num_threads()
         torch.set_num_threads(1)  # workers, not intra-op threads: OpenMP barriers stall when cores are shared
-        workers = [_Worker(self.arena_bytes) for _ in range(self.threads)]
+        workers = [
+            _Worker(self.arena_bytes, device=self.device, staged=self.staged, host_bytes=self.arena_bytes)
+            for _ in range(self.threads)
+        ]
         threads = [threading.Thread(target=self._work, args=(w,), name=f"bema-worker-{i}", daemon=True) for i, w in enumerate(workers[1:])]
         try:
             for thread in threads:
@@ -348,19 +389,22 @@ class Engine:
     def _average_group(self, group: list[Slice], kind: _Kind, worker: _Worker) -> None:
         layouts = {step: _Layout.of(self.plan.sources[step], group) for step in self.plan.read_steps}
         numel = sum(p.numel for p in group)
-        read = worker.take(max(layout.nbytes for layout in layouts.values()))
+        read_bytes = max(layout.nbytes for layout in layouts.values())
+        read = worker.take_host(read_bytes)
+        raw = worker.take(read_bytes) if worker.staged else read  # the bytes where the arithmetic runs
         xa = worker.take(numel * kind.accum.itemsize).view(kind.accum)
         theta0 = {step: worker.take(numel * kind.accum.itemsize).view(kind.accum) for step in self.theta0_steps}
         ema = [worker.take(numel * kind.accum.itemsize).view(kind.accum) for _ in self.plan.schedules]
         scratch = worker.take(numel * kind.accum.itemsize).view(kind.accum)
         out = worker.take(numel * kind.out.itemsize).view(kind.out)
+        out_host = worker.take_host(numel * kind.out.itemsize).view(kind.out) if worker.staged else out
         bounds = []  # each slice's [start, stop) in the group's element space
         for piece in group:
             start = bounds[-1][1] if bounds else 0
             bounds.append((start, start + piece.numel))
         unchanged = {index: list(range(len(group))) for index in range(len(self.plan.schedules))}
         for step in self.plan.read_steps:
-            x = self._read(layouts[step], read, theta0.get(step, xa), worker)
+            x = self._read(layouts[step], read, raw, theta0.get(step, xa), worker)
             if step in theta0:
                 if x.data_ptr() != theta0[step].data_ptr():
                     theta0[step].copy_(x)
@@ -382,7 +426,9 @@ class Engine:
                         out[slice(*bounds[i])].copy_(tau[slice(*bounds[i])])
                     if not _all_finite(out):
                         self._raise_non_finite(group, bounds, out, worker)
-                    self._emit(output_index, [(piece, out[start:stop]) for piece, (start, stop) in zip(group, bounds)])
+                    if out_host is not out:
+                        out_host.copy_(out)
+                    self._emit(output_index, [(piece, out_host[start:stop]) for piece, (start, stop) in zip(group, bounds)])
         for state in ema:
             if not _all_finite(state):
                 self._raise_non_finite(group, bounds, state, worker)
@@ -390,7 +436,7 @@ class Engine:
     def _copy_group(self, group: list[Slice], worker: _Worker) -> None:
         """Non-float tensors: each output gets them as they are at its step."""
         layouts = {step: _Layout.of(self.plan.sources[step], group) for step in self.plan.read_steps}
-        read = worker.take(max(layout.nbytes for layout in layouts.values()))
+        read = worker.take_host(max(layout.nbytes for layout in layouts.values()))
         for step in self.output_steps:
             layout = layouts[step]
             for path, start, buffer_offset, nbytes in layout.ranges:
@@ -413,12 +459,16 @@ class Engine:
 
     # --- reading ---------------------------------------------------------------------------------------------
 
-    def _read(self, layout: _Layout, read: torch.Tensor, into: torch.Tensor, worker: _Worker) -> torch.Tensor:
-        """Read a group at one step and return it in the accumulation dtype: converted into `into`, or the read
-        buffer itself when the input already has that dtype."""
+    def _read(self, layout: _Layout, read: torch.Tensor, raw: torch.Tensor, into: torch.Tensor, worker: _Worker) -> torch.Tensor:
+        """Read a group at one step into `read`, copy it to `raw` on the device (when that is another buffer), and
+        return it in the accumulation dtype: converted into `into`, or the raw bytes themselves when the input
+        already has that dtype."""
         for path, start, buffer_offset, size in layout.ranges:
             worker.files.read_into(path, start, writable_view(read[buffer_offset : buffer_offset + size]))
         self._progress(layout.nbytes, 0)
+        if raw is not read:
+            raw[: layout.nbytes].copy_(read[: layout.nbytes])
+        read = raw
         if layout.dtype is not None:
             x = read[: layout.nbytes].view(layout.dtype)
             return x if layout.dtype == into.dtype else into.copy_(x)

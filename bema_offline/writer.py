@@ -12,7 +12,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +89,11 @@ def shard_tensors(tensors: Sequence[TensorSpec], max_shard_size: int) -> list[li
     return shards
 
 
+def shard_names(count: int) -> list[str]:
+    """File names of a folder's shards, as `save_pretrained` names them."""
+    return ["model.safetensors"] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
 def _shard_header(specs: Sequence[TensorSpec]) -> bytes:
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -101,26 +106,37 @@ def _shard_header(specs: Sequence[TensorSpec]) -> bytes:
 
 
 class ModelFolderWriter:
-    """Creates a folder's safetensors shards at their final size; `write` fills them slice by slice."""
+    """Creates a folder's safetensors shards at their final size; `write` fills them slice by slice.
 
-    def __init__(self, folder: Path, tensors: Sequence[TensorSpec], *, max_shard_size: int, files: OpenFiles) -> None:
+    With `shards`, only the shards so named are created and written (a rank's share of a distributed run); the
+    index still covers them all.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        tensors: Sequence[TensorSpec],
+        *,
+        max_shard_size: int,
+        files: OpenFiles,
+        shards: Collection[str] | None = None,
+    ) -> None:
         self.folder = folder
         self.files = files
-        shards = shard_tensors(tensors, max_shard_size)
-        count = len(shards)
-        self.shard_names = (
-            ["model.safetensors"] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-        )
+        layout = shard_tensors(tensors, max_shard_size)
+        self.shard_names = shard_names(len(layout))
+        self.owned = [name for name in self.shard_names if shards is None or name in shards]
         self.placements: dict[str, _Placement] = {}
         self.weight_map: dict[str, str] = {}
         self.total_size = sum(spec.nbytes for spec in tensors)
         folder.mkdir(parents=True, exist_ok=True)
-        for shard_name, specs in zip(self.shard_names, shards):
+        for shard_name, specs in zip(self.shard_names, layout):
             path = folder / shard_name
             header = _shard_header(specs)
-            with open(path, "wb") as f:
-                f.write(header)
-                f.truncate(len(header) + sum(spec.nbytes for spec in specs))
+            if shard_name in self.owned:
+                with open(path, "wb") as f:
+                    f.write(header)
+                    f.truncate(len(header) + sum(spec.nbytes for spec in specs))
             offset = len(header)
             for spec in specs:
                 self.placements[spec.name] = _Placement(path, offset, DTYPES[spec.dtype].itemsize)
@@ -132,12 +148,12 @@ class ModelFolderWriter:
         tensor = tensor.contiguous()
         self.files.write_at(place.path, place.data_start + start * place.itemsize, writable_view(tensor))
 
-    def finish(self) -> None:
-        """Write the index of a sharded folder and flush the shards to disk."""
-        if len(self.shard_names) > 1:
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
-            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        for shard_name in self.shard_names:
+    def finish(self, *, index: bool = True) -> None:
+        """Write the index of a sharded folder (unless `index` is False) and flush this writer's shards to disk."""
+        if index and len(self.shard_names) > 1:
+            index_data = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index_data, indent=2) + "\n")
+        for shard_name in self.owned:
             fsync_path(self.folder / shard_name)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import click
 
 from ..api import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, average
+from ..distributed import launched
 from ..report import plan_report
 from ..schedule import BEMASchedule
 from ..sweep import load_sweep, parse_grid
@@ -65,6 +67,7 @@ def _kinds(ctx, param, value: str) -> list[str]:
 @option("--overwrite", is_flag=True, section="Output", help="Replace an existing output folder.")
 @option("--max-memory", default=DEFAULT_MAX_MEMORY, show_default=True, section="Performance", help="Working memory for tensor data; peak RSS stays near this plus the Python and torch baseline.")
 @option("--threads", type=int, section="Performance", help="Worker threads. Default: one per core. Results do not depend on it.")
+@option("--device", default="cpu", show_default=True, section="Performance", help="Where the arithmetic runs: cpu, cuda or cuda:N (under torchrun, cuda is each rank's local GPU). Same bits on the CPU whatever --threads; a GPU's are not checked against TRL's here.")
 @option("--accum-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True, section="Performance", help="Accumulation dtype.")
 @option("--dry-run", is_flag=True, section="Run", help="Print the plan (steps, β, α, effective weights) and write nothing.")
 @option("--quiet", "-q", is_flag=True, section="Run", help="No progress bars or summary.")
@@ -95,6 +98,7 @@ def average_command(
     overwrite: bool,
     max_memory: str,
     threads: int | None,
+    device: str,
     accum_dtype: str,
     dry_run: bool,
     quiet: bool,
@@ -128,6 +132,7 @@ def average_command(
     elif sweep_file:
         schedule = load_sweep(sweep_file, base=schedule)
     output = output if output is not None else ckpt_dir / "bema-offline"
+    main_rank = not launched() or os.environ.get("RANK", "0") == "0"
     started = time.perf_counter()
     result = average(
         ckpt_dir,
@@ -143,11 +148,15 @@ def average_command(
         dtype=dtype,
         max_memory=max_memory,
         threads=threads,
+        device=device,
+        distributed=launched(),
         max_shard_size=max_shard_size,
         overwrite=overwrite,
         dry_run=dry_run,
-        progress=not quiet,
+        progress=not quiet and main_rank,
     )
+    if not main_rank:  # rank 0 of a torchrun launch reports for all
+        return
     if dry_run:
         click.echo(plan_report(result.plan, [str(o.path) for o in result.outputs]))
         click.echo("\ndry run: nothing was written")
