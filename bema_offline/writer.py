@@ -23,6 +23,7 @@ from .errors import DataError, UsageError
 from .safetensors_io import DTYPES, OpenFiles, writable_view
 
 INDEX_FILE = "model.safetensors.index.json"
+WRITEBACK_BYTES = 64 * 2**20
 SIDECAR_FILES = (
     "config.json",
     "generation_config.json",
@@ -123,6 +124,7 @@ class ModelFolderWriter:
     ) -> None:
         self.folder = folder
         self.files = files
+        self.unflushed = 0  # bytes written since the last start_writeback
         layout = shard_tensors(tensors, max_shard_size)
         self.shard_names = shard_names(len(layout))
         self.owned = [name for name in self.shard_names if shards is None or name in shards]
@@ -147,6 +149,10 @@ class ModelFolderWriter:
         place = self.placements[name]
         tensor = tensor.contiguous()
         self.files.write_at(place.path, place.data_start + start * place.itemsize, writable_view(tensor))
+        self.unflushed += tensor.nbytes
+        if self.unflushed >= WRITEBACK_BYTES:  # keep the disk busy during the run, not only at the final fsync
+            self.files.start_writeback(place.path)
+            self.unflushed = 0
 
     def finish(self, *, index: bool = True) -> None:
         """Write the index of a sharded folder (unless `index` is False) and flush this writer's shards to disk."""
