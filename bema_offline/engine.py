@@ -46,6 +46,7 @@ MIN_MEMORY = 4096
 # (1 MiB L2 and 32 MiB L3 here) across the steps of a group, large enough that per-op overhead is negligible.
 CACHE_BYTES = 8 * 2**20
 _ALIGN = 64
+_SCRATCH = 3  # accumulation-dtype buffers besides the state: the upcast input, θ_t − θ0, and one more
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Sink:
 
 @dataclass(frozen=True)
 class _Update:
-    schedule_index: int
+    slot: int  # which EMA (see `ema_slots`)
     beta: float
 
 
@@ -107,11 +108,25 @@ def _kind(plan: Plan, name: str, accum_dtype: torch.dtype) -> _Kind:
 
 def _arena_bytes(kind: _Kind, *, read: int, numel: int, slices: int, n_state: int) -> int:
     """The arena a group needs: its read buffer (slices of mixed dtypes 8-byte aligned), and for float groups θ0,
-    the EMAs, the upcast input, one scratch buffer and the cast output, each 64-byte aligned."""
+    the EMAs, the upcast input, two scratch buffers and the cast output, each 64-byte aligned."""
     read_part = _align(read + 8 * slices)
     if kind.accum is None:
         return read_part
-    return read_part + (n_state + 2) * _align(numel * kind.accum.itemsize) + _align(numel * kind.out.itemsize)
+    return read_part + (n_state + _SCRATCH) * _align(numel * kind.accum.itemsize) + _align(numel * kind.out.itemsize)
+
+
+def ema_slots(plan: Plan) -> list[int]:
+    """The EMA each schedule uses. Schedules with the same θ0 and the same update steps and β share one: their
+    EMAs are the same tensors, op for op (in a grid over `bias_power` alone, all configs share one EMA).
+
+    Example: `--grid ema_power=0.3,0.5 bias_power=0.1,0.2` has 4 configs and 2 EMAs; slots `[0, 0, 1, 1]`.
+    """
+    keys: dict[tuple, int] = {}
+    slots = []
+    for run in plan.schedules:
+        key = (run.schedule.theta0_step, tuple((step, run.schedule.beta(step)) for step in run.update_steps))
+        slots.append(keys.setdefault(key, len(keys)))
+    return slots
 
 
 def group_slices(
@@ -123,8 +138,8 @@ def group_slices(
 ) -> list[list[Slice]]:
     """Cut the tensors into slices and pack them into groups whose working memory fits a budget.
 
-    The working memory of a group counts θ0 (one per distinct `update_after`) and one EMA per schedule, so a sweep
-    of many configs gets smaller groups within the same budget.
+    The working memory of a group counts θ0 (one per distinct `update_after`) and the EMAs (one per distinct EMA, see
+    `ema_slots`), so a sweep of many configs gets smaller groups within the same budget.
 
     Args:
         plan (`Plan`): the run.
@@ -138,7 +153,7 @@ def group_slices(
     if max_memory < MIN_MEMORY:
         raise DataError(f"--max-memory {max_memory} bytes is too small; give at least {MIN_MEMORY} bytes")
     budget = max_memory if cache_bytes is None else min(max_memory, cache_bytes)
-    n_state = len({run.schedule.theta0_step for run in plan.schedules}) + len(plan.schedules)
+    n_state = len({run.schedule.theta0_step for run in plan.schedules}) + len(set(ema_slots(plan)))
     groups: list[list[Slice]] = []
     open_groups: dict[_Kind, tuple[list[Slice], int, int]] = {}  # kind -> (slices, read bytes, elements)
     for info in plan.tensors:
@@ -146,8 +161,8 @@ def group_slices(
         # copied tensors are packed as if averaged, so that every group's buffers fit the same arena
         packing = kind if kind.accum is not None else _Kind(accum_dtype, kind.out)
         read_size = max(source.tensors[info.name].itemsize for source in plan.sources.values())
-        per_element = read_size + packing.accum.itemsize * (n_state + 2) + packing.out.itemsize
-        slack = 8 + 64 * (n_state + 4)  # alignment: one slice of `per_slice` elements always fits
+        per_element = read_size + packing.accum.itemsize * (n_state + _SCRATCH) + packing.out.itemsize
+        slack = 8 + 64 * (n_state + _SCRATCH + 2)  # alignment: one slice of `per_slice` elements always fits
         per_slice = (budget - slack) // per_element
         if per_slice < 1:
             raise DataError(
@@ -303,17 +318,24 @@ class Engine:
         self.threads = max(1, min(self.threads, len(self.groups)))
         self._on_progress = on_progress or (lambda nbytes, ntensors: None)
         self.theta0_steps = sorted({run.schedule.theta0_step for run in plan.schedules})
-        self.starts_at: dict[int, list[int]] = {}  # θ0 step -> schedules whose EMA starts there
+        self.slots = ema_slots(plan)  # schedule -> its EMA
+        self.slot_theta0 = {}  # EMA -> its θ0 step
+        self.starts_at: dict[int, list[int]] = {}  # θ0 step -> EMAs that start there
+        self.updates: dict[int, list[_Update]] = {}  # step -> (EMA, β) updates
         for index, run in enumerate(plan.schedules):
-            self.starts_at.setdefault(run.schedule.theta0_step, []).append(index)
-        self.updates: dict[int, list[_Update]] = {}
-        for index, run in enumerate(plan.schedules):
+            slot = self.slots[index]
+            if slot in self.slot_theta0:
+                continue
+            self.slot_theta0[slot] = run.schedule.theta0_step
+            self.starts_at.setdefault(run.schedule.theta0_step, []).append(slot)
             for step in run.update_steps:
-                self.updates.setdefault(step, []).append(_Update(index, run.schedule.beta(step)))
-        self.outputs_at: dict[tuple[int, int], list[tuple[int, str, float]]] = {}
+                self.updates.setdefault(step, []).append(_Update(slot, run.schedule.beta(step)))
+        # step -> θ0 step -> [(output index, kind, α, EMA)]: outputs sharing θ0 share θ_t − θ0
+        self.outputs_at: dict[int, dict[int, list[tuple[int, str, float, int]]]] = {}
         for index, out in enumerate(plan.outputs):
-            alpha = plan.schedules[out.schedule_index].schedule.alpha(out.step)
-            self.outputs_at.setdefault((out.schedule_index, out.step), []).append((index, out.kind, alpha))
+            schedule = plan.schedules[out.schedule_index].schedule
+            by_theta0 = self.outputs_at.setdefault(out.step, {}).setdefault(schedule.theta0_step, [])
+            by_theta0.append((index, out.kind, schedule.alpha(out.step), self.slots[out.schedule_index]))
         self.output_steps = sorted({out.step for out in plan.outputs})
         self.kinds = [_kind(plan, group[0].name, accum_dtype) for group in self.groups]
         self.last_slice = {}
@@ -383,7 +405,7 @@ class Engine:
     def _arena_need(self, group: list[Slice], kind: _Kind) -> int:
         read = sum(p.numel * max(s.tensors[p.name].itemsize for s in self.plan.sources.values()) for p in group)
         numel = sum(p.numel for p in group)
-        n_state = len(self.theta0_steps) + len(self.plan.schedules)
+        n_state = len(self.theta0_steps) + len(self.slot_theta0)
         return _arena_bytes(kind, read=read, numel=numel, slices=len(group), n_state=n_state)
 
     def _average_group(self, group: list[Slice], kind: _Kind, worker: _Worker) -> None:
@@ -394,7 +416,8 @@ class Engine:
         raw = worker.take(read_bytes) if worker.staged else read  # the bytes where the arithmetic runs
         xa = worker.take(numel * kind.accum.itemsize).view(kind.accum)
         theta0 = {step: worker.take(numel * kind.accum.itemsize).view(kind.accum) for step in self.theta0_steps}
-        ema = [worker.take(numel * kind.accum.itemsize).view(kind.accum) for _ in self.plan.schedules]
+        ema = [worker.take(numel * kind.accum.itemsize).view(kind.accum) for _ in self.slot_theta0]
+        diff = worker.take(numel * kind.accum.itemsize).view(kind.accum)
         scratch = worker.take(numel * kind.accum.itemsize).view(kind.accum)
         out = worker.take(numel * kind.out.itemsize).view(kind.out)
         out_host = worker.take_host(numel * kind.out.itemsize).view(kind.out) if worker.staged else out
@@ -402,27 +425,29 @@ class Engine:
         for piece in group:
             start = bounds[-1][1] if bounds else 0
             bounds.append((start, start + piece.numel))
-        unchanged = {index: list(range(len(group))) for index in range(len(self.plan.schedules))}
+        unchanged = [list(range(len(group))) for _ in self.slot_theta0]  # per EMA: slices equal to θ0 so far
         for step in self.plan.read_steps:
             x = self._read(layouts[step], read, raw, theta0.get(step, xa), worker)
             if step in theta0:
                 if x.data_ptr() != theta0[step].data_ptr():
                     theta0[step].copy_(x)
-                for index in self.starts_at.get(step, ()):
-                    ema[index].copy_(theta0[step])
+                for slot in self.starts_at.get(step, ()):
+                    ema[slot].copy_(theta0[step])
             for update in self.updates.get(step, ()):
-                index = update.schedule_index
-                ema[index].mul_(1 - update.beta).add_(x, alpha=update.beta)
-                tau = theta0[self.plan.schedules[index].schedule.theta0_step]
-                if unchanged[index]:
-                    unchanged[index] = [i for i in unchanged[index] if torch.equal(x[slice(*bounds[i])], tau[slice(*bounds[i])])]
-                for output_index, output_kind, alpha in self.outputs_at.get((index, step), ()):
+                ema[update.slot].mul_(1 - update.beta).add_(x, alpha=update.beta)
+                if unchanged[update.slot]:
+                    tau = theta0[self.slot_theta0[update.slot]]
+                    unchanged[update.slot] = [i for i in unchanged[update.slot] if torch.equal(x[slice(*bounds[i])], tau[slice(*bounds[i])])]
+            for tau_step, outputs in self.outputs_at.get(step, {}).items():
+                tau = theta0[tau_step]
+                if any(output_kind == "bema" for _, output_kind, _, _ in outputs):
+                    torch.sub(x, tau, out=diff)
+                for output_index, output_kind, alpha, slot in outputs:
                     if output_kind == "ema":
-                        out.copy_(ema[index])
+                        out.copy_(ema[slot])
                     else:  # ema + alpha * (x - theta0), op for op
-                        torch.sub(x, tau, out=scratch)
-                        out.copy_(scratch.mul_(alpha).add_(ema[index]))
-                    for i in unchanged[index]:
+                        out.copy_(torch.mul(diff, alpha, out=scratch).add_(ema[slot]))
+                    for i in unchanged[slot]:
                         out[slice(*bounds[i])].copy_(tau[slice(*bounds[i])])
                     if not _all_finite(out):
                         self._raise_non_finite(group, bounds, out, worker)

@@ -260,3 +260,18 @@ def test_cuda_without_a_gpu_is_a_clean_error(tmp_path):
     with pytest.raises(UsageError, match=r"--device cuda: torch sees no CUDA GPU here .*use --device cpu"):
         average(run_dir, tmp_path / "o", schedule=BEMASchedule(update_freq=1), base_model=base_dir, device="cuda")
     assert not (tmp_path / "o").exists()
+
+
+def test_configs_differing_only_in_bias_power_share_one_ema(tmp_path):
+    from bema_offline.engine import ema_slots
+
+    run_dir, base_dir, _ = make_run(tmp_path, [1, 2, 3, 4])
+    configs = [(f"{e}-{b}", BEMASchedule(update_freq=1, ema_power=e, bias_power=b)) for e in (0.3, 0.5) for b in (0.1, 0.2)]
+    configs.append(("late", BEMASchedule(update_freq=1, ema_power=0.3, update_after=2)))
+    plan = average(run_dir, tmp_path / "o", schedule=configs, base_model=base_dir, dry_run=True).plan
+    assert ema_slots(plan) == [0, 0, 1, 1, 2]
+    average(run_dir, tmp_path / "sweep", schedule=configs, base_model=base_dir, save=("ema", "bema"), steps="every")
+    for name, schedule in configs:
+        average(run_dir, tmp_path / name, schedule=schedule, base_model=base_dir, save=("ema", "bema"), steps="every")
+        for sub in (tmp_path / name).rglob("model.safetensors"):
+            assert sub.read_bytes() == (tmp_path / "sweep" / name / sub.relative_to(tmp_path / name)).read_bytes()
