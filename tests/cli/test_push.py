@@ -10,18 +10,8 @@ from hub_fake import FakeApi
 from synthetic import make_run
 
 from bema_offline import BEMASchedule, average, hub
-from bema_offline.cli import _run, average_command, cli
-
-
-def run_cli(command, args: list[str], capsys) -> tuple[int, str, str]:
-    """Run a command the way `main()` does: one-line errors and exit codes."""
-    try:
-        _run(command, [str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from bema_offline.cli import average_command, cli
+from run_entry import run_cli
 
 
 @pytest.fixture(scope="module")
