@@ -288,7 +288,7 @@ def push_to_hub(
 def _prepare_repo(api: HfApi, repo_id: str, *, private: bool) -> None:
     _hub_call(
         lambda: api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True),
-        f"cannot create or access the repo {repo_id} (does the token have write access to {repo_id.split('/')[0]}?)",
+        f"cannot create or access the repo {repo_id}",
     )
     if private:
         info = _hub_call(lambda: api.repo_info(repo_id, repo_type="model"), f"cannot read the settings of {repo_id}")
@@ -303,7 +303,16 @@ def _hub_call(call: Callable, what: str):
     try:
         return call()
     except Exception as e:  # huggingface_hub raises HTTP, network and validation errors alike
-        raise HubError(f"{what}: {_first_line(e)}; nothing was uploaded") from e
+        raise HubError(f"{what}: {_first_line(e)}{_hint(e)}; nothing was uploaded") from e
+
+
+def _hint(error: Exception) -> str:
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status == 401:
+        return " (the token is invalid or expired: check HF_TOKEN or run `hf auth login`)"
+    if status == 403:
+        return " (the token may not write there: use a write token, and check the organisation name)"
+    return ""
 
 
 def _first_line(error: Exception) -> str:

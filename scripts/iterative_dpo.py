@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     bema = parser.add_argument_group("BEMA (each average; update_freq = --save-steps, update_after = 0)")
     bema.add_argument("--ema-power", type=float, default=0.5)
     bema.add_argument("--bias-power", type=float, default=0.2)
-    bema.add_argument("--lag", type=float, default=10)
+    bema.add_argument("--lag", type=float, default=10.0)
     bema.add_argument("--multiplier", type=float, default=1.0)
     bema.add_argument("--min-ema-multiplier", type=float, default=0.0)
     return parser.parse_args(argv)

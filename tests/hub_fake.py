@@ -7,7 +7,11 @@ from types import SimpleNamespace
 
 
 class FakeHubError(Exception):
-    pass
+    """Like huggingface_hub's HTTP errors: a message, and a response with a status code."""
+
+    def __init__(self, message: str, status: int = 403) -> None:
+        super().__init__(message)
+        self.response = SimpleNamespace(status_code=status)
 
 
 class FakeApi:

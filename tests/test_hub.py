@@ -125,6 +125,7 @@ def test_a_repo_that_cannot_be_created_fails_before_any_upload(multi: Path) -> N
     message = str(error.value)
     assert "cannot create or access the repo my-org/avg-step-6" in message
     assert "403 Forbidden" in message and "request id" not in message  # one line
+    assert "(the token may not write there: use a write token, and check the organisation name)" in message
     assert "nothing was uploaded" in message
     assert api.methods() == ["create_repo"] * 3
     assert api.uploads == []

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import warnings
 from pathlib import Path
 
 import click
@@ -31,7 +35,7 @@ TRAINING = "Training (TRL's DPOConfig)"
 @option("--bf16/--no-bf16", default=None, section=TRAINING, help="bf16 mixed precision. Default: on when a CUDA GPU supports it.")
 @option("--precompute-ref-log-probs", is_flag=True, section=TRAINING, help="Compute the reference log-probs before training, then release the reference model, so it does not stay in memory.")
 @option("--config-set", "config_set", multiple=True, metavar="KEY=VALUE", section=TRAINING, help="Any other DPOConfig field, checked against DPOConfig, e.g. --config-set warmup_steps=10 --config-set loss_type=sigmoid. Repeatable.")
-@option("--quiet", "-q", is_flag=True, section="Run", help="Only errors.")
+@option("--quiet", "-q", is_flag=True, section="Run", help="Only errors: no progress bars, logs or warnings.")
 @debug_option
 def dpo_command(
     ref_model: Path,
@@ -58,31 +62,50 @@ def dpo_command(
     from ..dpo import parse_config_overrides, require_dpo_extra, train_dpo
 
     require_dpo_extra()
-    if quiet:
-        _silence_libraries()
     overrides = parse_config_overrides(config_set)
-    train_dpo(
-        ref_model,
-        dataset,
-        output_dir,
-        policy=policy,
-        beta=beta,
-        learning_rate=learning_rate,
-        max_steps=max_steps,
-        per_device_train_batch_size=per_device_train_batch_size,
-        save_steps=save_steps,
-        bf16=bf16,
-        precompute_ref_log_probs=precompute_ref_log_probs,
-        log=(lambda line: None) if quiet else click.echo,
-        config_overrides=overrides if not quiet else {"disable_tqdm": True, "log_level": "error", **overrides},
-    )
+    with _quiet_libraries() if quiet else contextlib.nullcontext():
+        train_dpo(
+            ref_model,
+            dataset,
+            output_dir,
+            policy=policy,
+            beta=beta,
+            learning_rate=learning_rate,
+            max_steps=max_steps,
+            per_device_train_batch_size=per_device_train_batch_size,
+            save_steps=save_steps,
+            bf16=bf16,
+            precompute_ref_log_probs=precompute_ref_log_probs,
+            config_overrides=overrides,
+            log=(lambda line: None) if quiet else click.echo,
+        )
 
 
-def _silence_libraries() -> None:
-    """--quiet: no progress bars or info logs from datasets, transformers and the Trainer."""
+@contextlib.contextmanager
+def _quiet_libraries():
+    """--quiet: no progress bars, logs, warnings or Trainer prints, for the duration of the round only."""
     import datasets
     import transformers
 
+    hf_logging = transformers.utils.logging
+    bars = (datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled())
+    verbosity = hf_logging.get_verbosity()
+    tqdm_disable = os.environ.get("TQDM_DISABLE")
     datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    os.environ["TQDM_DISABLE"] = "1"  # TRL's own progress bars read it
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if bars[0]:
+            datasets.enable_progress_bars()
+        if bars[1]:
+            hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
+        if tqdm_disable is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_disable

@@ -35,9 +35,10 @@ def setup(tmp_path, monkeypatch) -> Path:
     torch.set_num_threads(threads)
 
 
-def test_two_rounds_and_their_record(setup: Path, capsys) -> None:
+@pytest.mark.parametrize("policy_init", ["reference", "last"])
+def test_two_rounds_and_their_record(setup: Path, capsys, policy_init: str) -> None:
     work = setup / "iter"
-    args = ["--base-model", setup / "base", "--dataset", setup / "prefs.jsonl", "--rounds", 2, "--workdir", work,
+    args = ["--policy-init", policy_init, "--base-model", setup / "base", "--dataset", setup / "prefs.jsonl", "--rounds", 2, "--workdir", work,
             "--save-steps", 2, "--max-steps", 5, "--learning-rate", 1e-3, "--per-device-train-batch-size", 2,
             "--no-bf16", *[a for pair in FAST for a in ("--config-set", pair)]]  # fmt: skip
     assert load_script().main([str(a) for a in args]) == 0, capsys.readouterr().err
@@ -47,11 +48,16 @@ def test_two_rounds_and_their_record(setup: Path, capsys) -> None:
     assert record["schedule"]["update_freq"] == 2 and record["schedule"]["update_after"] == 0
     assert [r["round"] for r in record["rounds"]] == [1, 2]
     first, second = record["rounds"]
-    # round 1: reference and policy are the base; round 2: both are round 1's BEMA
+    # round 1: reference and policy are the base; round 2: the reference is round 1's BEMA, and the policy too
+    # (policy_init "reference") or round 1's last checkpoint (policy_init "last")
     assert first["reference"] == record["base_model"]
     assert first["policy"] == record["base_model"]
     assert second["reference"] == {"path": first["average"]["path"], "fingerprint": first["average"]["fingerprint"]}
-    assert second["policy"] == second["reference"]
+    if policy_init == "reference":
+        assert second["policy"] == second["reference"]
+    else:
+        last = Path(first["output_dir"]) / "checkpoint-5"
+        assert second["policy"] == {"path": str(last), "fingerprint": folder_fingerprint(last)}
     assert first["average"]["fingerprint"] != record["base_model"]["fingerprint"]
     for entry in record["rounds"]:
         run_dir, bema_dir = Path(entry["output_dir"]), Path(entry["average"]["path"])
