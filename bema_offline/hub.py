@@ -279,7 +279,8 @@ def push_to_hub(
                 repo_type="model",
                 commit_message=commit_message or "bema-offline: index of the averaged models' branches",
             ),
-            f"the outputs were pushed, but writing the index card on the main branch of {repo_id} failed",
+            f"writing the index card on the main branch of {repo_id} failed",
+            then="every output was pushed to its branch; only the index card is missing",
         )
         log(f"wrote the index of {len(targets)} branches to {repo_id}")
     return targets
@@ -299,11 +300,11 @@ def _prepare_repo(api: HfApi, repo_id: str, *, private: bool) -> None:
             )
 
 
-def _hub_call(call: Callable, what: str):
+def _hub_call(call: Callable, what: str, *, then: str = "nothing was uploaded"):
     try:
         return call()
     except Exception as e:  # huggingface_hub raises HTTP, network and validation errors alike
-        raise HubError(f"{what}: {_first_line(e)}{_hint(e)}; nothing was uploaded") from e
+        raise HubError(f"{what}: {_first_line(e)}{_hint(e)}; {then}") from e
 
 
 def _hint(error: Exception) -> str:

@@ -37,12 +37,12 @@ def averaged(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def single(averaged, tmp_path) -> Path:
-    return Path(shutil.copytree(averaged / "single", tmp_path / "avg"))
+    return Path(shutil.copytree(averaged / "single", tmp_path / "single"))
 
 
 @pytest.fixture
 def multi(averaged, tmp_path) -> Path:
-    return Path(shutil.copytree(averaged / "multi", tmp_path / "avg"))
+    return Path(shutil.copytree(averaged / "multi", tmp_path / "multi"))
 
 
 @pytest.fixture(autouse=True)
@@ -163,6 +163,13 @@ def test_branches_layout_refuses_a_single_revision_for_several_outputs(multi: Pa
     assert api.calls == []
 
 
+def test_a_failed_index_card_says_the_outputs_are_up(multi: Path) -> None:
+    api = FakeApi(fail={"upload_file": "my-org/avg"})
+    with pytest.raises(HubError, match="index card on the main branch of my-org/avg failed: 403 Forbidden.*; every output was pushed"):
+        push_to_hub(multi, "my-org/avg", layout="branches", api=api)
+    assert len(api.uploads) == 3
+
+
 def test_a_failed_upload_says_what_was_pushed(multi: Path) -> None:
     api = FakeApi(fail={"upload_folder": "my-org/avg-step-4"})
     with pytest.raises(HubError, match="pushed so far: my-org/avg-step-2; run `bema-offline push` again"):
@@ -196,3 +203,23 @@ def test_derived_names() -> None:
         push_targets(["step-800", "step-1600"], "o/" + "n" * 88)
     with pytest.raises(UsageError, match="not a valid branch name"):
         push_targets([""], "o/n", revision="bad..name")
+
+
+def test_every_recorded_call_fits_the_real_hfapi_signature(multi: Path, single: Path) -> None:
+    """The fake accepts anything; the real HfApi must accept exactly what was sent."""
+    import inspect
+
+    from huggingface_hub import HfApi
+
+    api = FakeApi()
+    push_to_hub(multi, "my-org/avg", layout="branches", private=True, api=api)
+    push_to_hub(single, "my-org/one", revision="dev", commit_message="m", api=api)
+    assert {method for method, _, _ in api.calls} == {"create_repo", "repo_info", "create_branch", "upload_folder", "upload_file"}
+    for method, repo_id, kwargs in api.calls:
+        kwargs = dict(kwargs)
+        if method == "upload_file":
+            kwargs["path_or_fileobj"] = kwargs.pop("content")
+        if method in ("upload_folder", "upload_file"):
+            inspect.signature(getattr(HfApi, method)).bind(None, repo_id=repo_id, **kwargs)
+        else:
+            inspect.signature(getattr(HfApi, method)).bind(None, repo_id, **kwargs)
