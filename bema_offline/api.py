@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .card import PROVENANCE_FILE, model_card, provenance
+from .card import PROVENANCE_FILE, provenance, write_card
 from .checkpoints import BASE_STEP, resolve_base_model
 from .engine import Engine
 from .errors import DataError, UsageError
@@ -170,7 +170,7 @@ def _write_outputs(plan: Plan, staging: Path, settings: dict, *, progress: bool)
         copy_sidecar_files(newest_first + [plan.run_dir], folder, dtype=dtype)
         record = provenance(plan, spec, settings=settings)
         (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        model_card(plan, spec).save(folder / "README.md")
+        write_card(folder, record)
 
 
 def _check_written(writer: ModelFolderWriter, specs: list[TensorSpec]) -> None:

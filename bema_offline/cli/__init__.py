@@ -16,6 +16,8 @@ from ..errors import BemaError
 from ._help import CONTEXT
 from .average import average_command
 from .demo import demo_command
+from .dpo import dpo_command
+from .push import push_command
 
 
 @click.group(context_settings=CONTEXT)
@@ -26,6 +28,8 @@ def cli() -> None:
 
 cli.add_command(average_command, "average")
 cli.add_command(demo_command, "demo")
+cli.add_command(push_command, "push")
+cli.add_command(dpo_command, "dpo")
 
 
 def _run(command: click.Command, args: list[str] | None = None, prog_name: str | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -11,6 +12,7 @@ from ..api import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, average
 from ..report import plan_report
 from ..schedule import BEMASchedule
 from ._help import CONTEXT, SectionedCommand, debug_option, option
+from .push import AveragePush, push_to_hub_options
 
 EPILOG = """\b
 Examples:
@@ -61,6 +63,7 @@ def _kinds(ctx, param, value: str) -> list[str]:
 @option("--overwrite", is_flag=True, section="Output", help="Replace an existing output folder.")
 @option("--max-memory", default=DEFAULT_MAX_MEMORY, show_default=True, section="Performance", help="Working memory for tensor data; peak RSS stays near this plus the Python and torch baseline.")
 @option("--accum-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True, section="Performance", help="Accumulation dtype.")
+@push_to_hub_options
 @option("--dry-run", is_flag=True, section="Run", help="Print the plan (steps, β, α, effective weights) and write nothing.")
 @option("--quiet", "-q", is_flag=True, section="Run", help="No progress bars or summary.")
 @debug_option
@@ -91,6 +94,7 @@ def average_command(
     dry_run: bool,
     quiet: bool,
     debug: bool,
+    **hub: Any,
 ) -> None:
     """Average the checkpoint-N folders of CKPT_DIR with BEMA (or EMA) and write Hugging Face model folders.
 
@@ -113,6 +117,7 @@ def average_command(
         min_ema_multiplier=min_ema_multiplier,
         convention=convention,
     )
+    push = AveragePush.from_options(hub, dry_run=dry_run)  # a missing token fails here, before any averaging
     output = output if output is not None else ckpt_dir / "bema-offline"
     started = time.perf_counter()
     result = average(
@@ -135,9 +140,13 @@ def average_command(
     )
     if dry_run:
         click.echo(plan_report(result.plan, [str(o.path) for o in result.outputs]))
+        if push:
+            click.echo("\n" + push.describe(output, [o.path for o in result.outputs]))
         click.echo("\ndry run: nothing was written")
         return
     if quiet:
+        if push:
+            push.run(output)
         return
     if result.removed_leftovers:
         click.echo(f"removed the leftovers of an interrupted run at {output}", err=True)
@@ -150,3 +159,5 @@ def average_command(
     for out in result.outputs:
         click.echo(f"wrote {out.path}: {out.kind} at step {out.step}")
     click.echo(f"read {result.plan.bytes_to_read / 2**20:.1f} MiB from {len(result.plan.sources)} sources in {elapsed:.1f} s")
+    if push:
+        push.run(output, echo=click.echo)
