@@ -39,6 +39,9 @@ EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weig
 _LAYER_INDEX = re.compile(r"^(?:model\.|transformer\.|gpt_neox\.|model\.decoder\.)?(?:layers|h)\.(\d+)\.")
 _HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+# Config keys that mean the embedding's rows or columns are not simply vocab_size x hidden size (OLMo's padded
+# `embedding_size`, ALBERT's factorized `embedding_size`, OPT's `word_embed_proj_dim`, ChatGLM's padding).
+_EMBEDDING_EXCEPTIONS = ("embedding_size", "word_embed_proj_dim", "padded_vocab_size")
 
 
 @dataclasses.dataclass
@@ -209,14 +212,17 @@ def check_config(folder: Path, tensors: dict[str, TensorInfo]) -> list[str]:
         return [f"{path}: a multimodal config; embedding and layer counts were not compared"]
     vocab = _int_field(config, ("vocab_size",))
     hidden = _int_field(config, _HIDDEN_KEYS)
+    compare_embeddings = not any(key in config for key in _EMBEDDING_EXCEPTIONS)
     for name, info in tensors.items():
-        if not name.endswith(EMBEDDING_SUFFIXES) or len(info.shape) != 2:
+        if not compare_embeddings or not name.endswith(EMBEDDING_SUFFIXES) or len(info.shape) != 2:
             continue
         if vocab is not None and info.shape[0] != vocab:
             raise DataError(f"{info.path}: tensor {name!r} has {info.shape[0]} rows but {path} says vocab_size {vocab}")
         if hidden is not None and info.shape[1] != hidden:
             raise DataError(f"{info.path}: tensor {name!r} has {info.shape[1]} columns but {path} says hidden size {hidden}")
     layers = _int_field(config, _LAYER_KEYS)
+    if layers is not None:
+        layers += _int_field(config, ("num_nextn_predict_layers",)) or 0  # multi-token-prediction layers follow
     found = {int(m.group(1)) for name in tensors if (m := _LAYER_INDEX.match(name))}
     if layers is not None and found and found != set(range(layers)):
         missing = sorted(set(range(layers)) - found)

@@ -177,6 +177,15 @@ def test_config_disagrees_with_the_weights(made, update, message):
         verify(output)
 
 
+def test_configs_whose_embeddings_are_not_vocab_by_hidden_are_not_compared(made):
+    _, _, output = made
+    config = json.loads((output / "config.json").read_text())
+    (output / "config.json").write_text(json.dumps({**config, "vocab_size": 49, "embedding_size": 50}))  # OLMo's padding
+    verify(output)
+    (output / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 0, "num_nextn_predict_layers": 1}))
+    verify(output)  # layer 0 is a multi-token-prediction layer
+
+
 def test_config_that_agrees_and_one_that_is_malformed(made):
     _, _, output = made
     config = json.loads((output / "config.json").read_text())
@@ -273,3 +282,32 @@ def test_recompute_notices_a_changed_source(made):
     assert any("source files changed" in note for note in report.notes)
     with pytest.raises(DataError, match=f"{UP}' differs from its recomputation at element 0; the output is wrong or its sources changed"):
         verify(output, recompute=100)
+
+
+# --- real Hugging Face folders: the config checks know their field and tensor names ----------------------------
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_real_qwen2_folders_pass(tmp_path, tied):
+    from tiny_hf import make_tiny_qwen2, make_tokenizer
+
+    tokenizer = make_tokenizer(tmp_path / "m")
+    make_tiny_qwen2(tmp_path / "m", tokenizer, tie_word_embeddings=tied, dtype=torch.bfloat16)
+    (report,) = verify(tmp_path / "m")
+    assert report.notes == [] and report.tensors == (26 if tied else 27)  # lm_head.weight only when untied
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(DataError, match="says 3 layers but layers \\[2\\] have no tensors"):
+        verify(tmp_path / "m")
+
+
+def test_real_gpt2_folder_passes(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=40, n_positions=16)).save_pretrained(tmp_path / "g")
+    (report,) = verify(tmp_path / "g")
+    assert report.notes == []
+    config = json.loads((tmp_path / "g" / "config.json").read_text())
+    (tmp_path / "g" / "config.json").write_text(json.dumps({**config, "vocab_size": 41}))
+    with pytest.raises(DataError, match="'transformer.wte.weight' has 40 rows but .* vocab_size 41"):
+        verify(tmp_path / "g")
