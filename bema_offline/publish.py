@@ -68,7 +68,7 @@ def check_output(output: Path, *, overwrite: bool, run_dir: Path, source_folders
     for folder in source_folders:
         if resolved.is_relative_to(folder.resolve()):
             raise UsageError(f"--output {output} lies inside the input {folder}; choose another folder")
-    if output.exists() and not overwrite:
+    if os.path.lexists(output) and not overwrite:
         left = leftovers(output)
         hint = f"; a killed run also left {' '.join(map(str, left))}: delete them (rm -r)" if left else ""
         raise OutputExistsError(

@@ -14,6 +14,7 @@ number of inputs tried ("Done N runs in S second(s)"); `docs/reliability.md` rec
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -27,7 +28,11 @@ with atheris.instrument_imports(include=["bema_offline"]):
     from bema_offline.errors import DataError
     from bema_offline.safetensors_io import read_header
 
-WORKDIR = Path(tempfile.mkdtemp(prefix="bema-atheris-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+# libFuzzer ends the process with exit(), which skips Python's clean-up: a run removes its predecessors' folders.
+TMP = Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
+for stale in TMP.glob("bema-atheris-*"):
+    shutil.rmtree(stale, ignore_errors=True)
+WORKDIR = Path(tempfile.mkdtemp(prefix="bema-atheris-", dir=TMP))
 SHARDS = {"model-00001-of-00002.safetensors": {"a": torch.zeros(3), "c": torch.arange(4)},
           "model-00002-of-00002.safetensors": {"b": torch.ones(2, 2)}}  # fmt: skip
 

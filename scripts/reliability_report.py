@@ -113,11 +113,15 @@ def atheris_counts(logs: list[Path]) -> str:
     return "\n".join(rows)
 
 
+SECTIONS = ("faults-overview", "faults", "hostile", "fuzz")
+
+
+def _section(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- generated: {name} -->\n).*?(<!-- end: {name} -->)", re.S)
+
+
 def replace_section(text: str, name: str, content: str) -> str:
-    pattern = re.compile(rf"(<!-- generated: {name} -->\n).*?(\n<!-- end: {name} -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{DOC}: no <!-- generated: {name} --> section")
-    return pattern.sub(lambda m: m.group(1) + content + m.group(2), text)
+    return _section(name).sub(lambda m: m.group(1) + content + "\n" + m.group(2), text)
 
 
 def main() -> int:
@@ -127,6 +131,9 @@ def main() -> int:
     parser.add_argument("--atheris-log", type=Path, nargs="*", default=[], help="logs of scripts/fuzz_atheris.py runs")
     options = parser.parse_args()
     text = DOC.read_text()
+    missing = [name for name in SECTIONS if not _section(name).search(text)]
+    if missing:
+        raise SystemExit(f"{DOC}: no <!-- generated: {missing[0]} --> ... <!-- end: {missing[0]} --> section")
     hostile, hostile_failures = hostile_table()
     text = replace_section(text, "hostile", hostile)
     overview, faults_detail, _ = fault_tables(options.per_point)

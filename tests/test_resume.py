@@ -38,10 +38,20 @@ def weight_files(files: dict[str, bytes]) -> dict[str, bytes]:
 
 @pytest.fixture
 def run(tmp_path):
+    """A run and its reference output; afterwards, the checkpoints and the base model must be unchanged."""
     run_dir, base_dir, _ = make_run(tmp_path, [1, 2, 3, 4])
     reference = tmp_path / "reference"
     average(run_dir, reference, schedule=SCHEDULE, base_model=base_dir, **OPTIONS)
-    return run_dir, base_dir, model_files(reference)
+    inputs = [base_dir, *sorted(run_dir.glob("checkpoint-*"))]
+    before = tree_fingerprint(inputs)
+    yield run_dir, base_dir, model_files(reference)
+    after = tree_fingerprint(inputs)
+    touched = {path for path in before if before[path][0] != after.get(path, (None,))[0]}
+    assert not touched, f"input contents changed: {sorted(touched)}"
+
+
+def tree_fingerprint(folders: list[Path]) -> dict[str, tuple[bytes, int]]:
+    return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def interrupted(run_dir: Path, base_dir: Path, output: Path, monkeypatch, *, recorded: int, **changes) -> None:

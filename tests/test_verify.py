@@ -18,11 +18,14 @@ UP = "model.layers.0.mlp.up_proj.weight"
 
 @pytest.fixture
 def made(tmp_path):
-    """A run and a sharded output of it; returns (run_dir, base_dir, output)."""
+    """A run and a sharded output of it; returns (run_dir, base_dir, output). Verify must never write: the base
+    model, which no test damages, is unchanged afterwards."""
     run_dir, base_dir, _ = make_run(tmp_path, [2, 4, 6], extra={"position_ids": torch.arange(5)})
     output = tmp_path / "out"
     average(run_dir, output, schedule=BEMASchedule(update_freq=2), base_model=base_dir, max_shard_size="700B")
-    return run_dir, base_dir, output
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in base_dir.iterdir()}
+    yield run_dir, base_dir, output
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in base_dir.iterdir()} == before
 
 
 def shard_of(output: Path, name: str) -> Path:
