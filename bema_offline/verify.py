@@ -16,7 +16,6 @@ Every problem raises a `DataError` whose one line names the folder, file or tens
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import re

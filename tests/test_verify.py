@@ -61,8 +61,11 @@ def edit_record(output: Path, change) -> None:
         {"dtype": "bfloat16", "accum_dtype": "float64"},
         {"save": ("ema", "bema"), "steps": "every"},
         {"schedule": BEMASchedule(update_freq=2, update_after=2, ema_power=0.3)},
+        {"schedule": BEMASchedule(update_after=2, convention="paper", min_ema_multiplier=1e-4)},
+        {"schedule": [("a", BEMASchedule(update_freq=2)), ("b", BEMASchedule(update_freq=4, bias_power=0.0))]},
+        {"schedule": BEMASchedule(update_freq=1), "allow_missing": True},
     ],
-    ids=["default", "bf16-out-fp64-accum", "ema-bema-every-step", "theta0-checkpoint"],
+    ids=["default", "bf16-out-fp64-accum", "ema-bema-every-step", "theta0-checkpoint", "paper", "sweep", "allow-missing"],
 )
 def test_healthy_outputs_verify_and_recompute_bit_for_bit(tmp_path, options):
     run_dir, base_dir, _ = make_run(tmp_path, [2, 4, 6, 8], extra={"position_ids": torch.arange(5)}, frozen=(NORM,))
@@ -70,6 +73,7 @@ def test_healthy_outputs_verify_and_recompute_bit_for_bit(tmp_path, options):
     result = average(run_dir, tmp_path / "out", base_model=base_dir, max_shard_size="1KB", max_memory=4096, **options)
     reports = verify(tmp_path / "out", recompute=100, seed=0, max_memory=4096)
     assert sorted(r.folder for r in reports) == sorted(o.path for o in result.outputs)
+    assert len(reports) == len(result.outputs) > 0
     for report in reports:
         assert report.has_provenance and report.tensors == 6 and report.shards > 1
         assert len(report.recomputed) == 6
