@@ -5,6 +5,7 @@ checkpoint discovery → plan → streaming engine → writer → atomic publish
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,11 +18,14 @@ from .card import PROVENANCE_FILE, provenance, write_card
 from .checkpoints import BASE_STEP, resolve_base_model
 from .engine import Engine
 from .errors import DataError, UsageError
+from .faults import fault_point
 from .plan import Plan, make_plan
-from .publish import OutputLock, check_output, discard, fresh_staging, publish
-from .safetensors_io import OpenFiles, read_header
+from .publish import OutputLock, check_output, discard, interrupts_deferred, publish, staging_path
+from .resume import Staging, plan_fingerprint, prepare_staging
+from .safetensors_io import OpenFiles
 from .schedule import BEMASchedule
-from .writer import FolderSink, ModelFolderWriter, TensorSpec, copy_sidecar_files, parse_size
+from .verify import check_folder, output_files
+from .writer import FolderSink, ModelFolderWriter, TensorSpec, copy_sidecar_files, parse_size, shard_layout
 
 DEFAULT_MAX_MEMORY = "512MiB"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -45,6 +49,8 @@ class AverageResult:
     outputs: list[AveragedModel]
     written: bool
     removed_leftovers: bool = False
+    reused_shards: int = 0  # shards of an interrupted run reused by `resume`
+    resume_note: str | None = None  # why `resume` could not reuse anything
 
 
 def average(
@@ -65,6 +71,7 @@ def average(
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = False,
+    resume: bool = False,
 ) -> AverageResult:
     """Average a Trainer run's checkpoints with BEMA or EMA, streaming, and write Hugging Face model folders.
 
@@ -87,6 +94,8 @@ def average(
         overwrite (`bool`, defaults to False): replace an existing output folder.
         dry_run (`bool`, defaults to False): plan and validate only; write nothing.
         progress (`bool`, defaults to False): show progress bars.
+        resume (`bool`, defaults to False): reuse the shards that an interrupted run with the same plan finished
+            (inputs, parameters and tool version, checked by a hash); otherwise its leftovers are removed.
 
     Returns:
         `AverageResult`: the plan and the output folders.
@@ -135,53 +144,63 @@ def average(
         return AverageResult(plan, outputs, written=False)
 
     settings = {"accum_dtype": accum_dtype, "dtype": dtype, "max_memory": budget, "max_shard_size": shard_size}
-    with OutputLock(output):
-        staging, leftovers = fresh_staging(output)
+    with OutputLock(output) as lock:
+        fault_point("lock")
         try:
-            _write_outputs(plan, staging, settings, progress=progress)
+            staging = prepare_staging(output, plan_fingerprint(plan, settings), resume=resume)
+            fault_point("staging")
+            reused = _write_outputs(plan, staging.path, settings, progress=progress, journal=staging)
             check_output(output, overwrite=overwrite, run_dir=plan.run_dir, source_folders=source_folders)
-            publish(staging, output, overwrite=overwrite)
-        except BaseException:
-            discard(staging)
+            staging.remove_resume_files()
+            with interrupts_deferred():
+                publish(staging.path, output, overwrite=overwrite)
+                lock.release()
+        except BaseException as e:
+            discard(staging_path(output))
+            if isinstance(e, OSError) and not e.filename:  # a failed write() or fsync(): name where it went
+                raise DataError(f"--output {output}: cannot write ({e.strerror or e}); free some disk space or choose another --output") from e
             raise
-    return AverageResult(plan, outputs, written=True, removed_leftovers=leftovers)
+    return AverageResult(
+        plan, outputs, written=True, removed_leftovers=staging.removed_leftovers, reused_shards=reused, resume_note=staging.note
+    )
 
 
-def _write_outputs(plan: Plan, staging: Path, settings: dict, *, progress: bool) -> None:
+def _write_outputs(plan: Plan, staging: Path, settings: dict, *, progress: bool, journal: Staging) -> int:
+    """Write every output folder under `staging`; returns the number of shards reused from an interrupted run."""
     specs = [TensorSpec(info.name, plan.output_dtypes[info.name], info.shape) for info in plan.tensors]
     folders = [staging / spec.relpath if spec.relpath else staging for spec in plan.outputs]
+    layout = shard_layout(specs, settings["max_shard_size"])
+    keep = journal.reusable_shards([spec.relpath for spec in plan.outputs], layout)
+    kept_tensors = {spec.name for shard in layout if shard.name in keep for spec in shard.tensors}
+    todo = dataclasses.replace(plan, tensors=[info for info in plan.tensors if info.name not in kept_tensors])
     with OpenFiles(writable=True, max_open=256) as files:
         writers = [
-            ModelFolderWriter(folder, specs, max_shard_size=settings["max_shard_size"], files=files) for folder in folders
+            ModelFolderWriter(
+                folder, specs, max_shard_size=settings["max_shard_size"], files=files, keep_shards=keep, on_shard_done=journal.record_done
+            )
+            for folder in folders
         ]
-        with _progress_bars(plan, enabled=progress) as on_progress:
+        with _progress_bars(todo, enabled=progress) as on_progress:
             Engine(
-                plan,
+                todo,
                 FolderSink(writers),
                 accum_dtype=ACCUM_DTYPES[settings["accum_dtype"]],
                 max_memory=settings["max_memory"],
                 on_progress=on_progress,
             ).run()
+    expected = {spec.name: (spec.dtype, spec.shape) for spec in specs}
     for writer, folder, spec in zip(writers, folders, plan.outputs):
         writer.finish()
-        _check_written(writer, specs)
+        check_folder(folder, expected=expected)  # the light verify, before anything is published
         newest_first = [plan.sources[s].folder for s in sorted(plan.sources, reverse=True) if s <= spec.step]
         dtype = settings["dtype"]
         copy_sidecar_files(newest_first + [plan.run_dir], folder, dtype=dtype)
         record = provenance(plan, spec, settings=settings)
+        record["output_files"] = output_files(folder)
         (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         write_card(folder, record)
-
-
-def _check_written(writer: ModelFolderWriter, specs: list[TensorSpec]) -> None:
-    """A light verify before publishing: every shard's header reads back with the planned tensors."""
-    found = {}
-    for shard in writer.shard_names:
-        tensors, _ = read_header(writer.folder / shard)
-        found.update({name: (info.dtype, info.shape) for name, info in tensors.items()})
-    expected = {spec.name: (spec.dtype, spec.shape) for spec in specs}
-    if found != expected:
-        raise DataError(f"{writer.folder}: the written shards do not match the plan; nothing was published")
+        fault_point("sidecars")
+    return len(keep)
 
 
 class _progress_bars:

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoints import BASE_STEP
 from .errors import DataError
 from .plan import Plan
-from .safetensors_io import DTYPES, OpenFiles, writable_view
+from .safetensors_io import DTYPES, OpenFiles, all_finite, writable_view
 
 # Per-element transient memory while one slice is processed: the upcast input, θ_t − θ0, and the result.
 _TRANSIENT_ACCUM_COPIES = 3
@@ -181,14 +182,14 @@ class Engine:
                             out = ema[key] + alpha * (xa - theta0[tau, piece])
                         self._emit(output_index, piece, out)
         for (_, piece), state in ema.items():
-            if not bool(torch.isfinite(state).all()):
+            if not all_finite(state):
                 self.raise_non_finite(piece)
         self.on_progress(0, sum(1 for piece in group if self.last_slice[piece.name] == piece))
 
     def _emit(self, output_index: int, piece: Slice, tensor: torch.Tensor) -> None:
         """Cast to the output dtype, refuse non-finite values, and hand the slice to the sink."""
         out = tensor.to(self.output_dtypes[piece.name])
-        if out.dtype.is_floating_point and not bool(torch.isfinite(out).all()):
+        if out.dtype.is_floating_point and not all_finite(out):
             self.raise_non_finite(piece)
         self.sink.write(output_index, piece, out)
 
@@ -241,9 +242,10 @@ class Engine:
             info = self.plan.sources[step].tensors[piece.name]
             buffer = torch.empty(piece.numel * info.itemsize, dtype=torch.uint8)
             self.files.read_into(info.path, info.start + piece.start * info.itemsize, writable_view(buffer))
-            if not bool(torch.isfinite(buffer.view(info.torch_dtype)).all()):
+            if info.is_float and not all_finite(buffer.view(info.torch_dtype)):
+                at = "in the base model" if step == BASE_STEP else f"at step {step}"
                 raise DataError(
-                    f"tensor {piece.name!r} has NaN or Inf values at step {step} ({info.path}); "
+                    f"tensor {piece.name!r} has NaN or Inf values {at} ({info.path}); "
                     "the run diverged there: narrow the steps with --max-step, or drop that checkpoint"
                 )
         raise DataError(

@@ -61,6 +61,7 @@ def _kinds(ctx, param, value: str) -> list[str]:
 @option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), section="Output", help="Output dtype of float tensors. Default: the checkpoints'.")
 @option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, show_default=True, section="Output", help="Largest safetensors shard.")
 @option("--overwrite", is_flag=True, section="Output", help="Replace an existing output folder.")
+@option("--resume", is_flag=True, section="Output", help="Reuse the shards an interrupted run with the same plan finished (checked by a hash of inputs, parameters and version).")
 @option("--max-memory", default=DEFAULT_MAX_MEMORY, show_default=True, section="Performance", help="Working memory for tensor data; peak RSS stays near this plus the Python and torch baseline.")
 @option("--accum-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True, section="Performance", help="Accumulation dtype.")
 @push_to_hub_options
@@ -89,6 +90,7 @@ def average_command(
     dtype: str | None,
     max_shard_size: str,
     overwrite: bool,
+    resume: bool,
     max_memory: str,
     accum_dtype: str,
     dry_run: bool,
@@ -137,6 +139,7 @@ def average_command(
         overwrite=overwrite,
         dry_run=dry_run,
         progress=not quiet,
+        resume=resume,
     )
     if dry_run:
         click.echo(plan_report(result.plan, [str(o.path) for o in result.outputs]))
@@ -150,6 +153,10 @@ def average_command(
         return
     if result.removed_leftovers:
         click.echo(f"removed the leftovers of an interrupted run at {output}", err=True)
+    if result.resume_note:
+        click.echo(f"note: {result.resume_note}", err=True)
+    if result.reused_shards:
+        click.echo(f"resumed an interrupted run: reused {result.reused_shards} finished shards", err=True)
     for note in result.plan.notes:
         click.echo(f"note: {note}", err=True)
     missing = sorted({s for run in result.plan.schedules for s in run.missing_steps})
