@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from .api import AveragedModel, AverageResult, average  # noqa: E402
 from .errors import BemaError, DataError, UsageError  # noqa: E402
+from .hub import push_to_hub  # noqa: E402
 from .schedule import BEMASchedule, effective_weights  # noqa: E402
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "__version__",
     "average",
     "effective_weights",
+    "push_to_hub",
 ]

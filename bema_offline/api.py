@@ -8,23 +8,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .card import PROVENANCE_FILE, model_card, provenance
+from .card import PROVENANCE_FILE, provenance, write_card
 from .checkpoints import BASE_STEP, resolve_base_model
 from .distributed import Share, assign_shards, join, plan_digest
 from .engine import Engine, check_device
 from .errors import DataError, UsageError
+from .faults import fault_point
 from .plan import Plan, make_plan
-from .publish import OutputLock, check_output, discard, fresh_staging, publish, staging_path
-from .safetensors_io import OpenFiles, read_header
+from .publish import OutputLock, check_output, discard, interrupts_deferred, publish, staging_path
+from .resume import Staging, plan_fingerprint, prepare_staging
+from .safetensors_io import OpenFiles
 from .schedule import BEMASchedule
-from .writer import FolderSink, ModelFolderWriter, TensorSpec, copy_sidecar_files, parse_size, shard_names, shard_tensors
+from .verify import check_folder, output_files
+from .writer import FolderSink, ModelFolderWriter, ShardLayout, TensorSpec, copy_sidecar_files, parse_size, shard_layout
 
 DEFAULT_MAX_MEMORY = "512MiB"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -48,6 +51,8 @@ class AverageResult:
     outputs: list[AveragedModel]
     written: bool
     removed_leftovers: bool = False
+    reused_shards: int = 0  # shards of an interrupted run reused by `resume`
+    resume_note: str | None = None  # why `resume` could not reuse anything
 
 
 def average(
@@ -68,6 +73,7 @@ def average(
     overwrite: bool = False,
     dry_run: bool = False,
     progress: bool = False,
+    resume: bool = False,
     threads: int | None = None,
     device: str = "cpu",
     distributed: bool = False,
@@ -93,6 +99,8 @@ def average(
         overwrite (`bool`, defaults to False): replace an existing output folder.
         dry_run (`bool`, defaults to False): plan and validate only; write nothing.
         progress (`bool`, defaults to False): show progress bars.
+        resume (`bool`, defaults to False): reuse the shards that an interrupted run with the same plan finished
+            (inputs, parameters and tool version, checked by a hash); otherwise its leftovers are removed.
         threads (`int`, *optional*): worker threads; default one per core. The result does not depend on it.
         device (`str`, defaults to "cpu"): where the arithmetic runs: "cpu", "cuda" or "cuda:N" (the reads and
             writes stay on the CPU). In a distributed run, "cuda" means each rank's local GPU.
@@ -152,23 +160,33 @@ def average(
     settings = {"accum_dtype": accum_dtype, "dtype": dtype, "max_memory": budget, "max_shard_size": shard_size}
     share = join() if distributed else None
     if share is not None:  # one of several ranks (torchrun)
+        if resume:
+            share.close()
+            raise UsageError("--resume is not supported in a distributed run yet; rerun without it (the partial output is rebuilt)")
         try:
-            leftovers = _average_shared(
-                share, plan, output, settings, overwrite=overwrite, progress=progress, threads=threads, device=device
-            )
+            leftovers = _average_shared(share, plan, output, settings, overwrite=overwrite, progress=progress, threads=threads, device=device)
         finally:
             share.close()
         return AverageResult(plan, outputs, written=True, removed_leftovers=leftovers)
-    with OutputLock(output):
-        staging, leftovers = fresh_staging(output)
+    with OutputLock(output) as lock:
+        fault_point("lock")
         try:
-            _write_outputs(plan, staging, settings, progress=progress, threads=threads, device=device)
+            staging = prepare_staging(output, plan_fingerprint(plan, settings), resume=resume)
+            fault_point("staging")
+            reused = _write_outputs(plan, staging.path, settings, progress=progress, journal=staging, threads=threads, device=device)
             check_output(output, overwrite=overwrite, run_dir=plan.run_dir, source_folders=source_folders)
-            publish(staging, output, overwrite=overwrite)
-        except BaseException:
-            discard(staging)
+            staging.remove_resume_files()
+            with interrupts_deferred():
+                publish(staging.path, output, overwrite=overwrite)
+                lock.release()
+        except BaseException as e:
+            discard(staging_path(output))
+            if isinstance(e, OSError) and not e.filename:  # a failed write() or fsync(): name where it went
+                raise DataError(f"--output {output}: cannot write ({e.strerror or e}); free some disk space or choose another --output") from e
             raise
-    return AverageResult(plan, outputs, written=True, removed_leftovers=leftovers)
+    return AverageResult(
+        plan, outputs, written=True, removed_leftovers=staging.removed_leftovers, reused_shards=reused, resume_note=staging.note
+    )
 
 
 def _average_shared(
@@ -182,46 +200,73 @@ def _average_shared(
     threads: int | None,
     device: str,
 ) -> bool:
-    """One rank's part of a distributed run: rank 0 locks, stages and publishes; every rank writes its own shards."""
+    """One rank's part of a distributed run: rank 0 locks, stages and publishes; every rank writes its own shards.
+    Returns whether leftovers of an interrupted run were removed."""
     digests = share.sync("planning", value=plan_digest(plan))
     if len(set(digests)) > 1:
         rank = next(r for r, digest in enumerate(digests) if digest != digests[0])
         raise DataError(f"rank {rank} planned another run than rank 0: every node must see the same files at the same paths")
     source_folders = [source.folder for source in plan.sources.values()]
+    specs = _tensor_specs(plan)
+    layout = shard_layout(specs, settings["max_shard_size"])
+    owned = assign_shards({shard.name: shard.file_size for shard in layout}, share.world_size)
+    if share.is_main and len(layout) < share.world_size:
+        plan.notes.append(
+            f"{len(layout)} output shards for {share.world_size} ranks: {share.world_size - len(layout)} ranks had no work; "
+            "a smaller --max-shard-size spreads the work (ranks own whole shards)"
+        )
+    if device == "cuda":
+        device = f"cuda:{share.local_rank}"
     with contextlib.ExitStack() as stack:
 
-        def prepare() -> bool:
-            stack.enter_context(OutputLock(output))
-            return fresh_staging(output)[1]
+        def prepare() -> tuple[OutputLock, Staging]:
+            lock = stack.enter_context(OutputLock(output))
+            return lock, prepare_staging(output, plan_fingerprint(plan, settings), resume=False)
 
-        leftovers = share.run("preparing the output", prepare, main_only=True)
-        staging = staging_path(output)
+        prepared = share.run("preparing the output", prepare, main_only=True)
         try:
             writers = share.run(
                 "writing its shards",
                 lambda: _write_shards(
-                    plan, staging, settings, progress=progress and share.is_main, threads=threads, device=device, share=share
+                    plan, staging_path(output), settings, layout=layout, mine=owned[share.rank], index=share.is_main,
+                    progress=progress and share.is_main, threads=threads, device=device,
                 ),
             )
 
-            def finish() -> None:
+            def finish() -> bool:
+                lock, staging = prepared
                 _finish_folders(plan, settings, writers)
                 check_output(output, overwrite=overwrite, run_dir=plan.run_dir, source_folders=source_folders)
-                publish(staging, output, overwrite=overwrite)
+                staging.remove_resume_files()
+                with interrupts_deferred():
+                    publish(staging.path, output, overwrite=overwrite)
+                    lock.release()
+                return staging.removed_leftovers
 
-            share.run("publishing", finish, main_only=True)
+            leftovers = share.run("publishing", finish, main_only=True)
         except BaseException:
             if share.is_main:
-                discard(staging)
+                discard(staging_path(output))
             raise
     return bool(leftovers)
 
 
+def _tensor_specs(plan: Plan) -> list[TensorSpec]:
+    return [TensorSpec(info.name, plan.output_dtypes[info.name], info.shape) for info in plan.tensors]
+
+
 def _write_outputs(
-    plan: Plan, staging: Path, settings: dict, *, progress: bool, threads: int | None = None, device: str = "cpu"
-) -> None:
-    writers = _write_shards(plan, staging, settings, progress=progress, threads=threads, device=device)
+    plan: Plan, staging: Path, settings: dict, *, progress: bool, journal: Staging, threads: int | None = None, device: str = "cpu"
+) -> int:
+    """Write every output folder under `staging`; returns the number of shards reused from an interrupted run."""
+    layout = shard_layout(_tensor_specs(plan), settings["max_shard_size"])
+    keep = journal.reusable_shards([spec.relpath for spec in plan.outputs], layout)
+    writers = _write_shards(
+        plan, staging, settings, layout=layout, keep=keep, on_shard_done=journal.record_done, progress=progress,
+        threads=threads, device=device,
+    )
     _finish_folders(plan, settings, writers)
+    return len(keep)
 
 
 def _write_shards(
@@ -229,32 +274,29 @@ def _write_shards(
     staging: Path,
     settings: dict,
     *,
+    layout: list[ShardLayout],
+    keep: Collection[str] = (),
+    mine: Collection[str] | None = None,
+    on_shard_done: Callable[[Path], None] | None = None,
+    index: bool = True,
     progress: bool,
     threads: int | None,
-    device: str = "cpu",
-    share: Share | None = None,
+    device: str,
 ) -> list[ModelFolderWriter]:
-    """Compute and write the shards of every output folder (a rank's own shards when `share` is given)."""
-    specs = [TensorSpec(info.name, plan.output_dtypes[info.name], info.shape) for info in plan.tensors]
+    """Compute and flush the shards of every output folder: all but `keep` (finished by an interrupted run), or
+    only `mine` (a rank's share of a distributed run)."""
+    specs = _tensor_specs(plan)
     folders = [staging / spec.relpath if spec.relpath else staging for spec in plan.outputs]
-    shards, todo = None, plan
-    if share is not None and device == "cuda":
-        device = f"cuda:{share.local_rank}"
-    if share is not None:
-        layout = shard_tensors(specs, settings["max_shard_size"])
-        names = shard_names(len(layout))
-        sizes = {name: sum(spec.nbytes for spec in shard) for name, shard in zip(names, layout)}
-        shards = assign_shards(sizes, share.world_size)[share.rank]
-        mine = {spec.name for name, shard in zip(names, layout) if name in shards for spec in shard}
-        todo = dataclasses.replace(plan, tensors=[info for info in plan.tensors if info.name in mine])
-        if share.is_main and len(layout) < share.world_size:
-            plan.notes.append(
-                f"{len(layout)} output shards for {share.world_size} ranks: {share.world_size - len(layout)} ranks had no work; "
-                "a smaller --max-shard-size spreads the work (ranks own whole shards)"
-            )
+    todo_shards = [shard for shard in layout if shard.name not in keep and (mine is None or shard.name in mine)]
+    todo_tensors = {spec.name for shard in todo_shards for spec in shard.tensors}
+    todo = dataclasses.replace(plan, tensors=[info for info in plan.tensors if info.name in todo_tensors])
     with OpenFiles(writable=True, max_open=256) as files:
         writers = [
-            ModelFolderWriter(folder, specs, max_shard_size=settings["max_shard_size"], files=files, shards=shards) for folder in folders
+            ModelFolderWriter(
+                folder, specs, max_shard_size=settings["max_shard_size"], files=files, keep_shards=keep,
+                on_shard_done=on_shard_done, shards=mine,
+            )
+            for folder in folders
         ]
         with _progress_bars(todo, enabled=progress) as on_progress:
             Engine(
@@ -266,34 +308,25 @@ def _write_shards(
                 device=device,
                 on_progress=on_progress,
             ).run()
-    for writer in writers:
-        writer.finish(index=share is None or share.is_main)
+        for writer in writers:
+            writer.finish(index=index)
     return writers
 
 
 def _finish_folders(plan: Plan, settings: dict, writers: list[ModelFolderWriter]) -> None:
     """Check every output folder's shards, then add the sidecar files, the provenance and the model card."""
-    specs = [TensorSpec(info.name, plan.output_dtypes[info.name], info.shape) for info in plan.tensors]
+    expected = {spec.name: (spec.dtype, spec.shape) for spec in _tensor_specs(plan)}
     for writer, spec in zip(writers, plan.outputs):
         folder = writer.folder
-        _check_written(writer, specs)
+        check_folder(folder, expected=expected)  # the light verify, before anything is published
         newest_first = [plan.sources[s].folder for s in sorted(plan.sources, reverse=True) if s <= spec.step]
         dtype = settings["dtype"]
         copy_sidecar_files(newest_first + [plan.run_dir], folder, dtype=dtype)
         record = provenance(plan, spec, settings=settings)
+        record["output_files"] = output_files(folder)
         (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        model_card(plan, spec).save(folder / "README.md")
-
-
-def _check_written(writer: ModelFolderWriter, specs: list[TensorSpec]) -> None:
-    """A light verify before publishing: every shard's header reads back with the planned tensors."""
-    found = {}
-    for shard in writer.shard_names:
-        tensors, _ = read_header(writer.folder / shard)
-        found.update({name: (info.dtype, info.shape) for name, info in tensors.items()})
-    expected = {spec.name: (spec.dtype, spec.shape) for spec in specs}
-    if found != expected:
-        raise DataError(f"{writer.folder}: the written shards do not match the plan; nothing was published")
+        write_card(folder, record)
+        fault_point("sidecars")
 
 
 class _progress_bars:

@@ -1,10 +1,13 @@
-"""What an output folder says about itself: the provenance JSON and the model card."""
+"""What an output folder says about itself: the provenance JSON and the model card.
+
+The card is rendered from the provenance record alone, so that `bema-offline push` can render it again for the
+repo it pushes to (the load snippet names the repo) without the checkpoints at hand.
+"""
 
 from __future__ import annotations
 
 import datetime
 import os
-import re
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -12,9 +15,12 @@ from huggingface_hub import ModelCard, ModelCardData
 from . import __version__
 from .checkpoints import BASE_STEP
 from .plan import OutputSpec, Plan
+from .runinfo import detect_training, is_hub_id
 
 PROVENANCE_FILE = "bema_offline.json"
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+CARD_FILE = "README.md"
+CHART_FILE = "effective_weights.png"
+BEMA_PAPER = "https://arxiv.org/abs/2508.00180"
 
 
 def source_name(step: int) -> str:
@@ -22,8 +28,12 @@ def source_name(step: int) -> str:
 
 
 def provenance(plan: Plan, output: OutputSpec, *, settings: dict) -> dict:
-    """The record of how one output was made: tool, parameters, steps, weights, and the inputs' files."""
+    """The record of how one output was made: tool, parameters, steps, weights, the inputs' files and what the
+    run says about its training (method, base model)."""
     run = plan.schedules[output.schedule_index]
+    newest_first = [plan.sources[s].folder for s in sorted(plan.sources, reverse=True) if s != BASE_STEP]
+    training = detect_training(plan.run_dir, newest_first)
+    base_model_id = plan.base_model if is_hub_id(plan.base_model) else training.base_model_id
     return {
         "tool": "bema-offline",
         "version": __version__,
@@ -35,6 +45,8 @@ def provenance(plan: Plan, output: OutputSpec, *, settings: dict) -> dict:
         "settings": settings,
         "run_dir": str(plan.run_dir.resolve()),
         "base_model": plan.base_model,
+        "base_model_id": base_model_id,
+        "training": training.to_dict(),
         "steps": {
             "found": plan.found_steps,
             "update_steps_used": [s for s in run.update_steps if s <= output.step],
@@ -73,53 +85,142 @@ def weights_bar_chart(weights: dict[int, float], *, width: int = 40) -> str:
     return "\n".join(lines)
 
 
-def model_card(plan: Plan, output: OutputSpec, *, title: str | None = None, chart_file: str | None = None) -> ModelCard:
-    """A Hub model card for one output, with metadata, the parameter table, the steps and the weights."""
-    run = plan.schedules[output.schedule_index]
-    base = plan.base_model
-    base_id = base if base and _REPO_ID.fullmatch(base) and not Path(base).exists() else None
-    tags = ["bema", "bema-offline"]
-    data = ModelCardData(base_model=base_id, library_name="transformers", tags=tags)
-    what = "Bias-Corrected EMA (BEMA)" if output.kind == "bema" else "exponential moving average (EMA)"
-    params = "\n".join(f"| `{name}` | {value} |" for name, value in run.schedule.to_dict().items())
-    weights = "\n".join(
-        f"| {source_name(step)} | {weight:+.6f} |" for step, weight in sorted(output.weights.items())
+def weights_png(weights: dict[int, float], path: Path, *, title: str) -> bool:
+    """Draw the effective weights as a bar chart PNG at `path`.
+
+    Returns:
+        `bool`: False, writing nothing, when matplotlib is not installed (it is in the `plot` extra).
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    steps = sorted(weights)
+    values = [weights[s] for s in steps]
+    width = min(12.0, max(4.0, 0.3 * len(steps) + 1.5))  # inches
+    figure = Figure(figsize=(width, 3.2), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.bar(range(len(steps)), values, color=["#3b75af" if v >= 0 else "#c44e52" for v in values])
+    axes.axhline(0.0, color="black", linewidth=0.8)
+    every = -(-len(steps) // 30)  # at most 30 tick labels
+    ticks = list(range(0, len(steps), every))
+    axes.set_xticks(ticks, [source_name(steps[i]).replace("checkpoint-", "") for i in ticks], rotation=45)
+    axes.set_xlabel("source (base, then checkpoint step)")
+    axes.set_ylabel("effective weight")
+    axes.set_title(title, fontsize=10)
+    # fixed margins in inches (tight_layout doubles the cost)
+    figure.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.3, top=0.88)
+    figure.savefig(path, format="png")
+    return True
+
+
+def write_card(folder: Path, record: dict, *, repo_id: str | None = None, revision: str | None = None) -> Path:
+    """Write `README.md` (and the weights chart PNG when matplotlib is installed) into an output folder.
+
+    Args:
+        folder (`Path`): the output folder.
+        record (`dict`): its provenance record (`bema_offline.json`).
+        repo_id (`str`, *optional*): the Hub repo the folder is pushed to; the load snippet uses it.
+        revision (`str`, *optional*): the branch it is pushed to, when not the main one.
+
+    Returns:
+        `Path`: the card's path.
+    """
+    weights = {entry["step"]: entry["weight"] for entry in record["effective_weights"]}
+    chart = folder / CHART_FILE
+    drawn = weights_png(weights, chart, title=f"{_what(record)} at step {record['step']}: effective weights")
+    if not drawn and chart.exists():
+        chart.unlink()  # a stale chart from an earlier render would contradict the card
+    card = model_card(record, repo_id=repo_id, revision=revision, chart_file=CHART_FILE if drawn else None)
+    card.save(folder / CARD_FILE)
+    return folder / CARD_FILE
+
+
+def card_metadata(record: dict) -> ModelCardData:
+    """The card's YAML metadata: base model (a Hub id), library and tags."""
+    tags = ["bema", "bema-offline", *record.get("training", {}).get("tags", [])]
+    return ModelCardData(
+        base_model=record.get("base_model_id"), library_name="transformers", tags=list(dict.fromkeys(tags))
     )
-    skipped = ", ".join(str(s) for s in run.missing_steps) or "none"
-    ignored = ", ".join(str(s) for s in plan.ignored_steps) or "none"
-    chart = f"\n![effective weights]({chart_file})\n" if chart_file else ""
+
+
+def model_card(
+    record: dict, *, repo_id: str | None = None, revision: str | None = None, chart_file: str | None = None
+) -> ModelCard:
+    """A Hub model card for one output, from its provenance record.
+
+    Args:
+        record (`dict`): the output's provenance record.
+        repo_id (`str`, *optional*): where it is pushed; the load snippet uses it, else a placeholder path.
+        revision (`str`, *optional*): the branch it is pushed to.
+        chart_file (`str`, *optional*): the chart PNG beside the card; without it the card explains why and shows
+            the text chart only.
+    """
+    steps = record["steps"]
+    schedule = record["schedule"]
+    weights = {entry["step"]: entry["weight"] for entry in record["effective_weights"]}
+    run_name = Path(record["run_dir"]).name
+    what = _what(record)
+    training = record.get("training") or {}
+    method = training.get("method")
+    skipped = [s for s in steps["update_steps_missing_skipped"] if s <= record["step"]]
+    settings = record.get("settings") or {}
+    parameters = [
+        ("output", f"{record['kind']} at step {record['step']}"),
+        ("θ0", f"{source_name(steps['theta0'])}" + (f" (`{record['base_model']}`)" if steps["theta0"] == BASE_STEP else "")),
+        *((name, f"`{value}`") for name, value in schedule.items()),
+        ("accumulation dtype", f"`{settings.get('accum_dtype', 'float32')}`"),
+        ("output dtype", f"`{settings.get('dtype') or 'as the checkpoints'}`"),
+    ]
+    if record.get("config"):
+        parameters.insert(0, ("config", f"`{record['config']}`"))
+    if chart_file:
+        chart = f"![effective weight of each checkpoint]({chart_file})"
+    else:
+        chart = (
+            "The chart below is text because matplotlib was not installed when this card was written "
+            "(`pip install 'bema-offline[plot]'` draws it as a PNG)."
+        )
+    model = repo_id or "path/to/this/folder"
+    revision_arg = f', revision="{revision}"' if revision else ""
     body = f"""
-# {title or f"{what} of {plan.run_dir.name}, step {output.step}"}
+# {what} of `{run_name}` at step {record["step"]}
 
-This model is the {what} of a training run's checkpoints at step {output.step}, computed offline by
-[bema-offline](https://pypi.org/project/bema-offline/) {__version__} (BEMA: Block & Zhang, arXiv 2508.00180).
-It replays TRL's `BEMACallback` schedule from the saved checkpoints.
+This model is the {_long_name(record)} of a training run's checkpoints at step {record["step"]}, computed offline by
+[bema-offline](https://pypi.org/project/bema-offline/) {record.get("version", __version__)}, which replays TRL's
+`BEMACallback` schedule from the saved checkpoints ([BEMA: Block & Zhang, arXiv 2508.00180]({BEMA_PAPER})).
 
-- Run: `{plan.run_dir.name}`; base model (θ0 at step 0): `{base or "none (θ0 is a checkpoint)"}`
-- θ0: {source_name(run.schedule.theta0_step)}
+- Training run: `{run_name}`{f" ({method.upper()}, read from {training.get('evidence')})" if method else ""}
+- Base model (the weights before training): `{record.get("base_model") or "not given"}`
 
-## Schedule
+## Parameters
 
 | parameter | value |
 |---|---|
-{params}
+{_rows(parameters)}
 
 ## Steps
 
-- Update steps used: {", ".join(str(s) for s in run.update_steps if s <= output.step)}
-- Update steps skipped (no checkpoint): {skipped}
-- Checkpoints not on an update step (ignored): {ignored}
+- Checkpoints found: {_steps(steps["found"])}
+- Update steps used: {_steps(steps["update_steps_used"])}
+- Update steps skipped (no checkpoint): {_steps(skipped)}
+- Checkpoints not on an update step (not used): {_steps(steps["ignored"])}
 
 ## Effective weight of each checkpoint
 
-The output is an affine combination of θ0 and the checkpoints; the weights sum to 1.
+The output is an affine combination of θ0 and the checkpoints; the weights sum to 1
+(here {sum(weights.values()):.6f}).
 
-| source | weight |
-|---|---|
-{weights}
+| source | step | weight |
+|---|---|---|
+{_rows([(source_name(s), str(s), f"{w:+.6f}") for s, w in sorted(weights.items())])}
+
 {chart}
+
 ```
-{weights_bar_chart(output.weights)}
+{weights_bar_chart(weights)}
 ```
 
 ## Use
@@ -127,10 +228,31 @@ The output is an affine combination of θ0 and the checkpoints; the weights sum 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO_ID")
-tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO_ID")
-inputs = tokenizer("Hello", return_tensors="pt")
-print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
+model = AutoModelForCausalLM.from_pretrained("{model}"{revision_arg})
+tokenizer = AutoTokenizer.from_pretrained("{model}"{revision_arg})
+inputs = tokenizer("The capital of France is", return_tensors="pt")
+outputs = model.generate(**inputs, max_new_tokens=32)
+print(tokenizer.decode(outputs[0], skip_special_tokens=True))
 ```
+
+## Provenance
+
+`{PROVENANCE_FILE}` records the schedule, the settings, the steps and the input files (names, sizes, times).
 """
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    return ModelCard(f"---\n{card_metadata(record).to_yaml()}\n---\n{body}")
+
+
+def _what(record: dict) -> str:
+    return "BEMA" if record["kind"] == "bema" else "EMA"
+
+
+def _long_name(record: dict) -> str:
+    return "Bias-Corrected EMA (BEMA)" if record["kind"] == "bema" else "exponential moving average (EMA)"
+
+
+def _rows(rows) -> str:
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in rows)
+
+
+def _steps(steps: list[int]) -> str:
+    return ", ".join(str(s) for s in steps) or "none"

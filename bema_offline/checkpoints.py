@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError, UsageError
-from .safetensors_io import TensorInfo, read_header
+from .safetensors_io import TensorInfo, parse_json, read_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 BASE_STEP = 0
-_CHECKPOINT_NAME = re.compile(r"checkpoint-(.*)")
+_CHECKPOINT_NAME = re.compile(r"checkpoint-(.*)", re.DOTALL)
+_STEP_NUMBER = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,20 @@ def find_checkpoints(run_dir: str | Path, *, min_step: int | None = None, max_st
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
+        if run_dir.is_symlink():
+            raise DataError(f"{run_dir}: a broken link or a link loop, not a folder; pass the output_dir of a Trainer run")
         raise DataError(f"{run_dir}: no such folder; pass the output_dir of a Trainer run")
+    try:
+        entries = sorted(os.listdir(run_dir))
+    except OSError as e:
+        raise DataError(f"{run_dir}: cannot list the folder ({e.strerror or e})") from e
     found: dict[int, Path] = {}
-    for entry in sorted(os.listdir(run_dir)):
+    for entry in entries:
         match = _CHECKPOINT_NAME.fullmatch(entry)
         if not match:
             continue
         path = run_dir / entry
-        if not match.group(1).isdigit():
+        if not _STEP_NUMBER.fullmatch(match.group(1)):
             raise DataError(f"{path}: checkpoint folder name without a step number; rename it checkpoint-<step> or move it away")
         if not path.is_dir():
             raise DataError(f"{path}: not a folder (a broken link or a link loop?); fix or remove it")
@@ -82,35 +89,55 @@ def load_source(folder: Path, step: int) -> WeightSource:
         `DataError`: no safetensors weights, a missing shard, or a corrupt header.
     """
     index_path = folder / INDEX_FILE
-    if index_path.is_file():
-        return WeightSource(step, folder, _read_sharded(index_path))
     single = folder / SINGLE_FILE
-    if single.is_file():
+    for path in (index_path, single):
+        if path.is_symlink() and not path.exists():
+            raise DataError(f"{path}: a broken link or a link loop; fix or remove it")
+        if path.exists() and not path.is_file():
+            raise DataError(f"{path}: not a regular file; replace it with the saved weights")
+    if index_path.is_file():
+        tensors = _read_sharded(index_path)
+    elif single.is_file():
         tensors, _ = read_header(single)
-        return WeightSource(step, folder, tensors)
-    names = os.listdir(folder) if folder.is_dir() else []
+    else:
+        raise _no_weights_error(folder)
+    if not tensors:
+        where = index_path if index_path.is_file() else single
+        raise DataError(f"{where}: holds no tensors; the checkpoint is empty or was not saved completely")
+    return WeightSource(step, folder, tensors)
+
+
+def _no_weights_error(folder: Path) -> DataError:
+    """Say why a folder has no weights this tool can read."""
+    try:
+        names = os.listdir(folder) if folder.is_dir() else []
+    except OSError as e:
+        return DataError(f"{folder}: cannot list the folder ({e.strerror or e})")
     if any(n.endswith(".bin") for n in names):
-        raise DataError(
+        return DataError(
             f"{folder}: only PyTorch .bin weights; bema-average streams safetensors: re-save with "
             "save_safetensors=True (or model.save_pretrained(..., safe_serialization=True))"
         )
     if "adapter_model.safetensors" in names:
-        raise DataError(f"{folder}: a PEFT adapter checkpoint; merge the adapters into full weights first")
-    raise DataError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; is this a model folder?")
+        return DataError(f"{folder}: a PEFT adapter checkpoint; merge the adapters into full weights first")
+    return DataError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; is this a model folder?")
 
 
 def _read_sharded(index_path: Path) -> dict[str, TensorInfo]:
     try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError("weight_map is not a mapping of names to files")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{index_path}: malformed index ({e}); re-save the checkpoint") from e
+        raw = index_path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{index_path}: cannot read ({e.strerror or e})") from e
+    index = parse_json(raw, what=f"{index_path}: malformed index", hint="re-save the checkpoint")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise DataError(f"{index_path}: malformed index (no weight_map of tensor names to files); re-save the checkpoint")
     headers: dict[str, dict[str, TensorInfo]] = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = index_path.parent / shard
-        if Path(shard).name != shard or not shard_path.is_file():
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise DataError(f"{index_path}: names shard {shard!r}, which is not a file name in its folder; the index is corrupt")
+        if not _is_file(shard_path):
             raise DataError(f"{index_path}: names shard {shard!r}, which is missing; the checkpoint is incomplete")
         headers[shard], _ = read_header(shard_path)
     tensors: dict[str, TensorInfo] = {}
@@ -123,6 +150,14 @@ def _read_sharded(index_path: Path) -> dict[str, TensorInfo]:
             if name not in weight_map:
                 raise DataError(f"{index_path.parent / shard}: tensor {name!r} is not in the index {index_path.name}")
     return dict(sorted(tensors.items(), key=lambda item: (str(item[1].path), item[1].start)))
+
+
+def _is_file(path: Path) -> bool:
+    """`path.is_file()`, False also for names the system refuses (too long, NUL bytes, unencodable)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_base_model(base_model: str | Path) -> Path:

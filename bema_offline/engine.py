@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import BASE_STEP, WeightSource
 from .errors import DataError, UsageError
-from .checkpoints import WeightSource
 from .plan import Plan
 from .safetensors_io import DTYPES, OpenFiles, writable_view
 
@@ -517,9 +517,10 @@ class Engine:
             info = self.plan.sources[step].tensors[piece.name]
             buffer = torch.empty(piece.numel * info.itemsize, dtype=torch.uint8)
             files.read_into(info.path, info.start + piece.start * info.itemsize, writable_view(buffer))
-            if not bool(torch.isfinite(buffer.view(info.torch_dtype)).all()):
+            if info.is_float and not _all_finite(buffer.view(info.torch_dtype)):
+                at = "in the base model" if step == BASE_STEP else f"at step {step}"
                 raise DataError(
-                    f"tensor {piece.name!r} has NaN or Inf values at step {step} ({info.path}); "
+                    f"tensor {piece.name!r} has NaN or Inf values {at} ({info.path}); "
                     "the run diverged there: narrow the steps with --max-step, or drop that checkpoint"
                 )
         raise DataError(

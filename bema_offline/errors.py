@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """`text` with line breaks and other unprintable characters escaped (`\\n`), as a file name may hold them."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
+
+
 class BemaError(Exception):
-    """Base class. `exit_code` is what the command line exits with."""
+    """Base class. `exit_code` is what the command line exits with. The message is always one line."""
 
     exit_code = 1
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(one_line(str(message)))
 
 
 class UsageError(BemaError):

@@ -189,9 +189,10 @@ def _check_sources(reference: WeightSource, sources: dict[int, WeightSource]) ->
         for name, ref in reference.tensors.items():
             info = source.tensors[name]
             if info.shape != ref.shape:
+                hint = "; set --update-after to a saved step so that θ0 is a checkpoint" if step == BASE_STEP else ""
                 raise DataError(
                     f"tensor {name!r} has shape {list(info.shape)} in {source.label} but {list(ref.shape)} "
-                    f"in step {reference.step}; a resized model cannot be averaged"
+                    f"in step {reference.step}; a resized model cannot be averaged{hint}"
                 )
             if info.dtype != ref.dtype:
                 if step == BASE_STEP and info.is_float and ref.is_float:

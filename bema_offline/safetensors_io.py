@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
+from .faults import fault_point
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -95,15 +96,13 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raw = f.read(header_len)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: malformed safetensors header ({e}); the file is corrupt") from e
+    header = parse_json(raw, what=f"{path}: malformed safetensors header", hint="the file is corrupt")
     if not isinstance(header, dict):
         raise DataError(f"{path}: malformed safetensors header (not a JSON object); the file is corrupt")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
-        raise DataError(f"{path}: malformed safetensors __metadata__ (not a JSON object)")
+        raise DataError(f"{path}: malformed safetensors __metadata__ (not a JSON object); the file is corrupt")
     data_start = 8 + header_len
     tensors = [_tensor_info(path, name, entry, data_start) for name, entry in header.items()]
     tensors.sort(key=lambda t: (t.start, t.nbytes))
@@ -125,7 +124,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
     if not isinstance(entry, dict):
         raise DataError(f"{where}: malformed header entry; the file is corrupt")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise DataError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise DataError(f"{where}: malformed shape {shape!r}; the file is corrupt")
@@ -143,6 +142,26 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
             f"{where}: shape {shape} of {dtype} needs {expected} bytes but data_offsets span {nbytes}; the file is corrupt"
         )
     return TensorInfo(name=name, path=path, dtype=dtype, shape=tuple(shape), start=data_start + offsets[0], nbytes=nbytes)
+
+
+def parse_json(raw: bytes | str, *, what: str, hint: str) -> object:
+    """`json.loads`, with every way it can fail on hostile bytes turned into one `DataError` line.
+
+    Besides malformed JSON, that covers invalid UTF-8, nesting deep enough to exhaust the recursion limit, and
+    integers too long for Python to convert.
+    """
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
+        raise DataError(f"{what} ({reason}); {hint}") from e
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a float tensor holds no NaN or Inf (float8 tensors, which `isfinite` lacks, are upcast)."""
+    if tensor.dtype.itemsize == 1:
+        tensor = tensor.float()
+    return bool(torch.isfinite(tensor).all())
 
 
 def writable_view(buffer: torch.Tensor) -> memoryview:
@@ -190,6 +209,7 @@ class OpenFiles:
         done = 0
         while done < len(view):
             try:
+                fault_point("read")
                 n = os.preadv(fd, [view[done:]], offset + done)
             except OSError as e:
                 raise DataError(f"{path}: read error at byte {offset + done} ({e.strerror or e})") from e
@@ -203,6 +223,7 @@ class OpenFiles:
         done = 0
         while done < len(view):
             try:
+                fault_point("write")
                 done += os.pwrite(fd, view[done:], offset + done)
             except OSError as e:
                 raise DataError(f"{path}: write failed ({e.strerror or e}); free some disk space or choose another --output") from e

@@ -12,7 +12,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,8 @@ import torch
 
 from .engine import Sink, Slice
 from .errors import DataError, UsageError
-from .safetensors_io import DTYPES, OpenFiles, writable_view
+from .faults import fault_point
+from .safetensors_io import DTYPES, OpenFiles, parse_json, writable_view
 
 INDEX_FILE = "model.safetensors.index.json"
 WRITEBACK_BYTES = 64 * 2**20
@@ -90,11 +91,6 @@ def shard_tensors(tensors: Sequence[TensorSpec], max_shard_size: int) -> list[li
     return shards
 
 
-def shard_names(count: int) -> list[str]:
-    """File names of a folder's shards, as `save_pretrained` names them."""
-    return ["model.safetensors"] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
 def _shard_header(specs: Sequence[TensorSpec]) -> bytes:
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -106,11 +102,35 @@ def _shard_header(specs: Sequence[TensorSpec]) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """One output shard: its file name, its tensors in order, and its header bytes."""
+
+    name: str
+    tensors: list[TensorSpec]
+    header: bytes
+
+    @property
+    def file_size(self) -> int:
+        return len(self.header) + sum(spec.nbytes for spec in self.tensors)
+
+
+def shard_layout(tensors: Sequence[TensorSpec], max_shard_size: int) -> list[ShardLayout]:
+    """The shards a folder of these tensors is written as, named as `save_pretrained` names them."""
+    shards = shard_tensors(tensors, max_shard_size)
+    count = len(shards)
+    names = ["model.safetensors"] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    return [ShardLayout(name, specs, _shard_header(specs)) for name, specs in zip(names, shards)]
+
+
 class ModelFolderWriter:
     """Creates a folder's safetensors shards at their final size; `write` fills them slice by slice.
 
-    With `shards`, only the shards so named are created and written (a rank's share of a distributed run); the
-    index still covers them all.
+    The writer counts the bytes written to each shard. When a shard is full it is flushed to disk and
+    `on_shard_done(path)` is called (the run records it, so that `--resume` can reuse it). Shards named in
+    `keep_shards` are already complete from an interrupted run: they are left as they are and not written. With
+    `shards`, only the shards so named are created and written (a rank's share of a distributed run); the index
+    still covers them all.
     """
 
     def __init__(
@@ -120,47 +140,76 @@ class ModelFolderWriter:
         *,
         max_shard_size: int,
         files: OpenFiles,
+        keep_shards: Collection[str] = (),
+        on_shard_done: Callable[[Path], None] | None = None,
         shards: Collection[str] | None = None,
     ) -> None:
         self.folder = folder
         self.files = files
+        self.on_shard_done = on_shard_done
         self.unflushed = 0  # bytes written since the last start_writeback
-        layout = shard_tensors(tensors, max_shard_size)
-        self.shard_names = shard_names(len(layout))
-        self.owned = [name for name in self.shard_names if shards is None or name in shards]
+        layout = shard_layout(tensors, max_shard_size)
+        self.shard_names = [shard.name for shard in layout]
+        skip = set(keep_shards) | (set() if shards is None else set(self.shard_names) - set(shards))
         self.placements: dict[str, _Placement] = {}
         self.weight_map: dict[str, str] = {}
         self.total_size = sum(spec.nbytes for spec in tensors)
+        self.unwritten: dict[Path, int] = {}  # bytes still to write, per shard being written
         folder.mkdir(parents=True, exist_ok=True)
-        for shard_name, specs in zip(self.shard_names, layout):
-            path = folder / shard_name
-            header = _shard_header(specs)
-            if shard_name in self.owned:
-                with open(path, "wb") as f:
-                    f.write(header)
-                    f.truncate(len(header) + sum(spec.nbytes for spec in specs))
-            offset = len(header)
-            for spec in specs:
+        for shard in layout:
+            path = folder / shard.name
+            if shard.name not in skip:
+                try:
+                    with open(path, "wb") as f:
+                        f.write(shard.header)
+                        f.truncate(shard.file_size)
+                except OSError as e:
+                    raise DataError(f"{path}: cannot create the shard ({e.strerror or e}); free some disk space or choose another --output") from e
+                fault_point("shard-created")
+                self.unwritten[path] = shard.file_size - len(shard.header)
+            offset = len(shard.header)
+            for spec in shard.tensors:
                 self.placements[spec.name] = _Placement(path, offset, DTYPES[spec.dtype].itemsize)
-                self.weight_map[spec.name] = shard_name
+                self.weight_map[spec.name] = shard.name
                 offset += spec.nbytes
+        for path, size in list(self.unwritten.items()):
+            if size == 0:  # a shard of empty tensors is complete as created
+                self._shard_done(path)
 
     def write(self, name: str, start: int, tensor: torch.Tensor) -> None:
         place = self.placements[name]
         tensor = tensor.contiguous()
+        if tensor.nbytes == 0:
+            return
+        if place.path not in self.unwritten:
+            raise DataError(f"{place.path}: tensor {name!r} written to a shard that is already complete; report this bug")
         self.files.write_at(place.path, place.data_start + start * place.itemsize, writable_view(tensor))
-        self.unflushed += tensor.nbytes
-        if self.unflushed >= WRITEBACK_BYTES:  # keep the disk busy during the run, not only at the final fsync
-            self.files.start_writeback(place.path)
-            self.unflushed = 0
+        self.unwritten[place.path] -= tensor.nbytes
+        if self.unwritten[place.path] == 0:
+            self._shard_done(place.path)
+        else:
+            self.unflushed += tensor.nbytes
+            if self.unflushed >= WRITEBACK_BYTES:  # keep the disk busy during the run, not only at the final fsync
+                self.files.start_writeback(place.path)
+                self.unflushed = 0
+
+    def _shard_done(self, path: Path) -> None:
+        del self.unwritten[path]
+        fsync_path(path)
+        if self.on_shard_done is not None:
+            self.on_shard_done(path)
+            fault_point("shard-done")
 
     def finish(self, *, index: bool = True) -> None:
-        """Write the index of a sharded folder (unless `index` is False) and flush this writer's shards to disk."""
+        """Check that every shard was written completely, and write the index of a sharded folder (unless `index`
+        is False: in a distributed run rank 0 writes it)."""
+        if self.unwritten:
+            path, missing = next(iter(self.unwritten.items()))
+            raise DataError(f"{path}: {missing} bytes were never written; the output is incomplete and was not published")
         if index and len(self.shard_names) > 1:
             index_data = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
             (self.folder / INDEX_FILE).write_text(json.dumps(index_data, indent=2) + "\n")
-        for shard_name in self.owned:
-            fsync_path(self.folder / shard_name)
+        fault_point("index")
 
 
 class FolderSink(Sink):
@@ -179,19 +228,20 @@ def copy_sidecar_files(sources: Sequence[Path], folder: Path, *, dtype: str | No
     When the output dtype differs from the inputs', `config.json` says so (`torch_dtype` and `dtype`).
     Returns the names copied.
     """
-    copied = []
+    origins = {}
     for name in SIDECAR_FILES:
         origin = next((source / name for source in sources if (source / name).is_file()), None)
         if origin is None:
             continue
         shutil.copyfile(origin, folder / name)
-        copied.append(name)
+        origins[name] = origin
+    copied = list(origins)
     if dtype is not None and "config.json" in copied:
         config_path = folder / "config.json"
-        try:
-            config = json.loads(config_path.read_text())
-        except ValueError as e:
-            raise DataError(f"{config_path}: malformed JSON ({e})") from e
+        hint = "fix it, or leave out --dtype"
+        config = parse_json(config_path.read_bytes(), what=f"{origins['config.json']}: malformed JSON", hint=hint)
+        if not isinstance(config, dict):
+            raise DataError(f"{origins['config.json']}: not a JSON object; {hint}")
         for key in ("torch_dtype", "dtype"):
             if key in config:
                 config[key] = dtype

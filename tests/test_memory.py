@@ -32,9 +32,11 @@ def peak_rss_mib(args) -> float:
 
 @pytest.mark.parametrize("budget_mib", [16, 64])
 def test_peak_rss_is_bounded_by_the_budget(tmp_path, budget_mib):
-    run_dir, base_dir, _ = make_run(tmp_path, [1, 2, 3, 4, 5, 6], shapes=SHAPES, seed=3)  # 7 × 48 MiB
-    common = ["average", run_dir, "--base-model", base_dir, "--update-freq", "1", "-q", "--max-memory", f"{budget_mib}MiB"]
-    baseline = peak_rss_mib([*common, "-o", tmp_path / "dry", "--dry-run"])
-    peak = peak_rss_mib([*common, "-o", tmp_path / "out", "--save", "ema,bema"])
-    # 336 MiB are read and 96 MiB written; the process grows by the budget and some slack, not by that.
-    assert peak - baseline < budget_mib + 32, (peak, baseline)
+    """A run that reads 336 MiB grows past a run that reads 12 KiB by at most the budget and a little slack:
+    everything else (Python, torch, the card's chart) is the same in both."""
+    tiny_run, tiny_base, _ = make_run(tmp_path / "tiny", [1, 2, 3, 4, 5, 6])
+    big_run, big_base, _ = make_run(tmp_path / "big", [1, 2, 3, 4, 5, 6], shapes=SHAPES, seed=3)  # 7 × 48 MiB
+    options = ["--update-freq", "1", "-q", "--max-memory", f"{budget_mib}MiB", "--save", "ema,bema"]
+    baseline = peak_rss_mib(["average", tiny_run, "--base-model", tiny_base, "-o", tmp_path / "tiny-out", *options])
+    peak = peak_rss_mib(["average", big_run, "--base-model", big_base, "-o", tmp_path / "big-out", *options])
+    assert peak - baseline < budget_mib + 24, (peak, baseline)

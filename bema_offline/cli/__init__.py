@@ -6,16 +6,20 @@ Errors print one line, `error: ...`, and exit with 2 for bad usage, 1 for bad da
 
 from __future__ import annotations
 
+import errno
 import sys
 import traceback
 
 import click
 
 from .. import __version__
-from ..errors import BemaError
+from ..errors import BemaError, one_line
 from ._help import CONTEXT
 from .average import average_command
 from .demo import demo_command
+from .dpo import dpo_command
+from .push import push_command
+from .verify import verify_command
 
 
 @click.group(context_settings=CONTEXT)
@@ -26,6 +30,9 @@ def cli() -> None:
 
 cli.add_command(average_command, "average")
 cli.add_command(demo_command, "demo")
+cli.add_command(push_command, "push")
+cli.add_command(dpo_command, "dpo")
+cli.add_command(verify_command, "verify")
 
 
 def _run(command: click.Command, args: list[str] | None = None, prog_name: str | None = None) -> None:
@@ -46,7 +53,7 @@ def _run(command: click.Command, args: list[str] | None = None, prog_name: str |
     except click.ClickException as e:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {e.format_message()} (see --help)", err=True)
+        click.echo(f"error: {one_line(e.format_message())} (see --help)", err=True)
         sys.exit(e.exit_code)
     except BemaError as e:
         if debug:
@@ -56,13 +63,15 @@ def _run(command: click.Command, args: list[str] | None = None, prog_name: str |
     except OSError as e:
         if debug:
             traceback.print_exc()
-        where = f"{e.filename}: " if e.filename else ""
-        click.echo(f"error: {where}{e.strerror or e}; nothing was written (--debug shows the traceback)", err=True)
+        where = f"{e.filename} -> {e.filename2}: " if e.filename2 else (f"{e.filename}: " if e.filename else "")
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        hint = "; free some disk space or choose another --output" if full else ""
+        click.echo(one_line(f"error: {where}{e.strerror or e}{hint}; nothing was written (--debug shows the traceback)"), err=True)
         sys.exit(1)
     except Exception as e:  # a bug: still one line, unless --debug
         if debug:
             traceback.print_exc()
-        click.echo(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug and report it)", err=True)
+        click.echo(one_line(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug and report it)"), err=True)
         sys.exit(1)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -14,6 +15,7 @@ from ..report import plan_report
 from ..schedule import BEMASchedule
 from ..sweep import load_sweep, parse_grid
 from ._help import CONTEXT, GreedyOption, SectionedCommand, debug_option, option
+from .push import AveragePush, push_to_hub_options
 
 EPILOG = """\b
 Examples:
@@ -65,10 +67,12 @@ def _kinds(ctx, param, value: str) -> list[str]:
 @option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), section="Output", help="Output dtype of float tensors. Default: the checkpoints'.")
 @option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, show_default=True, section="Output", help="Largest safetensors shard.")
 @option("--overwrite", is_flag=True, section="Output", help="Replace an existing output folder.")
+@option("--resume", is_flag=True, section="Output", help="Reuse the shards an interrupted run with the same plan finished (checked by a hash of inputs, parameters and version).")
 @option("--max-memory", default=DEFAULT_MAX_MEMORY, show_default=True, section="Performance", help="Working memory for tensor data; peak RSS stays near this plus the Python and torch baseline.")
 @option("--threads", type=int, section="Performance", help="Worker threads. Default: one per core. Results do not depend on it.")
 @option("--device", default="cpu", show_default=True, section="Performance", help="Where the arithmetic runs: cpu, cuda or cuda:N (under torchrun, cuda is each rank's local GPU). Same bits on the CPU whatever --threads; a GPU's are not checked against TRL's here.")
 @option("--accum-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True, section="Performance", help="Accumulation dtype.")
+@push_to_hub_options
 @option("--dry-run", is_flag=True, section="Run", help="Print the plan (steps, β, α, effective weights) and write nothing.")
 @option("--quiet", "-q", is_flag=True, section="Run", help="No progress bars or summary.")
 @debug_option
@@ -96,6 +100,7 @@ def average_command(
     dtype: str | None,
     max_shard_size: str,
     overwrite: bool,
+    resume: bool,
     max_memory: str,
     threads: int | None,
     device: str,
@@ -103,6 +108,7 @@ def average_command(
     dry_run: bool,
     quiet: bool,
     debug: bool,
+    **hub: Any,
 ) -> None:
     """Average the checkpoint-N folders of CKPT_DIR with BEMA (or EMA) and write Hugging Face model folders.
 
@@ -131,6 +137,7 @@ def average_command(
         schedule = parse_grid(grid, base=schedule)
     elif sweep_file:
         schedule = load_sweep(sweep_file, base=schedule)
+    push = AveragePush.from_options(hub, dry_run=dry_run)  # a missing token fails here, before any averaging
     output = output if output is not None else ckpt_dir / "bema-offline"
     main_rank = not launched() or os.environ.get("RANK", "0") == "0"
     started = time.perf_counter()
@@ -154,17 +161,26 @@ def average_command(
         overwrite=overwrite,
         dry_run=dry_run,
         progress=not quiet and main_rank,
+        resume=resume,
     )
     if not main_rank:  # rank 0 of a torchrun launch reports for all
         return
     if dry_run:
         click.echo(plan_report(result.plan, [str(o.path) for o in result.outputs]))
+        if push:
+            click.echo("\n" + push.describe(output, [o.path for o in result.outputs]))
         click.echo("\ndry run: nothing was written")
         return
     if quiet:
+        if push:
+            push.run(output)
         return
     if result.removed_leftovers:
         click.echo(f"removed the leftovers of an interrupted run at {output}", err=True)
+    if result.resume_note:
+        click.echo(f"note: {result.resume_note}", err=True)
+    if result.reused_shards:
+        click.echo(f"resumed an interrupted run: reused {result.reused_shards} finished shards", err=True)
     for note in result.plan.notes:
         click.echo(f"note: {note}", err=True)
     missing = sorted({s for run in result.plan.schedules for s in run.missing_steps})
@@ -174,3 +190,5 @@ def average_command(
     for out in result.outputs:
         click.echo(f"wrote {out.path}: {out.kind} at step {out.step}")
     click.echo(f"read {result.plan.bytes_to_read / 2**20:.1f} MiB from {len(result.plan.sources)} sources in {elapsed:.1f} s")
+    if push:
+        push.run(output, echo=click.echo)

@@ -21,13 +21,13 @@ MARKER = ".bema-demo"
 @option("--workdir", type=click.Path(path_type=Path), default=Path("bema-demo"), show_default=True, section="Demo",
         help="Where the run and its averages go (a previous demo there is replaced).")
 @option("--steps", type=int, default=240, show_default=True, section="Demo", help="Training steps.")
-@option("--save-every", type=int, default=40, show_default=True, section="Demo", help="Checkpoint (and BEMA update) every this many steps.")
+@option("--save-every", type=int, default=20, show_default=True, section="Demo", help="Checkpoint (and BEMA update) every this many steps.")
 @option("--seed", type=int, default=0, show_default=True, section="Demo", help="Random seed.")
 @option("--quiet", "-q", is_flag=True, section="Run", help="No progress output.")
 @debug_option
 def demo_command(workdir: Path, steps: int, save_every: int, seed: int, quiet: bool, debug: bool) -> None:
-    """Train a tiny Llama-shaped causal LM for a few seconds, saving Trainer-style checkpoints, then average
-    them with BEMA and EMA and compare held-out losses."""
+    """Pretrain a tiny Llama-shaped causal LM, fine-tune it for a few seconds saving Trainer-style checkpoints,
+    then average them with BEMA and EMA and compare held-out losses."""
     from ..demo import heldout_loss, make_demo_run
 
     if workdir.exists():
@@ -37,7 +37,8 @@ def demo_command(workdir: Path, steps: int, save_every: int, seed: int, quiet: b
     workdir.mkdir(parents=True)
     (workdir / MARKER).touch()
     say = (lambda *a: None) if quiet else click.echo
-    say(f"training a tiny causal LM for {steps} steps, checkpoint every {save_every} -> {workdir / 'run'}")
+    say(f"pretraining a tiny causal LM (the base model), then fine-tuning it for {steps} steps "
+        f"with a checkpoint every {save_every} -> {workdir / 'run'}")
     demo = make_demo_run(workdir / "run", steps=steps, save_every=save_every, seed=seed, progress=not quiet)
     schedule = BEMASchedule(update_freq=save_every)
     output = workdir / "averaged"

@@ -1,0 +1,111 @@
+"""`bema-offline dpo`: one round of DPO (TRL) against a frozen BEMA reference; needs `bema-offline[dpo]`."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from pathlib import Path
+
+import click
+
+from ._help import CONTEXT, SectionedCommand, debug_option, option
+
+EPILOG = """\b
+Iterative DPO, round by round (the BEMA of round k is the reference of round k+1):
+  bema-offline dpo --ref-model base --dataset prefs1.jsonl --output-dir runs/round1 --save-steps 100 --max-steps 1000
+  bema-average runs/round1 --base-model base --update-freq 100 -o runs/round1-bema
+  bema-offline dpo --ref-model runs/round1-bema --dataset prefs2.jsonl --output-dir runs/round2 --save-steps 100 --max-steps 1000
+scripts/iterative_dpo.py --rounds K does all of this and records it in rounds.json.
+"""
+TRAINING = "Training (TRL's DPOConfig)"
+
+
+@click.command(cls=SectionedCommand, epilog=EPILOG, context_settings=CONTEXT)
+@option("--ref-model", type=click.Path(path_type=Path), required=True, section="Models", help="Reference model folder, e.g. the bema-average output of the previous round. Loaded on its own, frozen, and checked bit for bit against its safetensors.")
+@option("--policy", help="The policy's starting point (folder or Hub id). Default: the --ref-model folder, loaded again as a separate model.", section="Models")
+@option("--dataset", type=click.Path(path_type=Path), required=True, section="Data", help="Preference data: .json, .jsonl or .parquet, or a save_to_disk folder, with prompt/chosen/rejected columns (strings or {role, content} messages).")
+@option("--output-dir", type=click.Path(path_type=Path), required=True, section="Output", help="Where checkpoint-N/ folders go, ready for bema-average; use a new folder each round.")
+@option("--save-steps", type=int, section="Output", help="Checkpoint every N steps. Set it to the --update-freq of the next bema-average (save_steps = update_freq) so the checkpoints fall on its BEMA update steps. TRL's default: 500.")
+@option("--beta", type=float, section=TRAINING, help="DPO β: how far the policy may move from the reference. TRL's default: 0.1.")
+@option("--learning-rate", type=float, section=TRAINING, help="TRL's default: 1e-6.")
+@option("--max-steps", type=int, section=TRAINING, help="Training steps. Default: one epoch of --dataset.")
+@option("--per-device-train-batch-size", type=int, section=TRAINING, help="TRL's default: 8.")
+@option("--bf16/--no-bf16", default=None, section=TRAINING, help="bf16 mixed precision. Default: on when a CUDA GPU supports it.")
+@option("--precompute-ref-log-probs", is_flag=True, section=TRAINING, help="Compute the reference log-probs before training, then release the reference model, so it does not stay in memory.")
+@option("--config-set", "config_set", multiple=True, metavar="KEY=VALUE", section=TRAINING, help="Any other DPOConfig field, checked against DPOConfig, e.g. --config-set warmup_steps=10 --config-set loss_type=sigmoid. Repeatable.")
+@option("--quiet", "-q", is_flag=True, section="Run", help="Only errors: no progress bars, logs or warnings.")
+@debug_option
+def dpo_command(
+    ref_model: Path,
+    policy: str | None,
+    dataset: Path,
+    output_dir: Path,
+    save_steps: int | None,
+    beta: float | None,
+    learning_rate: float | None,
+    max_steps: int | None,
+    per_device_train_batch_size: int | None,
+    bf16: bool | None,
+    precompute_ref_log_probs: bool,
+    config_set: tuple[str, ...],
+    quiet: bool,
+    debug: bool,
+) -> None:
+    """Train one round of DPO whose reference model is --ref-model (a BEMA average), with TRL.
+
+    The reference is a separate, frozen model, and its sha256 fingerprint is logged and checked against the
+    folder's safetensors before and after training. Checkpoints land in --output-dir as checkpoint-N/, where the
+    next bema-average reads them; set --save-steps to that average's --update-freq.
+    """
+    from ..dpo import parse_config_overrides, require_dpo_extra, train_dpo
+
+    require_dpo_extra()
+    overrides = parse_config_overrides(config_set)
+    with _quiet_libraries() if quiet else contextlib.nullcontext():
+        train_dpo(
+            ref_model,
+            dataset,
+            output_dir,
+            policy=policy,
+            beta=beta,
+            learning_rate=learning_rate,
+            max_steps=max_steps,
+            per_device_train_batch_size=per_device_train_batch_size,
+            save_steps=save_steps,
+            bf16=bf16,
+            precompute_ref_log_probs=precompute_ref_log_probs,
+            config_overrides=overrides,
+            log=(lambda line: None) if quiet else click.echo,
+        )
+
+
+@contextlib.contextmanager
+def _quiet_libraries():
+    """--quiet: no progress bars, logs, warnings or Trainer prints, for the duration of the round only."""
+    import datasets
+    import transformers
+
+    hf_logging = transformers.utils.logging
+    bars = (datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled())
+    verbosity = hf_logging.get_verbosity()
+    tqdm_disable = os.environ.get("TQDM_DISABLE")
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    os.environ["TQDM_DISABLE"] = "1"  # TRL's own progress bars read it
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if bars[0]:
+            datasets.enable_progress_bars()
+        if bars[1]:
+            hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
+        if tqdm_disable is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_disable
