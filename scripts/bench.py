@@ -1,0 +1,482 @@
+"""Benchmarks of `bema-average` on synthetic runs: wall time, peak RSS and throughput of whole processes.
+
+Each case runs as its own process, started from this light launcher (no torch here, so the child's peak RSS is
+its own), and is timed `--repeat` times with a warm page cache (the inputs are read once before each case).
+Side by side: a raw read of the same bytes (`cat`, the floor), the naive load-everything baseline
+(`scripts/naive_baseline.py`), the previous version of the engine (`git archive` of `--previous`), the current
+one, K separate runs against one sweep of K configs, and how time and memory grow with checkpoint count, model
+size and `--max-memory`.
+
+Sections can be run one at a time (each in a few minutes); results accumulate in `docs/benchmarks.json`, and
+`docs/benchmarks.md` and `docs/benchmarks.png` are rewritten from all of them after each call:
+
+    python scripts/bench.py main sweep budget count linearity --repeat 3
+    python scripts/bench.py report            # only rewrite the Markdown and the plot
+
+Synthetic runs are generated under `--root` (default /tmp/bema-bench) on first use and reused; delete it when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"
+GIB = 2**30
+SECTIONS = ("main", "sweep", "budget", "count", "linearity", "cold")
+SWEEP_GRID = ["ema_power=0.3,0.4,0.5,0.6", "bias_power=0.1,0.2"]  # 8 configs
+
+
+# --- measuring --------------------------------------------------------------------------------------------------
+
+
+def measure(command: list[str], *, env: dict | None = None, cwd: Path | None = None) -> tuple[float, int]:
+    """Run a command; return (wall seconds, peak RSS in bytes of the child as the kernel counts it)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    stderr = process.stderr.read().decode(errors="replace")
+    process.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed:\n{stderr[-2000:]}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def warm(files: list[Path]) -> None:
+    """Read the files once, so that they are in the page cache."""
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
+
+
+def evict(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache (POSIX_FADV_DONTNEED), so that the next read is cold."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+class Case:
+    """One row: a command timed `repeat` times."""
+
+    def __init__(self, section: str, label: str, command: list[str], *, input_bytes: int, env: dict | None = None,
+                 cleanup: list[Path] = (), params: dict | None = None, slow: bool = False) -> None:
+        self.section, self.label, self.command, self.env, self.slow = section, label, command, env, slow
+        self.input_bytes, self.cleanup, self.params = input_bytes, list(cleanup), params or {}
+
+    def run(self, repeat: int, files: list[Path], *, cold: bool = False) -> dict:
+        """Time the command `repeat` times (once if it is a slow baseline: its noise matters less)."""
+        repeat = 1 if self.slow else repeat
+        walls, rss, loads = [], [], []
+        warm(files)
+        for _ in range(repeat):
+            for path in self.cleanup:
+                shutil.rmtree(path, ignore_errors=True)
+            if cold:
+                evict(files)
+            loads.append(load())
+            wall, peak = measure(self.command, env=self.env)
+            walls.append(wall)
+            rss.append(peak)
+        for path in self.cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+        row = {
+            "section": self.section,
+            "label": self.label,
+            "command": shlex.join(self.command),
+            "input_bytes": self.input_bytes,
+            "walls": walls,
+            "rss": rss,
+            "load": loads,
+            **self.params,
+        }
+        print(f"  {self.label:<52} best {min(walls):7.2f} s  median {statistics.median(walls):7.2f} s  "
+              f"peak RSS {max(rss) / 2**20:7.0f} MiB  load {loads[0]:.1f}", flush=True)
+        return row
+
+
+# --- inputs -----------------------------------------------------------------------------------------------------
+
+
+def synthetic(root: Path, name: str, *, size: int, checkpoints: int, dtype: str = "bfloat16", shards: int = 1) -> tuple[Path, Path]:
+    """Generate (or reuse) a synthetic run with scripts/synthetic_run.py, in a process of its own."""
+    folder = root / name
+    command = [sys.executable, str(SCRIPTS / "synthetic_run.py"), str(folder), "--size", str(size),
+               "--checkpoints", str(checkpoints), "--dtype", dtype, "--shards", str(shards)]
+    if not (folder / "spec.json").is_file():
+        print(f"generating {folder} ({checkpoints} checkpoints of {size / GIB:.2f} GiB)...", flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return folder / "run", folder / "base"
+
+
+def input_files(run_dir: Path, base_dir: Path, max_step: int | None = None) -> list[Path]:
+    files = sorted(base_dir.glob("*.safetensors"))
+    for checkpoint in sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+        if max_step is None or int(checkpoint.name.split("-")[1]) <= max_step:
+            files += sorted(checkpoint.glob("*.safetensors"))
+    return files
+
+
+def previous_engine(ref: str, into: Path) -> tuple[Path, str]:
+    """Extract `bema_offline/` as of git `ref` into a folder; return it and the commit."""
+    commit = subprocess.run(["git", "rev-parse", "--short", ref], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    archive = subprocess.run(["git", "archive", commit, "bema_offline"], cwd=REPO, capture_output=True, check=True).stdout
+    into.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    check_import(into)
+    return into, commit
+
+
+def check_import(pythonpath: Path) -> None:
+    """Make sure that `python -m bema_offline` with this PYTHONPATH runs the code in that folder."""
+    found = subprocess.run([sys.executable, "-c", "import bema_offline; print(bema_offline.__file__)"], env=env_with(pythonpath),
+                           capture_output=True, text=True, check=True).stdout.strip()
+    if not Path(found).resolve().is_relative_to(pythonpath.resolve()):
+        raise RuntimeError(f"PYTHONPATH={pythonpath} imports {found}; run from a folder without bema_offline/")
+
+
+def env_with(pythonpath: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": str(pythonpath)}
+
+
+def bema(run_dir: Path, base_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "bema_offline", "average", str(run_dir), "--base-model", str(base_dir), "-o", str(out), "-q", *extra]
+
+
+# --- sections ---------------------------------------------------------------------------------------------------
+
+
+def section_main(args, scratch: Path) -> list[dict]:
+    run_dir, base_dir = synthetic(args.root, "run-1g", size=GIB, checkpoints=8)
+    files = input_files(run_dir, base_dir)
+    nbytes = sum(f.stat().st_size for f in files)
+    out, shm = scratch / "out", Path("/dev/shm") / f"bema-bench-{os.getpid()}"
+    here = env_with(REPO)
+    check_import(REPO)
+    previous, commit = previous_engine(args.previous, scratch / "previous")
+    cases = [
+        Case("main", "raw read (cat)", ["cat", *map(str, files)], input_bytes=nbytes),
+        Case("main", "naive baseline (scripts/naive_baseline.py)",
+             [sys.executable, str(SCRIPTS / "naive_baseline.py"), str(run_dir), "--base-model", str(base_dir), "--output", str(out)],
+             input_bytes=nbytes, cleanup=[out], slow=True),
+        Case("main", f"previous engine ({args.previous} = {commit})", bema(run_dir, base_dir, out), input_bytes=nbytes,
+             env=env_with(previous), cleanup=[out], slow=True),
+        Case("main", "bema-average", bema(run_dir, base_dir, out), input_bytes=nbytes, env=here, cleanup=[out]),
+        Case("main", "bema-average, output on tmpfs", bema(run_dir, base_dir, shm), input_bytes=nbytes, env=here, cleanup=[shm]),
+        Case("main", "bema-average --threads 1", bema(run_dir, base_dir, out, "--threads", "1"), input_bytes=nbytes,
+             env=here, cleanup=[out]),
+    ]
+    return [case.run(args.repeat, files) for case in cases]
+
+
+def section_sweep(args, scratch: Path) -> list[dict]:
+    run_dir, base_dir = synthetic(args.root, "run-1g", size=GIB, checkpoints=8)
+    files = input_files(run_dir, base_dir)
+    nbytes = sum(f.stat().st_size for f in files)
+    here = env_with(REPO)
+    rows = []
+    for where, root in (("disk", scratch), ("tmpfs", Path("/dev/shm") / f"bema-bench-{os.getpid()}")):
+        out = root / "sweep"
+        rows.append(Case("sweep", f"1 config, output on {where}", bema(run_dir, base_dir, out), input_bytes=nbytes,
+                         env=here, cleanup=[out], params={"configs": 1, "output": where}).run(args.repeat, files))
+        rows.append(Case("sweep", f"8 configs in one pass (--grid), output on {where}",
+                         bema(run_dir, base_dir, out, "--grid", *SWEEP_GRID), input_bytes=nbytes, env=here, cleanup=[out],
+                         params={"configs": 8, "output": where}).run(args.repeat, files))
+        separate = []
+        for ema_power in ("0.3", "0.4", "0.5", "0.6"):
+            for bias_power in ("0.1", "0.2"):
+                separate.append(Case("sweep", f"run ema_power={ema_power},bias_power={bias_power}",
+                                     bema(run_dir, base_dir, out, "--ema-power", ema_power, "--bias-power", bias_power),
+                                     input_bytes=nbytes, env=here, cleanup=[out]).run(1, files))
+        rows.append({
+            "section": "sweep", "label": f"8 separate runs (sum), output on {where}", "command": "8 × bema-average --ema-power E --bias-power B",
+            "input_bytes": 8 * nbytes, "walls": [sum(r["walls"][0] for r in separate)], "rss": [max(r["rss"][0] for r in separate)],
+            "load": [separate[0]["load"][0]], "configs": 8, "output": where,
+        })
+        print(f"  8 separate runs, output on {where}: {rows[-1]['walls'][0]:.2f} s", flush=True)
+    return rows
+
+
+def section_budget(args, scratch: Path) -> list[dict]:
+    run_dir, base_dir = synthetic(args.root, "run-1g", size=GIB, checkpoints=8)
+    files = input_files(run_dir, base_dir)
+    nbytes = sum(f.stat().st_size for f in files)
+    out = scratch / "out"
+    rows = [Case("budget", "--dry-run (baseline: Python, torch, headers)", bema(run_dir, base_dir, out, "--dry-run"),
+                 input_bytes=0, env=env_with(REPO), params={"max_memory": 0}).run(args.repeat, files)]
+    for budget in ("16MiB", "64MiB", "256MiB", "512MiB", "2GiB"):
+        rows.append(Case("budget", f"--max-memory {budget}", bema(run_dir, base_dir, out, "--max-memory", budget),
+                         input_bytes=nbytes, env=env_with(REPO), cleanup=[out],
+                         params={"max_memory": _size(budget)}).run(args.repeat, files))
+    return rows
+
+
+def section_count(args, scratch: Path) -> list[dict]:
+    run_dir, base_dir = synthetic(args.root, "run-05g-16", size=GIB // 2, checkpoints=16)
+    out = scratch / "out"
+    rows = []
+    for count in (2, 4, 8, 16):
+        files = input_files(run_dir, base_dir, max_step=400 * count)
+        nbytes = sum(f.stat().st_size for f in files)
+        rows.append(Case("count", f"bema-average, {count} checkpoints", bema(run_dir, base_dir, out, "--max-step", str(400 * count)),
+                         input_bytes=nbytes, env=env_with(REPO), cleanup=[out],
+                         params={"checkpoints": count, "tool": "bema-average"}).run(args.repeat, files))
+        naive_run = scratch / f"naive-{count}"
+        if naive_run.exists():
+            shutil.rmtree(naive_run)
+        naive_run.mkdir(parents=True)
+        for checkpoint in sorted(run_dir.glob("checkpoint-*")):
+            if int(checkpoint.name.split("-")[1]) <= 400 * count:
+                (naive_run / checkpoint.name).symlink_to(checkpoint)
+        rows.append(Case("count", f"naive baseline, {count} checkpoints",
+                         [sys.executable, str(SCRIPTS / "naive_baseline.py"), str(naive_run), "--base-model", str(base_dir),
+                          "--output", str(out)], input_bytes=nbytes, cleanup=[out],
+                         params={"checkpoints": count, "tool": "naive"}, slow=True).run(args.repeat, files))
+    return rows
+
+
+def section_linearity(args, scratch: Path) -> list[dict]:
+    out = scratch / "out"
+    rows = []
+    # the 0.5 and 1 GiB points reuse the first two checkpoints of the count and main runs
+    runs = {GIB // 4: ("run-lin-256m", 2), GIB // 2: ("run-05g-16", 16), GIB: ("run-1g", 8), 2 * GIB: ("run-lin-2048m", 2),
+            4 * GIB: ("run-lin-4096m", 2)}
+    for size, (name, checkpoints) in runs.items():
+        run_dir, base_dir = synthetic(args.root, name, size=size, checkpoints=checkpoints)
+        files = input_files(run_dir, base_dir, max_step=800)
+        nbytes = sum(f.stat().st_size for f in files)
+        rows.append(Case("linearity", f"raw read, {size / GIB:g} GiB per checkpoint", ["cat", *map(str, files)],
+                         input_bytes=nbytes, params={"size": size, "tool": "raw"}).run(args.repeat, files))
+        rows.append(Case("linearity", f"bema-average, {size / GIB:g} GiB per checkpoint",
+                         bema(run_dir, base_dir, out, "--max-step", "800"), input_bytes=nbytes, env=env_with(REPO), cleanup=[out],
+                         params={"size": size, "tool": "bema-average"}).run(args.repeat, files))
+    return rows
+
+
+def section_cold(args, scratch: Path) -> list[dict]:
+    """The inputs evicted from the page cache before each repeat: reads come from the disk."""
+    run_dir, base_dir = synthetic(args.root, "run-1g", size=GIB, checkpoints=8)
+    files = input_files(run_dir, base_dir)
+    nbytes = sum(f.stat().st_size for f in files)
+    out = scratch / "out"
+    cases = [
+        Case("cold", "raw read (cat), cold cache", ["cat", *map(str, files)], input_bytes=nbytes),
+        Case("cold", "bema-average, cold cache", bema(run_dir, base_dir, out), input_bytes=nbytes, env=env_with(REPO), cleanup=[out]),
+    ]
+    return [case.run(args.repeat, files, cold=True) for case in cases]
+
+
+def _size(text: str) -> int:
+    units = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+    return int(float(text[:-3]) * units[text[-3:]])
+
+
+# --- report -----------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    mem_kib = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")))
+    torch_version = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True).stdout.strip()
+    return {"cores": os.cpu_count(), "cpu": cpu, "ram_gib": round(mem_kib / 2**20, 1), "python": platform.python_version(),
+            "torch": torch_version, "kernel": platform.release()}
+
+
+def _row(r: dict) -> str:
+    best, median = min(r["walls"]), statistics.median(r["walls"])
+    rate = r["input_bytes"] / best / 1e9 if r["input_bytes"] else 0
+    return (f"| {r['label']} | {best:.2f} | {median:.2f} | {len(r['walls'])} | {max(r['rss']) / 2**20:.0f} | "
+            f"{rate:.2f} | {r['load'][0]:.1f} |")
+
+
+HEADER = ("| case | best wall (s) | median (s) | runs | peak RSS (MiB) | input GB/s (best) | load avg at start |\n"
+          "|---|---|---|---|---|---|---|")
+
+
+def write_report(results: dict, path: Path) -> None:
+    meta = results["meta"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `scripts/bench.py`; numbers are whole processes (`python -m bema_offline average ... -q`, the naive",
+        "baseline, `cat`) with a warm page cache unless said otherwise. Wall time: best and median of the repeats; peak",
+        "RSS: the child's `ru_maxrss` as the kernel reports it (the largest over the repeats).",
+        "",
+        f"- Machine: {meta['machine']['cores']} cores ({meta['machine']['cpu']}), {meta['machine']['ram_gib']} GiB RAM, "
+        f"Linux {meta['machine']['kernel']}, Python {meta['machine']['python']}, torch {meta['machine']['torch']}",
+    ]
+    for name in SECTIONS:
+        if name not in results["sections"]:
+            continue
+        section = results["sections"][name]
+        lines += ["", f"## {TITLES[name]}", "", f"`{section['command']}` on {section['date']} (repeats: {section['repeat']}; "
+                  f"load average {section['load_before']:.1f} before, {section['load_after']:.1f} after)", ""]
+        lines += [NOTES.get(name, ""), "", HEADER] if NOTES.get(name) else [HEADER]
+        lines += [_row(r) for r in section["rows"]]
+        lines += ["", "<details><summary>commands</summary>", ""]
+        lines += [f"- {r['label']}: `{r['command']}`" for r in section["rows"]]
+        lines += ["", "</details>"]
+    ratios = _ratios(results)
+    if ratios:
+        lines += ["", "## Ratios (each from rows of one section, i.e. measured in one run)", ""] + [f"- {line}" for line in ratios]
+    lines += ["", "![time and peak RSS against model size, checkpoint count and --max-memory](benchmarks.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+TITLES = {
+    "main": "8 checkpoints + base, about 1 GiB of bf16 each (9.2 GiB read)",
+    "sweep": "Sweeps: 8 configs in one pass against one config and 8 separate runs",
+    "budget": "Peak RSS against --max-memory (8 × 1 GiB run)",
+    "count": "Checkpoint count: 2 to 16 checkpoints of 0.5 GiB (one run, narrowed with --max-step)",
+    "linearity": "Model size: 0.25 to 4 GiB per checkpoint (2 checkpoints + base, scaled down in count to fit the time)",
+    "cold": "Cold page cache (inputs evicted with POSIX_FADV_DONTNEED before each repeat)",
+}
+NOTES = {
+    "main": "`bema-average` writes a 1 GiB output and fsyncs it before publishing; the naive baseline writes without "
+            "fsync; `cat` writes nothing.",
+    "sweep": "Each config writes its own 1 GiB folder: with output on disk, the sweep also measures the disk's write "
+             "speed; on tmpfs it measures the engine.",
+}
+
+
+def _best(results: dict, section: str, label_start: str) -> float | None:
+    rows = results["sections"].get(section, {}).get("rows", [])
+    walls = [min(r["walls"]) for r in rows if r["label"].startswith(label_start)]
+    return walls[0] if walls else None
+
+
+def _ratios(results: dict) -> list[str]:
+    lines = []
+    raw, naive = _best(results, "main", "raw read"), _best(results, "main", "naive")
+    ours, previous, tmpfs = _best(results, "main", "bema-average"), _best(results, "main", "previous"), _best(results, "main", "bema-average, output on tmpfs")
+    if raw and ours:
+        lines.append(f"bema-average / raw read: {ours / raw:.2f}× (output on tmpfs: {tmpfs / raw:.2f}×)" if tmpfs else f"bema-average / raw read: {ours / raw:.2f}×")
+    if naive and ours:
+        lines.append(f"naive baseline / bema-average: {naive / ours:.1f}× faster")
+    if previous and ours:
+        lines.append(f"previous engine / bema-average: {previous / ours:.1f}× faster")
+    for where in ("disk", "tmpfs"):
+        one, sweep = _best(results, "sweep", f"1 config, output on {where}"), _best(results, "sweep", f"8 configs in one pass (--grid), output on {where}")
+        separate = _best(results, "sweep", f"8 separate runs (sum), output on {where}")
+        if one and sweep and separate:
+            lines.append(f"sweep of 8 configs / 1 config, output on {where}: {sweep / one:.2f}× (8 separate runs: {separate / one:.2f}×)")
+    count = results["sections"].get("count", {}).get("rows", [])
+    rss = {r["checkpoints"]: max(r["rss"]) for r in count if r.get("tool") == "bema-average"}
+    if 4 in rss and 16 in rss:
+        lines.append(f"peak RSS, 16 / 4 checkpoints: {rss[16] / rss[4]:.3f}")
+    return lines
+
+
+def write_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    sections = results["sections"]
+
+    def series(section, key, tool):
+        rows = [r for r in sections.get(section, {}).get("rows", []) if r.get("tool") == tool]
+        rows.sort(key=lambda r: r[key])
+        return [r[key] for r in rows], [min(r["walls"]) for r in rows], [max(r["rss"]) / 2**20 for r in rows]
+
+    for tool, style in (("bema-average", "o-"), ("raw", "s--"), ("naive", "^:")):
+        x, t, m = series("linearity", "size", tool)
+        if x:
+            axes[0][0].plot([v / GIB for v in x], t, style, label=tool)
+            axes[1][0].plot([v / GIB for v in x], m, style, label=tool)
+        x, t, m = series("count", "checkpoints", tool)
+        if x:
+            axes[0][1].plot(x, t, style, label=tool)
+            axes[1][1].plot(x, m, style, label=tool)
+    budget = [r for r in sections.get("budget", {}).get("rows", []) if r.get("max_memory")]
+    if budget:
+        x = [r["max_memory"] / 2**20 for r in budget]
+        axes[0][2].plot(x, [min(r["walls"]) for r in budget], "o-", label="bema-average")
+        axes[1][2].plot(x, [max(r["rss"]) / 2**20 for r in budget], "o-", label="bema-average")
+        axes[1][2].plot(x, x, ":", color="gray", label="= budget")
+        for ax in (axes[0][2], axes[1][2]):
+            ax.set_xscale("log", base=2)
+    titles = [("time vs GiB per checkpoint (2 ckpts + base)", "time vs checkpoints (0.5 GiB each)", "time vs --max-memory (8 × 1 GiB)"),
+              ("peak RSS vs GiB per checkpoint", "peak RSS vs checkpoints", "peak RSS vs --max-memory")]
+    xlabels = ("GiB per checkpoint", "checkpoints", "--max-memory (MiB)")
+    for row in range(2):
+        for col in range(3):
+            ax = axes[row][col]
+            ax.set_title(titles[row][col], fontsize=10)
+            ax.set_xlabel(xlabels[col])
+            ax.set_ylabel("wall (s)" if row == 0 else "peak RSS (MiB)")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+    fig.suptitle(f"bema-average benchmarks ({results['meta']['machine']['cores']} cores, warm page cache)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# --- main -------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sections", nargs="+", choices=[*SECTIONS, "report"])
+    parser.add_argument("--root", type=Path, default=Path("/tmp/bema-bench"), help="where synthetic runs live")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--previous", default="main", help="git ref of the previous engine")
+    parser.add_argument("--results", type=Path, default=REPO / "docs" / "benchmarks.json")
+    args = parser.parse_args()
+    args.root, args.results = args.root.resolve(), args.results.resolve()
+    args.root.mkdir(parents=True, exist_ok=True)
+    os.chdir(args.root)  # `python -m bema_offline` puts the working folder first on sys.path: keep the repo out of it
+    results = json.loads(args.results.read_text()) if args.results.is_file() else {"sections": {}}
+    results["meta"] = {"machine": machine()}
+    runners = {"main": section_main, "sweep": section_sweep, "budget": section_budget, "count": section_count,
+               "linearity": section_linearity, "cold": section_cold}
+    for name in args.sections:
+        if name == "report":
+            continue
+        print(f"[{name}]", flush=True)
+        args.root.mkdir(parents=True, exist_ok=True)
+        before = load()
+        with tempfile.TemporaryDirectory(dir=args.root, prefix="scratch-") as scratch:
+            try:
+                rows = runners[name](args, Path(scratch))
+            finally:
+                shutil.rmtree(Path("/dev/shm") / f"bema-bench-{os.getpid()}", ignore_errors=True)
+        results["sections"][name] = {
+            "rows": rows,
+            "repeat": args.repeat,
+            "date": datetime.datetime.now().isoformat(timespec="minutes"),
+            "command": f"python scripts/bench.py {name} --repeat {args.repeat}",
+            "load_before": before,
+            "load_after": load(),
+        }
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(results, indent=1) + "\n")
+    write_report(results, args.results.with_suffix(".md"))
+    write_plot(results, args.results.with_suffix(".png"))
+    print(f"wrote {args.results.with_suffix('.md')} and {args.results.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
