@@ -329,7 +329,12 @@ class Engine:
             self.slot_theta0[slot] = run.schedule.theta0_step
             self.starts_at.setdefault(run.schedule.theta0_step, []).append(slot)
             for step in run.update_steps:
-                self.updates.setdefault(step, []).append(_Update(slot, run.schedule.beta(step)))
+                if step in plan.sources:  # (steps after the last output are not read)
+                    self.updates.setdefault(step, []).append(_Update(slot, run.schedule.beta(step)))
+        # EMAs whose last update has no output: nothing else checks that they stayed finite
+        last_update = {update.slot: step for step, updates in sorted(self.updates.items()) for update in updates}
+        output_at = {(self.slots[out.schedule_index], out.step) for out in plan.outputs}
+        self.unchecked = [slot for slot, step in last_update.items() if (slot, step) not in output_at]
         # step -> θ0 step -> [(output index, kind, α, EMA)]: outputs sharing θ0 share θ_t − θ0
         self.outputs_at: dict[int, dict[int, list[tuple[int, str, float, int]]]] = {}
         for index, out in enumerate(plan.outputs):
@@ -454,9 +459,9 @@ class Engine:
                     if out_host is not out:
                         out_host.copy_(out)
                     self._emit(output_index, [(piece, out_host[start:stop]) for piece, (start, stop) in zip(group, bounds)])
-        for state in ema:
-            if not _all_finite(state):
-                self._raise_non_finite(group, bounds, state, worker)
+        for slot in self.unchecked:
+            if not _all_finite(ema[slot]):
+                self._raise_non_finite(group, bounds, ema[slot], worker)
 
     def _copy_group(self, group: list[Slice], worker: _Worker) -> None:
         """Non-float tensors: each output gets them as they are at its step."""

@@ -104,7 +104,13 @@ def make_plan(
     found = find_checkpoints(run_dir, min_step=min_step, max_step=max_step)
     runs = [_schedule_run(name, schedule, found, allow_missing) for name, schedule in schedules]
 
-    needed = sorted({run.schedule.theta0_step for run in runs} | {s for run in runs for s in run.update_steps})
+    outputs = _outputs(runs, save, steps)
+    last_output = {index: max(out.step for out in outputs if out.schedule_index == index) for index in range(len(runs))}
+    # a schedule's update steps after its last output change nothing that is written: they are not read
+    needed = sorted(
+        {run.schedule.theta0_step for run in runs}
+        | {s for index, run in enumerate(runs) for s in run.update_steps if s <= last_output[index]}
+    )
     sources: dict[int, WeightSource] = {}
     for step in needed:
         if step == BASE_STEP:
@@ -122,7 +128,6 @@ def make_plan(
         name: (DTYPE_NAMES[FLOAT_DTYPES[dtype]] if dtype and info.is_float else info.dtype)
         for name, info in reference.tensors.items()
     }
-    outputs = _outputs(runs, save, steps)
     newest = found[max(found)]
     return Plan(
         run_dir=Path(run_dir),

@@ -275,3 +275,14 @@ def test_configs_differing_only_in_bias_power_share_one_ema(tmp_path):
         average(run_dir, tmp_path / name, schedule=schedule, base_model=base_dir, save=("ema", "bema"), steps="every")
         for sub in (tmp_path / name).rglob("model.safetensors"):
             assert sub.read_bytes() == (tmp_path / "sweep" / name / sub.relative_to(tmp_path / name)).read_bytes()
+
+
+def test_checkpoints_after_the_last_output_are_not_read(tmp_path):
+    run_dir, base_dir, weights = make_run(tmp_path, [1, 2, 3, 4, 5, 6])
+    schedule = BEMASchedule(update_freq=1)
+    result = average(run_dir, tmp_path / "out", schedule=schedule, base_model=base_dir, steps=[2, 4])
+    assert result.plan.read_steps == [0, 1, 2, 3, 4]
+    for step in (2, 4):
+        out = load_output(tmp_path / "out" / f"step-{step}")
+        trl = trl_replay(weights, schedule, [1, 2, 3, 4, 5, 6], step)
+        assert all(torch.equal(out[k], trl[k]) for k in trl)
