@@ -94,7 +94,8 @@ def average(
         allow_missing (`bool`, defaults to False): skip update steps without a checkpoint instead of failing.
         accum_dtype (`str`, defaults to "float32"): "float32" or "float64" accumulation.
         dtype (`str`, *optional*): output dtype of float tensors; defaults to the checkpoints'.
-        max_memory (`int | str`, defaults to "512MiB"): working-memory budget for tensor data.
+        max_memory (`int | str`, defaults to "512MiB"): upper bound on the working memory for tensor data (the
+            engine takes at most 8 MiB per thread even when allowed more; see `engine.CACHE_BYTES`).
         max_shard_size (`int | str`, defaults to "5GB"): largest output shard.
         overwrite (`bool`, defaults to False): replace an existing output folder.
         dry_run (`bool`, defaults to False): plan and validate only; write nothing.

@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -35,24 +36,35 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 GIB = 2**30
-SECTIONS = ("main", "sweep", "budget", "count", "linearity", "cold")
+SECTIONS = ("main", "sweep", "budget", "groups", "count", "linearity", "cold")
 SWEEP_GRID = ["ema_power=0.3,0.4,0.5,0.6", "bias_power=0.1,0.2"]  # 8 configs
 
 
 # --- measuring --------------------------------------------------------------------------------------------------
 
 
-def measure(command: list[str], *, env: dict | None = None, cwd: Path | None = None) -> tuple[float, int]:
-    """Run a command; return (wall seconds, peak RSS in bytes of the child as the kernel counts it)."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    stderr = process.stderr.read().decode(errors="replace")
-    process.stderr.close()
+def measure(command: list[str], *, env: dict | None = None) -> tuple[float, int, str]:
+    """Run a command; return (wall seconds, peak RSS in bytes of the child as the kernel counts it, its stdout)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{shlex.join(command)} failed:\n{stderr[-2000:]}")
-    return wall, usage.ru_maxrss * 1024
+    return wall, usage.ru_maxrss * 1024, stdout
+
+
+# the time a tool reports for itself, after Python and torch have started: `bema-average`'s summary line and
+# the naive baseline's last line
+_INPROCESS = re.compile(r"(?:sources in|computed in) ([0-9.]+) s\s*$")
+
+
+def inprocess_seconds(stdout: str) -> float | None:
+    match = _INPROCESS.search(stdout.strip())
+    return float(match.group(1)) if match else None
 
 
 def warm(files: list[Path]) -> None:
@@ -85,7 +97,7 @@ class Case:
     def run(self, repeat: int, files: list[Path], *, cold: bool = False) -> dict:
         """Time the command `repeat` times (once if it is a slow baseline: its noise matters less)."""
         repeat = 1 if self.slow else repeat
-        walls, rss, loads = [], [], []
+        walls, rss, loads, inside = [], [], [], []
         warm(files)
         for _ in range(repeat):
             for path in self.cleanup:
@@ -93,9 +105,10 @@ class Case:
             if cold:
                 evict(files)
             loads.append(load())
-            wall, peak = measure(self.command, env=self.env)
+            wall, peak, stdout = measure(self.command, env=self.env)
             walls.append(wall)
             rss.append(peak)
+            inside.append(inprocess_seconds(stdout))
         for path in self.cleanup:
             shutil.rmtree(path, ignore_errors=True)
         row = {
@@ -106,6 +119,7 @@ class Case:
             "walls": walls,
             "rss": rss,
             "load": loads,
+            "inprocess": inside,
             **self.params,
         }
         print(f"  {self.label:<52} best {min(walls):7.2f} s  median {statistics.median(walls):7.2f} s  "
@@ -158,7 +172,8 @@ def env_with(pythonpath: Path) -> dict:
 
 
 def bema(run_dir: Path, base_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "bema_offline", "average", str(run_dir), "--base-model", str(base_dir), "-o", str(out), "-q", *extra]
+    # not -q: its last line says how long it took after startup (the progress bars go to stderr, to a file)
+    return [sys.executable, "-m", "bema_offline", "average", str(run_dir), "--base-model", str(base_dir), "-o", str(out), *extra]
 
 
 # --- sections ---------------------------------------------------------------------------------------------------
@@ -188,30 +203,39 @@ def section_main(args, scratch: Path) -> list[dict]:
 
 
 def section_sweep(args, scratch: Path) -> list[dict]:
-    run_dir, base_dir = synthetic(args.root, "run-1g", size=GIB, checkpoints=8)
-    files = input_files(run_dir, base_dir)
-    nbytes = sum(f.stat().st_size for f in files)
-    here = env_with(REPO)
+    """One config, a sweep of 8 in one pass, and 8 separate runs: on the main run with output on disk (8 GiB of
+    fsynced writes), and on 8 checkpoints of 0.5 GiB with output on tmpfs (the engine alone; 8 × 1 GiB of output
+    would not fit in RAM beside the page-cached inputs)."""
     rows = []
-    for where, root in (("disk", scratch), ("tmpfs", Path("/dev/shm") / f"bema-bench-{os.getpid()}")):
+    here = env_with(REPO)
+    cases = [("disk", "run-1g", GIB, 8, scratch), ("tmpfs", "run-05g-16", GIB // 2, 16, Path("/dev/shm") / f"bema-bench-{os.getpid()}")]
+    for where, name, size, checkpoints, root in cases:
+        run_dir, base_dir = synthetic(args.root, name, size=size, checkpoints=checkpoints)
+        files = input_files(run_dir, base_dir, max_step=3200)
+        nbytes = sum(f.stat().st_size for f in files)
         out = root / "sweep"
-        rows.append(Case("sweep", f"1 config, output on {where}", bema(run_dir, base_dir, out), input_bytes=nbytes,
-                         env=here, cleanup=[out], params={"configs": 1, "output": where}).run(args.repeat, files))
-        rows.append(Case("sweep", f"8 configs in one pass (--grid), output on {where}",
-                         bema(run_dir, base_dir, out, "--grid", *SWEEP_GRID), input_bytes=nbytes, env=here, cleanup=[out],
-                         params={"configs": 8, "output": where}).run(args.repeat, files))
+        narrow = ["--max-step", "3200"]
+        tag = f"{size / GIB:g} GiB × 8, output on {where}"
+        grids = [("4 ema_power × 2 bias_power: 4 EMAs", SWEEP_GRID)]
+        if where == "tmpfs":
+            grids.append(("8 ema_power: 8 EMAs", ["ema_power=0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"]))
+        rows.append(Case("sweep", f"1 config ({tag})", bema(run_dir, base_dir, out, *narrow), input_bytes=nbytes, env=here,
+                         cleanup=[out], params={"configs": 1, "output": where}).run(args.repeat, files))
+        for label, grid in grids:
+            rows.append(Case("sweep", f"8 configs in one pass, {label} ({tag})", bema(run_dir, base_dir, out, *narrow, "--grid", *grid),
+                             input_bytes=nbytes, env=here, cleanup=[out], params={"configs": 8, "output": where}).run(args.repeat, files))
         separate = []
         for ema_power in ("0.3", "0.4", "0.5", "0.6"):
             for bias_power in ("0.1", "0.2"):
-                separate.append(Case("sweep", f"run ema_power={ema_power},bias_power={bias_power}",
-                                     bema(run_dir, base_dir, out, "--ema-power", ema_power, "--bias-power", bias_power),
-                                     input_bytes=nbytes, env=here, cleanup=[out]).run(1, files))
+                command = bema(run_dir, base_dir, out, *narrow, "--ema-power", ema_power, "--bias-power", bias_power)
+                separate.append(Case("sweep", f"  run ema_power={ema_power},bias_power={bias_power}", command, input_bytes=nbytes,
+                                     env=here, cleanup=[out]).run(1, files))
         rows.append({
-            "section": "sweep", "label": f"8 separate runs (sum), output on {where}", "command": "8 × bema-average --ema-power E --bias-power B",
+            "section": "sweep", "label": f"8 separate runs, sum ({tag})", "command": "8 × bema-average --ema-power E --bias-power B",
             "input_bytes": 8 * nbytes, "walls": [sum(r["walls"][0] for r in separate)], "rss": [max(r["rss"][0] for r in separate)],
-            "load": [separate[0]["load"][0]], "configs": 8, "output": where,
+            "load": [separate[0]["load"][0]], "inprocess": [sum(r["inprocess"][0] or 0 for r in separate)], "configs": 8, "output": where,
         })
-        print(f"  8 separate runs, output on {where}: {rows[-1]['walls'][0]:.2f} s", flush=True)
+        print(f"  8 separate runs ({tag}): {rows[-1]['walls'][0]:.2f} s", flush=True)
     return rows
 
 
@@ -271,6 +295,38 @@ def section_linearity(args, scratch: Path) -> list[dict]:
     return rows
 
 
+GROUPS_PROBE = """
+import sys, time
+from pathlib import Path
+from bema_offline import BEMASchedule, engine
+from bema_offline.plan import make_plan
+cache = None if sys.argv[3] == "whole" else int(sys.argv[3]) * 2**20
+engine.CACHE_BYTES = cache
+plan = make_plan(sys.argv[1], [("", BEMASchedule())], base_model_dir=Path(sys.argv[2]))
+class Null(engine.Sink):
+    def write(self, output_index, piece, tensor):
+        pass
+run = engine.Engine(plan, Null(), max_memory=512 * 2**20)
+started, cpu = time.perf_counter(), time.process_time()
+run.run()
+print(f"{len(run.groups)} groups, {time.process_time() - cpu:.2f} s of CPU; computed in {time.perf_counter() - started:.2f} s")
+"""
+
+
+def section_groups(args, scratch: Path) -> list[dict]:
+    """Why the engine does not use all of --max-memory: the engine alone (no writes), in-process, with groups capped
+    at various sizes per worker (engine.CACHE_BYTES; "whole" lets groups fill the 512 MiB budget)."""
+    run_dir, base_dir = synthetic(args.root, "run-1g", size=GIB, checkpoints=8)
+    files = input_files(run_dir, base_dir)
+    nbytes = sum(f.stat().st_size for f in files)
+    rows = []
+    for cache in ("2", "8", "32", "128", "whole"):
+        label = f"engine only, groups ≤ {cache} MiB per worker" if cache != "whole" else "engine only, groups fill the budget"
+        rows.append(Case("groups", label, [sys.executable, "-c", GROUPS_PROBE, str(run_dir), str(base_dir), cache],
+                         input_bytes=nbytes, env=env_with(REPO), params={"cache": cache}).run(args.repeat, files))
+    return rows
+
+
 def section_cold(args, scratch: Path) -> list[dict]:
     """The inputs evicted from the page cache before each repeat: reads come from the disk."""
     run_dir, base_dir = synthetic(args.root, "run-1g", size=GIB, checkpoints=8)
@@ -304,12 +360,14 @@ def machine() -> dict:
 def _row(r: dict) -> str:
     best, median = min(r["walls"]), statistics.median(r["walls"])
     rate = r["input_bytes"] / best / 1e9 if r["input_bytes"] else 0
-    return (f"| {r['label']} | {best:.2f} | {median:.2f} | {len(r['walls'])} | {max(r['rss']) / 2**20:.0f} | "
+    inside = [t for t in r.get("inprocess", []) if t is not None]
+    after = f"{min(inside):.2f}" if inside else ""
+    return (f"| {r['label']} | {best:.2f} | {median:.2f} | {after} | {len(r['walls'])} | {max(r['rss']) / 2**20:.0f} | "
             f"{rate:.2f} | {r['load'][0]:.1f} |")
 
 
-HEADER = ("| case | best wall (s) | median (s) | runs | peak RSS (MiB) | input GB/s (best) | load avg at start |\n"
-          "|---|---|---|---|---|---|---|")
+HEADER = ("| case | best wall (s) | median wall (s) | after startup (s) | runs | peak RSS (MiB) | input GB/s (best wall) "
+          "| load avg at start |\n|---|---|---|---|---|---|---|---|")
 
 
 def write_report(results: dict, path: Path) -> None:
@@ -344,17 +402,25 @@ def write_report(results: dict, path: Path) -> None:
 
 TITLES = {
     "main": "8 checkpoints + base, about 1 GiB of bf16 each (9.2 GiB read)",
-    "sweep": "Sweeps: 8 configs in one pass against one config and 8 separate runs",
+    "sweep": "Sweeps: 8 configs in one pass against one config and 8 separate runs (8 checkpoints + base)",
     "budget": "Peak RSS against --max-memory (8 × 1 GiB run)",
     "count": "Checkpoint count: 2 to 16 checkpoints of 0.5 GiB (one run, narrowed with --max-step)",
     "linearity": "Model size: 0.25 to 4 GiB per checkpoint (2 checkpoints + base, scaled down in count to fit the time)",
     "cold": "Cold page cache (inputs evicted with POSIX_FADV_DONTNEED before each repeat)",
+    "groups": "Group size: the engine alone (in-process, no writes), groups capped at N MiB per worker",
 }
 NOTES = {
+    "groups": "The 'after startup' column is the engine's run; the peak RSS includes the groups' arenas. Small groups "
+              "stay in the CPU cache from one step to the next; that is why the engine uses at most 8 MiB per worker "
+              "whatever --max-memory allows (engine.CACHE_BYTES).",
+    "budget": "The engine's groups take at most 8 MiB per worker thread (2 here) even when --max-memory allows more "
+              "(see the group-size section); a smaller budget makes them smaller. Peak RSS is the Python, torch and "
+              "matplotlib (model card chart) baseline plus the arenas.",
     "main": "`bema-average` writes a 1 GiB output and fsyncs it before publishing; the naive baseline writes without "
             "fsync; `cat` writes nothing.",
-    "sweep": "Each config writes its own 1 GiB folder: with output on disk, the sweep also measures the disk's write "
-             "speed; on tmpfs it measures the engine.",
+    "sweep": "Each config writes its own output folder (1 or 0.5 GiB): on disk the sweep also measures the disk's "
+             "write speed (about 300 MB/s with fsync here); on tmpfs it measures the engine. Configs that differ only in "
+             "bias_power share one EMA (only α differs), so the 4 × 2 grid updates 4 EMAs and the 8-value grid 8.",
 }
 
 
@@ -362,6 +428,12 @@ def _best(results: dict, section: str, label_start: str) -> float | None:
     rows = results["sections"].get(section, {}).get("rows", [])
     walls = [min(r["walls"]) for r in rows if r["label"].startswith(label_start)]
     return walls[0] if walls else None
+
+
+def _after_startup(results: dict, section: str, label_start: str) -> float | None:
+    rows = results["sections"].get(section, {}).get("rows", [])
+    times = [t for r in rows if r["label"].startswith(label_start) for t in r.get("inprocess", []) if t is not None]
+    return min(times) if times else None
 
 
 def _ratios(results: dict) -> list[str]:
@@ -374,11 +446,20 @@ def _ratios(results: dict) -> list[str]:
         lines.append(f"naive baseline / bema-average: {naive / ours:.1f}× faster")
     if previous and ours:
         lines.append(f"previous engine / bema-average: {previous / ours:.1f}× faster")
-    for where in ("disk", "tmpfs"):
-        one, sweep = _best(results, "sweep", f"1 config, output on {where}"), _best(results, "sweep", f"8 configs in one pass (--grid), output on {where}")
-        separate = _best(results, "sweep", f"8 separate runs (sum), output on {where}")
-        if one and sweep and separate:
-            lines.append(f"sweep of 8 configs / 1 config, output on {where}: {sweep / one:.2f}× (8 separate runs: {separate / one:.2f}×)")
+    inside = {label: _after_startup(results, "main", label) for label in ("naive", "previous", "bema-average")}
+    if all(inside.values()) and raw:
+        lines.append(
+            f"after startup (Python and torch imported; the tools' own timers): bema-average {inside['bema-average']:.2f} s = "
+            f"{inside['bema-average'] / raw:.2f}× the raw read; naive / bema-average {inside['naive'] / inside['bema-average']:.1f}×; "
+            f"previous / bema-average {inside['previous'] / inside['bema-average']:.1f}×"
+        )
+    for where, size in (("disk", "1"), ("tmpfs", "0.5")):
+        tag = f"({size} GiB × 8, output on {where})"
+        one, separate = _best(results, "sweep", f"1 config {tag}"), _best(results, "sweep", f"8 separate runs, sum {tag}")
+        for grid in ("4 ema_power × 2 bias_power: 4 EMAs", "8 ema_power: 8 EMAs"):
+            sweep = _best(results, "sweep", f"8 configs in one pass, {grid} {tag}")
+            if one and sweep and separate:
+                lines.append(f"sweep of 8 configs ({grid}) / 1 config {tag}: {sweep / one:.2f}× (8 separate runs: {separate / one:.2f}×)")
     count = results["sections"].get("count", {}).get("rows", [])
     rss = {r["checkpoints"]: max(r["rss"]) for r in count if r.get("tool") == "bema-average"}
     if 4 in rss and 16 in rss:
@@ -451,7 +532,7 @@ def main() -> None:
     results = json.loads(args.results.read_text()) if args.results.is_file() else {"sections": {}}
     results["meta"] = {"machine": machine()}
     runners = {"main": section_main, "sweep": section_sweep, "budget": section_budget, "count": section_count,
-               "linearity": section_linearity, "cold": section_cold}
+               "linearity": section_linearity, "cold": section_cold, "groups": section_groups}
     for name in args.sections:
         if name == "report":
             continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -58,11 +59,13 @@ def main() -> None:
     parser.add_argument("--bias-power", type=float, default=0.2)
     parser.add_argument("--lag", type=float, default=10)
     args = parser.parse_args()
+    started = time.perf_counter()  # after the imports, like bema-average's own summary line
     bema = naive_bema(
         args.run_dir, args.base_model, update_freq=args.update_freq, ema_power=args.ema_power, bias_power=args.bias_power, lag=args.lag
     )
     args.output.mkdir(parents=True, exist_ok=True)
     save_file(bema, args.output / "model.safetensors", metadata={"format": "pt"})
+    print(f"computed in {time.perf_counter() - started:.2f} s")
 
 
 if __name__ == "__main__":
