@@ -5,15 +5,7 @@ import json
 import pytest
 from synthetic import make_run
 
-from bema_offline.cli import _run, average_command
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        _run(average_command, [str(a) for a in args], prog_name="bema-average")
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return exit_info.value.code or 0, out, err
+from cli.test_average import run_cli
 
 
 @pytest.fixture
