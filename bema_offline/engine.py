@@ -316,7 +316,8 @@ class Engine:
         cache_bytes = None if self.staged else CACHE_BYTES
         self.groups = group_slices(plan, max_memory=max_memory // self.threads, accum_dtype=accum_dtype, cache_bytes=cache_bytes)
         self.threads = max(1, min(self.threads, len(self.groups)))
-        self._on_progress = on_progress or (lambda nbytes, ntensors: None)
+        self._on_progress = on_progress
+        self._progress_lock = threading.Lock()  # not the sink's: a worker writing its outputs does not stall the others
         self.theta0_steps = sorted({run.schedule.theta0_step for run in plan.schedules})
         self.slots = ema_slots(plan)  # schedule -> its EMA
         self.slot_theta0 = {}  # EMA -> its θ0 step
@@ -402,8 +403,9 @@ class Engine:
                 self._error = error
 
     def _progress(self, nbytes: int, ntensors: int) -> None:
-        with self._lock:
-            self._on_progress(nbytes, ntensors)
+        if self._on_progress is not None:
+            with self._progress_lock:
+                self._on_progress(nbytes, ntensors)
 
     # --- one group -------------------------------------------------------------------------------------------
 
