@@ -13,12 +13,15 @@ The arithmetic is TRL's, op for op, on the whole group at once (its slices lie s
 Elementwise ops give the same bits on any slicing, so the result depends neither on the budget nor on the
 number of workers.
 
-Speed comes from three choices, each measured (docs/benchmarks.md):
+Speed comes from four choices, each measured (docs/benchmarks.md):
+
+- the EMA updates of a step run in one pass over memory, in the C kernel of `kernels` (the same bits as the
+  torch ops above; a bf16 checkpoint is upcast on the fly, and read once for all the EMAs of a sweep);
 
 - groups are small enough (`CACHE_BYTES` per worker) that a group's state stays in the CPU cache from one step to
   the next, so memory traffic is mostly the input bytes themselves;
 - every buffer a worker needs lives in one arena allocated once and reused for every group;
-- several workers (threads; torch releases the GIL) each take whole groups, so reading and arithmetic of
+- several workers (threads; torch and the kernel release the GIL) each take whole groups, so reading and arithmetic of
   different groups overlap on different cores.
 
 A tensor that is bit-identical in θ0 and in every checkpoint replayed (a frozen parameter) is written unchanged.
@@ -38,6 +41,7 @@ import torch
 
 from .checkpoints import BASE_STEP, WeightSource
 from .errors import DataError, UsageError
+from .kernels import kernel_applies, kernel_name, update_emas_fused, update_emas_torch
 from .plan import Plan
 from .safetensors_io import DTYPES, OpenFiles, writable_view
 
@@ -292,6 +296,8 @@ class Engine:
         device (`str | torch.device`, defaults to "cpu"): where the arithmetic runs; "cuda" keeps the state on the
             GPU and copies each step's bytes over (the reads stay on the CPU).
         on_progress (`Callable[[int, int], None]`, optional): called with (bytes read, tensors finished).
+        fused (`bool`, defaults to True): update the EMAs with the C kernel where it applies (see `kernels`);
+            False runs torch's ops everywhere. The bits are the same.
     """
 
     def __init__(
@@ -304,6 +310,7 @@ class Engine:
         threads: int | None = None,
         device: str | torch.device = "cpu",
         on_progress: Callable[[int, int], None] | None = None,
+        fused: bool = True,
     ) -> None:
         self.plan = plan
         self.sink = sink
@@ -317,6 +324,7 @@ class Engine:
         self.groups = group_slices(plan, max_memory=max_memory // self.threads, accum_dtype=accum_dtype, cache_bytes=cache_bytes)
         self.threads = max(1, min(self.threads, len(self.groups)))
         self._on_progress = on_progress
+        self.fused = fused and self.device.type == "cpu" and kernel_name() is not None
         self._progress_lock = threading.Lock()  # not the sink's: a worker writing its outputs does not stall the others
         self.theta0_steps = sorted({run.schedule.theta0_step for run in plan.schedules})
         self.slots = ema_slots(plan)  # schedule -> its EMA
@@ -434,14 +442,26 @@ class Engine:
             bounds.append((start, start + piece.numel))
         unchanged = [list(range(len(group))) for _ in self.slot_theta0]  # per EMA: slices equal to θ0 so far
         for step in self.plan.read_steps:
-            x = self._read(layouts[step], read, raw, theta0.get(step, xa), worker)
+            layout = layouts[step]
+            self._read(layout, read, raw, worker)
+            theta = raw[: layout.nbytes].view(layout.dtype) if layout.dtype is not None else None
+            updates = self.updates.get(step, ())
+            fused = self.fused and theta is not None and kernel_applies(theta.dtype, kind.accum)
+            x = None  # θ_t in the accumulation dtype, made only when a step needs it
+            if not fused or step in theta0 or step in self.outputs_at or any(unchanged[u.slot] for u in updates):
+                x = self._upcast(layout, raw, into=theta0.get(step, xa))
             if step in theta0:
                 if x.data_ptr() != theta0[step].data_ptr():
                     theta0[step].copy_(x)
                 for slot in self.starts_at.get(step, ()):
                     ema[slot].copy_(theta0[step])
-            for update in self.updates.get(step, ()):
-                ema[update.slot].mul_(1 - update.beta).add_(x, alpha=update.beta)
+            if updates:
+                emas, betas = [ema[u.slot] for u in updates], [u.beta for u in updates]
+                if fused:
+                    update_emas_fused(theta, emas, betas)
+                else:
+                    update_emas_torch(x, emas, betas)
+            for update in updates:
                 if unchanged[update.slot]:
                     tau = theta0[self.slot_theta0[update.slot]]
                     unchanged[update.slot] = [i for i in unchanged[update.slot] if torch.equal(x[slice(*bounds[i])], tau[slice(*bounds[i])])]
@@ -491,22 +511,25 @@ class Engine:
 
     # --- reading ---------------------------------------------------------------------------------------------
 
-    def _read(self, layout: _Layout, read: torch.Tensor, raw: torch.Tensor, into: torch.Tensor, worker: _Worker) -> torch.Tensor:
-        """Read a group at one step into `read`, copy it to `raw` on the device (when that is another buffer), and
-        return it in the accumulation dtype: converted into `into`, or the raw bytes themselves when the input
-        already has that dtype."""
+    def _read(self, layout: _Layout, read: torch.Tensor, raw: torch.Tensor, worker: _Worker) -> None:
+        """Read a group's bytes at one step into `read`, and copy them to `raw` on the device when that is another
+        buffer."""
         for path, start, buffer_offset, size in layout.ranges:
             worker.files.read_into(path, start, writable_view(read[buffer_offset : buffer_offset + size]))
         self._progress(layout.nbytes, 0)
         if raw is not read:
             raw[: layout.nbytes].copy_(read[: layout.nbytes])
-        read = raw
+
+    @staticmethod
+    def _upcast(layout: _Layout, raw: torch.Tensor, *, into: torch.Tensor) -> torch.Tensor:
+        """The group's values in the accumulation dtype: converted into `into`, or the raw bytes themselves when
+        the input already has that dtype."""
         if layout.dtype is not None:
-            x = read[: layout.nbytes].view(layout.dtype)
+            x = raw[: layout.nbytes].view(layout.dtype)
             return x if layout.dtype == into.dtype else into.copy_(x)
         element = 0
         for offset, dtype, numel in zip(layout.offsets, layout.dtypes, layout.numels):
-            into[element : element + numel].copy_(read[offset : offset + numel * dtype.itemsize].view(dtype))
+            into[element : element + numel].copy_(raw[offset : offset + numel * dtype.itemsize].view(dtype))
             element += numel
         return into
 

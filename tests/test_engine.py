@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from synthetic import make_run
 
-from bema_offline import BEMASchedule, DataError, UsageError, average
+from bema_offline import BEMASchedule, DataError, UsageError, average, kernels
 from bema_offline.engine import group_slices
 
 
@@ -286,3 +286,25 @@ def test_checkpoints_after_the_last_output_are_not_read(tmp_path):
         out = load_output(tmp_path / "out" / f"step-{step}")
         trl = trl_replay(weights, schedule, [1, 2, 3, 4, 5, 6], step)
         assert all(torch.equal(out[k], trl[k]) for k in trl)
+
+
+@pytest.mark.skipif(kernels._kernel is None, reason="the C kernel was not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_fused_kernel_and_torch_ops_give_the_same_bits(tmp_path, dtype):
+    """The whole engine with the C kernel (where it applies) and with torch's ops only: a sweep of four EMAs, one
+    of them starting late, a frozen tensor and a non-float one."""
+    from bema_offline.engine import Engine
+
+    run_dir, base_dir, _ = make_run(
+        tmp_path, [1, 2, 3, 4, 5, 6], dtype=dtype, shards=2, frozen=("model.norm.weight",), extra={"position_ids": torch.arange(9)}
+    )
+    configs = [
+        (f"c{i}", BEMASchedule(update_freq=1, ema_power=power, update_after=after))
+        for i, (power, after) in enumerate([(0.3, 0), (0.5, 0), (0.5, 2), (0.9, 0)])
+    ]
+    plan = average(run_dir, tmp_path / "o", schedule=configs, base_model=base_dir, save=("ema", "bema"), steps="every", dry_run=True).plan
+    fused, plain = CollectingSink(), CollectingSink()
+    Engine(plan, fused, max_memory=20_000, threads=2).run()
+    Engine(plan, plain, max_memory=20_000, threads=2, fused=False).run()
+    assert fused.slices.keys() == plain.slices.keys() and len(fused.slices) > 100
+    assert all(torch.equal(fused.slices[key].view(torch.uint8), plain.slices[key].view(torch.uint8)) for key in fused.slices)

@@ -14,6 +14,7 @@ import click
 
 from .. import __version__
 from ..errors import BemaError, one_line
+from ..kernels import kernel_name
 from ._help import CONTEXT
 from .average import average_command
 from .demo import demo_command
@@ -23,7 +24,9 @@ from .verify import verify_command
 
 
 @click.group(context_settings=CONTEXT)
-@click.version_option(__version__, prog_name="bema-offline")
+@click.version_option(
+    __version__, prog_name="bema-offline", message=f"%(prog)s %(version)s (EMA kernel: {kernel_name() or 'torch ops'})"
+)
 def cli() -> None:
     """Average a finished training run's checkpoints with BEMA or EMA, offline and streaming."""
 

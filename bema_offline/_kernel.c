@@ -1,0 +1,139 @@
+/* The EMA update of BEMA in one pass over memory, with TRL's exact rounding.
+ *
+ * TRL updates each EMA with two torch ops, `ema.mul_(1 - beta).add_(theta, alpha=beta)`, which on float32 round
+ * twice per element:
+ *
+ *     m   = fl32(ema * keep)            keep = fl32(1 - beta)
+ *     ema = fma(theta, fl32(beta), m)    torch's CPU and CUDA add kernels fuse `self + alpha * other`
+ *
+ * Done with torch, that is three passes over memory per step and per EMA (a bf16 checkpoint is first upcast to
+ * float32). `ema_update` does it in one pass, for any number of EMAs, reading theta once: a block of theta is
+ * upcast into a buffer that stays in L1, then every EMA is advanced over that block. bf16 -> float32 is exact
+ * (a shift), so the bits are those of the torch ops; tests/test_kernel.py checks this against torch itself.
+ *
+ * Compiled with -ffp-contract=off: the product `ema * keep` must round on its own, never fuse into the add. On
+ * x86-64 a second copy of the loops is built for AVX2+FMA and chosen at run time, so one build runs on any
+ * x86-64 CPU (a shared virtual environment on a cluster of mixed nodes, say). Without FMA hardware, C's fmaf()
+ * computes the same correctly rounded result, only slower.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 2048 /* elements of theta upcast at a time: 8 KiB, well inside L1 */
+
+typedef struct {
+    float *ema;
+    float keep; /* fl32(1 - beta) */
+    float beta; /* fl32(beta) */
+} Update;
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+#define DEFINE_LOOPS(SUFFIX, ATTR)                                                                           \
+    ATTR static void upcast_bf16_##SUFFIX(float *restrict out, const uint16_t *restrict in, Py_ssize_t n) {   \
+        for (Py_ssize_t i = 0; i < n; i++) out[i] = bf16_to_f32(in[i]);                                      \
+    }                                                                                                         \
+    ATTR static void advance_##SUFFIX(float *restrict ema, const float *restrict theta, Py_ssize_t n,        \
+                                      float keep, float beta) {                                               \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                                  \
+            float m = ema[i] * keep;                                                                          \
+            ema[i] = fmaf(theta[i], beta, m);                                                                 \
+        }                                                                                                     \
+    }                                                                                                         \
+    ATTR static void update_##SUFFIX(const Update *updates, Py_ssize_t count, const void *theta, int bf16,  \
+                                     Py_ssize_t n) {                                                          \
+        float block[BLOCK];                                                                                   \
+        for (Py_ssize_t start = 0; start < n; start += BLOCK) {                                               \
+            Py_ssize_t len = n - start < BLOCK ? n - start : BLOCK;                                           \
+            const float *x = (const float *)theta + start;                                                    \
+            if (bf16) {                                                                                       \
+                upcast_bf16_##SUFFIX(block, (const uint16_t *)theta + start, len);                           \
+                x = block;                                                                                    \
+            }                                                                                                 \
+            for (Py_ssize_t k = 0; k < count; k++)                                                            \
+                advance_##SUFFIX(updates[k].ema + start, x, len, updates[k].keep, updates[k].beta);          \
+        }                                                                                                     \
+    }
+
+DEFINE_LOOPS(generic, )
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+DEFINE_LOOPS(avx2, __attribute__((target("avx2,fma"))))
+static int has_avx2_fma(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+#define HAVE_AVX2_BUILD 1
+#else
+#define HAVE_AVX2_BUILD 0
+#endif
+
+static void (*update_impl)(const Update *, Py_ssize_t, const void *, int, Py_ssize_t) = update_generic;
+static const char *impl_name = "generic";
+
+static PyObject *ema_update(PyObject *self, PyObject *args) {
+    unsigned long long theta_address;
+    int bf16;
+    Py_ssize_t n;
+    PyObject *seq;
+    if (!PyArg_ParseTuple(args, "KpnO:ema_update", &theta_address, &bf16, &n, &seq)) return NULL;
+    PyObject *fast = PySequence_Fast(seq, "updates must be a sequence of (address, keep, beta)");
+    if (fast == NULL) return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(fast);
+    Update *updates = PyMem_Malloc((count ? count : 1) * sizeof(Update));
+    if (updates == NULL) {
+        Py_DECREF(fast);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t k = 0; k < count; k++) {
+        unsigned long long address;
+        double keep, beta;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, k), "Kdd:update", &address, &keep, &beta)) {
+            PyMem_Free(updates);
+            Py_DECREF(fast);
+            return NULL;
+        }
+        updates[k] = (Update){(float *)(uintptr_t)address, (float)keep, (float)beta};
+    }
+    Py_DECREF(fast);
+    Py_BEGIN_ALLOW_THREADS
+    update_impl(updates, count, (const void *)(uintptr_t)theta_address, bf16, n);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(updates);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"ema_update", ema_update, METH_VARARGS,
+     "ema_update(theta_address, theta_is_bf16, n, updates): for each (ema_address, keep, beta) in updates, "
+     "ema = fma(theta, fl32(beta), fl32(ema * fl32(keep))) over n float32 elements; theta is float32 or bf16."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__kernel(void) {
+#if HAVE_AVX2_BUILD
+    if (has_avx2_fma()) {
+        update_impl = update_avx2;
+        impl_name = "avx2+fma";
+    }
+#endif
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddIntConstant(m, "BLOCK", BLOCK) < 0 || PyModule_AddStringConstant(m, "IMPL", impl_name) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
