@@ -11,6 +11,10 @@
  * upcast into a buffer that stays in L1, then every EMA is advanced over that block. bf16 -> float32 is exact
  * (a shift), so the bits are those of the torch ops; tests/test_kernel.py checks this against torch itself.
  *
+ * `bema_output` writes one output the same way: TRL's `ema + alpha * (theta - theta0)` as torch computes it (three
+ * roundings: the difference, the product by fl32(alpha), the sum), or the EMA itself, rounded to the output dtype
+ * (float32, or bf16 to nearest even as torch does), in one pass; it says whether every value written is finite.
+ *
  * Compiled with -ffp-contract=off: the product `ema * keep` must round on its own, never fuse into the add. On
  * x86-64 a second copy of the loops is built for AVX2+FMA and chosen at run time, so one build runs on any
  * x86-64 CPU (a shared virtual environment on a cluster of mixed nodes, say). Without FMA hardware, C's fmaf()
@@ -31,6 +35,13 @@ typedef struct {
     float keep; /* fl32(1 - beta) */
     float beta; /* fl32(beta) */
 } Update;
+
+static inline uint16_t f32_to_bf16(float f) { /* torch's round-to-nearest-even; NaN -> 0x7FC0 */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -63,6 +74,56 @@ static inline float bf16_to_f32(uint16_t h) {
             for (Py_ssize_t k = 0; k < count; k++)                                                            \
                 advance_##SUFFIX(updates[k].ema + start, x, len, updates[k].keep, updates[k].beta);          \
         }                                                                                                     \
+    }                                                                                                         \
+    ATTR static void bema_values_##SUFFIX(float *restrict out, const float *restrict theta,                 \
+                                          const float *restrict theta0, const float *restrict ema,           \
+                                          Py_ssize_t n, float alpha) {                                        \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                                  \
+            float diff = theta[i] - theta0[i];                                                                \
+            float scaled = diff * alpha;                                                                      \
+            out[i] = scaled + ema[i];                                                                         \
+        }                                                                                                     \
+    }                                                                                                         \
+    ATTR static int store_##SUFFIX(void *out, int out_bf16, const float *restrict values, Py_ssize_t n) {    \
+        uint32_t special = 0; /* OR of a flag per value: exponent all ones (Inf or NaN) */                  \
+        if (out_bf16) {                                                                                       \
+            uint16_t *restrict o = out;                                                                       \
+            for (Py_ssize_t i = 0; i < n; i++) {                                                              \
+                uint16_t h = f32_to_bf16(values[i]);                                                          \
+                o[i] = h;                                                                                     \
+                special |= (h & 0x7F80u) == 0x7F80u;                                                          \
+            }                                                                                                 \
+        } else {                                                                                              \
+            float *restrict o = out;                                                                          \
+            for (Py_ssize_t i = 0; i < n; i++) {                                                              \
+                uint32_t bits;                                                                                \
+                memcpy(&bits, &values[i], sizeof bits);                                                       \
+                o[i] = values[i];                                                                             \
+                special |= (bits & 0x7F800000u) == 0x7F800000u;                                               \
+            }                                                                                                 \
+        }                                                                                                     \
+        return !special;                                                                                      \
+    }                                                                                                         \
+    ATTR static int output_##SUFFIX(const void *theta, int theta_bf16, const float *theta0, const float *ema, \
+                                    Py_ssize_t n, int bema, float alpha, void *out, int out_bf16) {           \
+        float x_block[BLOCK], values[BLOCK];                                                                  \
+        int finite = 1;                                                                                       \
+        for (Py_ssize_t start = 0; start < n; start += BLOCK) {                                               \
+            Py_ssize_t len = n - start < BLOCK ? n - start : BLOCK;                                           \
+            const float *v = ema + start;                                                                     \
+            if (bema) {                                                                                       \
+                const float *x = (const float *)theta + start;                                                \
+                if (theta_bf16) {                                                                             \
+                    upcast_bf16_##SUFFIX(x_block, (const uint16_t *)theta + start, len);                     \
+                    x = x_block;                                                                              \
+                }                                                                                             \
+                bema_values_##SUFFIX(values, x, theta0 + start, ema + start, len, alpha);                    \
+                v = values;                                                                                   \
+            }                                                                                                 \
+            void *o = out_bf16 ? (void *)((uint16_t *)out + start) : (void *)((float *)out + start);          \
+            finite &= store_##SUFFIX(o, out_bf16, v, len);                                                    \
+        }                                                                                                     \
+        return finite;                                                                                        \
     }
 
 DEFINE_LOOPS(generic, )
@@ -79,6 +140,8 @@ static int has_avx2_fma(void) {
 #endif
 
 static void (*update_impl)(const Update *, Py_ssize_t, const void *, int, Py_ssize_t) = update_generic;
+static int (*output_impl)(const void *, int, const float *, const float *, Py_ssize_t, int, float, void *, int) =
+    output_generic;
 static const char *impl_name = "generic";
 
 static PyObject *ema_update(PyObject *self, PyObject *args) {
@@ -113,10 +176,30 @@ static PyObject *ema_update(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *bema_output(PyObject *self, PyObject *args) {
+    unsigned long long theta_address, theta0_address, ema_address, out_address;
+    int theta_bf16, bema, out_bf16, finite;
+    Py_ssize_t n;
+    double alpha;
+    if (!PyArg_ParseTuple(args, "KpKKnpdKp:bema_output", &theta_address, &theta_bf16, &theta0_address, &ema_address, &n,
+                          &bema, &alpha, &out_address, &out_bf16))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    finite = output_impl((const void *)(uintptr_t)theta_address, theta_bf16, (const float *)(uintptr_t)theta0_address,
+                         (const float *)(uintptr_t)ema_address, n, bema, (float)alpha, (void *)(uintptr_t)out_address,
+                         out_bf16);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(finite);
+}
+
 static PyMethodDef methods[] = {
     {"ema_update", ema_update, METH_VARARGS,
      "ema_update(theta_address, theta_is_bf16, n, updates): for each (ema_address, keep, beta) in updates, "
      "ema = fma(theta, fl32(beta), fl32(ema * fl32(keep))) over n float32 elements; theta is float32 or bf16."},
+    {"bema_output", bema_output, METH_VARARGS,
+     "bema_output(theta_address, theta_is_bf16, theta0_address, ema_address, n, bema, alpha, out_address, "
+     "out_is_bf16) -> all finite: out = ema + fl32(alpha) * (theta - theta0) if bema else ema, rounded to "
+     "float32 or bf16."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -126,6 +209,7 @@ PyMODINIT_FUNC PyInit__kernel(void) {
 #if HAVE_AVX2_BUILD
     if (has_avx2_fma()) {
         update_impl = update_avx2;
+        output_impl = output_avx2;
         impl_name = "avx2+fma";
     }
 #endif

@@ -27,7 +27,16 @@ from .resume import Staging, plan_fingerprint, prepare_staging
 from .safetensors_io import OpenFiles
 from .schedule import BEMASchedule
 from .verify import check_folder, output_files
-from .writer import FolderSink, ModelFolderWriter, ShardLayout, TensorSpec, copy_sidecar_files, parse_size, shard_layout
+from .writer import (
+    FolderSink,
+    ModelFolderWriter,
+    ShardFlusher,
+    ShardLayout,
+    TensorSpec,
+    copy_sidecar_files,
+    parse_size,
+    shard_layout,
+)
 
 DEFAULT_MAX_MEMORY = "512MiB"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -262,11 +271,12 @@ def _write_outputs(
     """Write every output folder under `staging`; returns the number of shards reused from an interrupted run."""
     layout = shard_layout(_tensor_specs(plan), settings["max_shard_size"])
     keep = journal.reusable_shards([spec.relpath for spec in plan.outputs], layout)
-    writers = _write_shards(
-        plan, staging, settings, layout=layout, keep=keep, on_shard_done=journal.record_done, progress=progress,
-        threads=threads, device=device,
-    )
-    _finish_folders(plan, settings, writers)
+    with ShardFlusher() as flusher:  # the last shards reach the disk while the card and the rest are written
+        writers = _write_shards(
+            plan, staging, settings, layout=layout, keep=keep, on_shard_done=journal.record_done, progress=progress,
+            threads=threads, device=device, flusher=flusher,
+        )
+        _finish_folders(plan, settings, writers)
     return len(keep)
 
 
@@ -283,9 +293,11 @@ def _write_shards(
     progress: bool,
     threads: int | None,
     device: str,
+    flusher: ShardFlusher | None = None,
 ) -> list[ModelFolderWriter]:
-    """Compute and flush the shards of every output folder: all but `keep` (finished by an interrupted run), or
-    only `mine` (a rank's share of a distributed run)."""
+    """Compute the shards of every output folder: all but `keep` (finished by an interrupted run), or only `mine`
+    (a rank's share of a distributed run). Each finished shard is flushed to disk, by `flusher` when given (wait
+    on it before publishing), else before this returns."""
     specs = _tensor_specs(plan)
     folders = [staging / spec.relpath if spec.relpath else staging for spec in plan.outputs]
     todo_shards = [shard for shard in layout if shard.name not in keep and (mine is None or shard.name in mine)]
@@ -295,7 +307,7 @@ def _write_shards(
         writers = [
             ModelFolderWriter(
                 folder, specs, max_shard_size=settings["max_shard_size"], files=files, keep_shards=keep,
-                on_shard_done=on_shard_done, shards=mine,
+                on_shard_done=on_shard_done, shards=mine, flusher=flusher,
             )
             for folder in folders
         ]

@@ -9,13 +9,15 @@ from __future__ import annotations
 import datetime
 import os
 from pathlib import Path
-
-from huggingface_hub import ModelCard, ModelCardData
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .checkpoints import BASE_STEP
 from .plan import OutputSpec, Plan
 from .runinfo import detect_training, is_hub_id
+
+if TYPE_CHECKING:  # huggingface_hub is imported when a card is written, not at startup
+    from huggingface_hub import ModelCard, ModelCardData
 
 PROVENANCE_FILE = "bema_offline.json"
 CARD_FILE = "README.md"
@@ -140,6 +142,8 @@ def write_card(folder: Path, record: dict, *, repo_id: str | None = None, revisi
 
 def card_metadata(record: dict) -> ModelCardData:
     """The card's YAML metadata: base model (a Hub id), library and tags."""
+    from huggingface_hub import ModelCardData
+
     tags = ["bema", "bema-offline", *record.get("training", {}).get("tags", [])]
     return ModelCardData(
         base_model=record.get("base_model_id"), library_name="transformers", tags=list(dict.fromkeys(tags))
@@ -239,6 +243,8 @@ print(tokenizer.decode(outputs[0], skip_special_tokens=True))
 
 `{PROVENANCE_FILE}` records the schedule, the settings, the steps and the input files (names, sizes, times).
 """
+    from huggingface_hub import ModelCard
+
     return ModelCard(f"---\n{card_metadata(record).to_yaml()}\n---\n{body}")
 
 

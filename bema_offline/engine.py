@@ -41,7 +41,7 @@ import torch
 
 from .checkpoints import BASE_STEP, WeightSource
 from .errors import DataError, UsageError
-from .kernels import kernel_applies, kernel_name, update_emas_fused, update_emas_torch
+from .kernels import kernel_applies, kernel_name, output_applies, update_emas_fused, update_emas_torch, write_output_fused
 from .plan import Plan
 from .safetensors_io import DTYPES, OpenFiles, writable_view
 
@@ -357,7 +357,8 @@ class Engine:
             for piece in group:
                 self.last_slice[piece.name] = piece
         self.arena_bytes = max((self._arena_need(group, kind) for group, kind in zip(self.groups, self.kinds)), default=0)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the next group, and the first error
+        self._sink_lock = threading.Lock()  # one writer at a time, without holding up the others' next group
         self._next = 0
         self._error: BaseException | None = None
 
@@ -447,8 +448,15 @@ class Engine:
             theta = raw[: layout.nbytes].view(layout.dtype) if layout.dtype is not None else None
             updates = self.updates.get(step, ())
             fused = self.fused and theta is not None and kernel_applies(theta.dtype, kind.accum)
+            fused_out = self.fused and theta is not None and output_applies(theta.dtype, kind.accum, kind.out)
+            outputs_now = self.outputs_at.get(step, {})
             x = None  # θ_t in the accumulation dtype, made only when a step needs it
-            if not fused or step in theta0 or step in self.outputs_at or any(unchanged[u.slot] for u in updates):
+            if (
+                not fused
+                or step in theta0
+                or (outputs_now and not fused_out)
+                or any(unchanged[u.slot] for u in updates)
+            ):
                 x = self._upcast(layout, raw, into=theta0.get(step, xa))
             if step in theta0:
                 if x.data_ptr() != theta0[step].data_ptr():
@@ -465,18 +473,23 @@ class Engine:
                 if unchanged[update.slot]:
                     tau = theta0[self.slot_theta0[update.slot]]
                     unchanged[update.slot] = [i for i in unchanged[update.slot] if torch.equal(x[slice(*bounds[i])], tau[slice(*bounds[i])])]
-            for tau_step, outputs in self.outputs_at.get(step, {}).items():
+            for tau_step, outputs in outputs_now.items():
                 tau = theta0[tau_step]
-                if any(output_kind == "bema" for _, output_kind, _, _ in outputs):
+                if not fused_out and any(output_kind == "bema" for _, output_kind, _, _ in outputs):
                     torch.sub(x, tau, out=diff)
                 for output_index, output_kind, alpha, slot in outputs:
-                    if output_kind == "ema":
-                        out.copy_(ema[slot])
-                    else:  # ema + alpha * (x - theta0), op for op
-                        out.copy_(torch.mul(diff, alpha, out=scratch).add_(ema[slot]))
+                    if fused_out:
+                        finite = write_output_fused(theta, tau, ema[slot], alpha if output_kind == "bema" else None, out)
+                    else:
+                        if output_kind == "ema":
+                            out.copy_(ema[slot])
+                        else:  # ema + alpha * (x - theta0), op for op
+                            out.copy_(torch.mul(diff, alpha, out=scratch).add_(ema[slot]))
+                        finite = _all_finite(out)
                     for i in unchanged[slot]:
                         out[slice(*bounds[i])].copy_(tau[slice(*bounds[i])])
-                    if not _all_finite(out):
+                        finite = finite and _all_finite(out[slice(*bounds[i])])
+                    if not finite:
                         self._raise_non_finite(group, bounds, out, worker)
                     if out_host is not out:
                         out_host.copy_(out)
@@ -505,7 +518,7 @@ class Engine:
 
     def _emit(self, output_index: int, pieces: list[tuple[Slice, torch.Tensor]]) -> None:
         """Hand a group's output slices to the sink, one worker at a time."""
-        with self._lock:
+        with self._sink_lock:
             for piece, tensor in pieces:
                 self.sink.write(output_index, piece, tensor)
 

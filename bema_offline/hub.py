@@ -18,13 +18,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from huggingface_hub import HfApi, get_token
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .card import CARD_FILE, PROVENANCE_FILE, write_card
 from .checkpoints import INDEX_FILE, SINGLE_FILE
 from .errors import BemaError, DataError, UsageError
+
+if TYPE_CHECKING:  # imported when used, not at startup
+    from huggingface_hub import HfApi
 
 LAYOUTS = ("repos", "branches")
 # Weight files already in the repo (or the branch) that the upload does not replace are deleted in the same commit,
@@ -60,8 +62,17 @@ class PushTarget:
         return self.repo_id + (f"@{self.revision}" if self.revision else "")
 
 
+def get_token() -> str | None:
+    """The saved Hugging Face token (`HF_TOKEN`, or `hf auth login`), found as huggingface_hub finds it."""
+    from huggingface_hub import get_token as saved_token
+
+    return saved_token()
+
+
 def make_api(token: str) -> HfApi:
     """The `HfApi` that `push_to_hub` uses unless it is given one (tests replace this function)."""
+    from huggingface_hub import HfApi
+
     return HfApi(token=token, library_name="bema-offline", library_version=__version__)
 
 

@@ -1,9 +1,14 @@
-"""The EMA update, `ema.mul_(1 - beta).add_(theta, alpha=beta)` for each EMA, done by torch or by the C kernel.
+"""The arithmetic of one step, by torch's ops or by the C kernel (`_kernel.c`), with the same bits either way
+(tests/test_kernel.py):
 
-Both give the same bits (tests/test_kernel.py). The C kernel (`_kernel.c`, built at install time where a C
-compiler is found) does it in one pass over memory, reads `theta` once for all the EMAs, and upcasts bf16 on the
-fly; torch needs an upcast pass plus two passes per EMA. It covers float32 EMAs of a float32 or bf16 `theta` on
-the CPU; everything else (fp16 or fp64 inputs, mixed-dtype groups, GPUs) takes torch's ops.
+- the EMA update, `ema.mul_(1 - beta).add_(theta, alpha=beta)` for each EMA: the kernel does it in one pass over
+  memory, reads `theta` once for all the EMAs, and upcasts bf16 on the fly; torch needs an upcast pass plus two
+  passes per EMA;
+- an output, `ema + alpha * (theta - theta0)` (or the EMA) rounded to the output dtype, with a finiteness check:
+  one pass instead of five.
+
+The kernel is built at install time where a C compiler is found. It covers float32 state, float32 or bf16 inputs
+and outputs, on the CPU; everything else (fp16 or fp64, mixed-dtype groups, GPUs) takes torch's ops.
 
 Set `BEMA_OFFLINE_KERNEL=0` to run torch's ops even where the kernel is built (to compare the two).
 """
@@ -52,6 +57,35 @@ def update_emas_fused(theta: torch.Tensor, emas: Sequence[torch.Tensor], betas: 
         raise ValueError("update_emas_fused: theta must be a contiguous float32 or bf16 CPU tensor")
     updates = [(ema.data_ptr(), 1 - beta, beta) for ema, beta in zip(emas, betas, strict=True)]
     _kernel.ema_update(theta.data_ptr(), theta.dtype == torch.bfloat16, n, updates)
+
+
+def output_applies(theta_dtype: torch.dtype, state_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    """Whether the C kernel (where `kernel_name()` says it runs) writes outputs of `out_dtype` from CPU state of
+    `state_dtype` and a `theta` of `theta_dtype`."""
+    return kernel_applies(theta_dtype, state_dtype) and out_dtype in _KERNEL_DTYPES
+
+
+def write_output_fused(
+    theta: torch.Tensor, theta0: torch.Tensor, ema: torch.Tensor, alpha: float | None, out: torch.Tensor
+) -> bool:
+    """`out = ema + alpha * (theta - theta0)` as torch computes it (or `out = ema` when `alpha` is None), rounded to
+    `out`'s dtype, in one pass (C kernel; see `output_applies`). Returns whether every value of `out` is finite.
+
+    Args:
+        theta (`torch.Tensor`): contiguous float32 or bf16 values, on the CPU.
+        theta0, ema (`torch.Tensor`): contiguous float32 tensors with as many elements.
+        alpha (`float`, *optional*): the bias correction's α at this step; None writes the EMA.
+        out (`torch.Tensor`): contiguous float32 or bf16 tensor with as many elements, overwritten.
+    """
+    n = theta.numel()
+    for name, t, dtypes in (("theta", theta, _KERNEL_DTYPES), ("theta0", theta0, (torch.float32,)), ("ema", ema, (torch.float32,)), ("out", out, _KERNEL_DTYPES)):
+        if t.dtype not in dtypes or not t.is_contiguous() or t.numel() != n or t.device.type != "cpu":
+            raise ValueError(f"write_output_fused: {name} must be a contiguous CPU tensor of {n} elements in {dtypes}")
+    bf16 = torch.bfloat16
+    return _kernel.bema_output(
+        theta.data_ptr(), theta.dtype == bf16, theta0.data_ptr(), ema.data_ptr(), n, alpha is not None, alpha or 0.0,
+        out.data_ptr(), out.dtype == bf16,
+    )
 
 
 def update_emas_torch(theta: torch.Tensor, emas: Sequence[torch.Tensor], betas: Sequence[float]) -> None:

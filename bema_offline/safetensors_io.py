@@ -9,11 +9,12 @@ Format: 8 bytes little-endian header length N, N bytes of JSON `{name: {dtype, s
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
 import struct
-import ctypes
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,17 +171,35 @@ def writable_view(buffer: torch.Tensor) -> memoryview:
     return memoryview(array).cast("B")
 
 
-def _load_sync_file_range():
+def _load_libc_function(name: str, argtypes: list):
     try:
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):  # not Linux
         return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.argtypes = argtypes
     return function
 
 
-_sync_file_range = _load_sync_file_range()
+_sync_file_range = _load_libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
 _SYNC_FILE_RANGE_WRITE = 2
+_fallocate = _load_libc_function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
+_NOT_SUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+def preallocate(fd: int, size: int) -> None:
+    """Reserve the disk blocks of the first `size` bytes of a file (Linux `fallocate`), so that writing them later
+    allocates nothing: on ext4 that makes writing a new file about 5x cheaper in CPU, and a full disk fails here,
+    at once, rather than in the middle of a run. A no-op where the file system or the OS cannot do it.
+
+    Raises:
+        `OSError`: no space (ENOSPC), quota (EDQUOT), file size limit (EFBIG) or an I/O error.
+    """
+    if _fallocate is None or size == 0:
+        return
+    if _fallocate(fd, 0, 0, size) != 0:
+        code = ctypes.get_errno()
+        if code not in _NOT_SUPPORTED:
+            raise OSError(code, os.strerror(code))
 
 
 class OpenFiles:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import re
 import shutil
+import threading
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ import torch
 from .engine import Sink, Slice
 from .errors import DataError, UsageError
 from .faults import fault_point
-from .safetensors_io import DTYPES, OpenFiles, parse_json, writable_view
+from .safetensors_io import DTYPES, OpenFiles, parse_json, preallocate, writable_view
 
 INDEX_FILE = "model.safetensors.index.json"
 WRITEBACK_BYTES = 64 * 2**20
@@ -143,10 +145,12 @@ class ModelFolderWriter:
         keep_shards: Collection[str] = (),
         on_shard_done: Callable[[Path], None] | None = None,
         shards: Collection[str] | None = None,
+        flusher: ShardFlusher | None = None,
     ) -> None:
         self.folder = folder
         self.files = files
         self.on_shard_done = on_shard_done
+        self.flusher = flusher
         self.unflushed = 0  # bytes written since the last start_writeback
         layout = shard_layout(tensors, max_shard_size)
         self.shard_names = [shard.name for shard in layout]
@@ -163,6 +167,7 @@ class ModelFolderWriter:
                     with open(path, "wb") as f:
                         f.write(shard.header)
                         f.truncate(shard.file_size)
+                        preallocate(f.fileno(), shard.file_size)
                 except OSError as e:
                     raise DataError(f"{path}: cannot create the shard ({e.strerror or e}); free some disk space or choose another --output") from e
                 fault_point("shard-created")
@@ -195,7 +200,13 @@ class ModelFolderWriter:
 
     def _shard_done(self, path: Path) -> None:
         del self.unwritten[path]
-        fsync_path(path)
+        if self.flusher is not None:
+            self.flusher.submit(path, self._flushed)
+        else:
+            fsync_path(path)
+            self._flushed(path)
+
+    def _flushed(self, path: Path) -> None:
         if self.on_shard_done is not None:
             self.on_shard_done(path)
             fault_point("shard-done")
@@ -210,6 +221,52 @@ class ModelFolderWriter:
             index_data = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
             (self.folder / INDEX_FILE).write_text(json.dumps(index_data, indent=2) + "\n")
         fault_point("index")
+
+
+class ShardFlusher:
+    """Flushes finished shards to disk on a background thread, in the order they finish, so that no engine worker
+    waits for the disk: each shard is fsynced, then `then(path)` runs (the run records the shard for `--resume`).
+
+    Leaving the context waits for every flush, and raises the first error (a failed fsync, say) unless the block
+    itself raised.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="bema-flusher", daemon=True)
+        self._thread.start()
+
+    def submit(self, path: Path, then: Callable[[Path], None]) -> None:
+        self._queue.put((path, then))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            path, then = item
+            if self._error is not None:
+                continue
+            try:
+                fsync_path(path)
+                then(path)
+            except BaseException as e:  # re-raised in the thread that waits
+                self._error = e
+
+    def wait(self) -> None:
+        """Wait until every shard submitted is flushed; raise the first error."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> ShardFlusher:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.wait()
+        else:  # stop, without masking the error in flight
+            self._queue.put(None)
+            self._thread.join()
 
 
 class FolderSink(Sink):

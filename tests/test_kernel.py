@@ -66,6 +66,39 @@ def test_fused_update_has_the_bits_of_torchs_ops(n, betas, theta_dtype, spread, 
 
 
 @needs_kernel
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.one_of(st.integers(0, 40), st.integers(2000, 5000)),
+    alpha=st.one_of(st.none(), st.floats(0, 50), st.sampled_from([0.0, 1.0, 0.1])),
+    theta_dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+    out_dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+    spread=st.sampled_from([2, 40, 127]),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_output_has_the_bits_of_torchs_ops(n, alpha, theta_dtype, out_dtype, spread, seed):
+    """The engine's torch path: `torch.mul(torch.sub(x, theta0), alpha).add_(ema)` cast to the output dtype; with
+    wide values some outputs overflow to Inf, which both must write alike and the kernel must report."""
+    theta = finite_values(n, theta_dtype, seed, spread)
+    theta0, ema = finite_values(n, torch.float32, seed + 1, spread), finite_values(n, torch.float32, seed + 2, spread)
+    values = ema if alpha is None else torch.mul(torch.sub(theta.float(), theta0), alpha).add_(ema)
+    expected = values.to(out_dtype)
+    out = torch.empty(n, dtype=out_dtype)
+    finite = kernels.write_output_fused(theta, theta0, ema, alpha, out)
+    assert finite == bool(torch.isfinite(expected).all())
+    if finite:  # (NaN's bits are torch's own business; the engine refuses non-finite outputs anyway)
+        assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
+    else:
+        same = torch.isfinite(expected)
+        assert torch.equal(out[same].view(torch.uint8), expected[same].view(torch.uint8))
+
+
+@needs_kernel
+def test_fused_output_refuses_what_it_does_not_cover():
+    with pytest.raises(ValueError, match="write_output_fused: out"):
+        kernels.write_output_fused(torch.zeros(4), torch.zeros(4), torch.zeros(4), 0.5, torch.zeros(4, dtype=torch.float16))
+
+
+@needs_kernel
 @pytest.mark.parametrize(
     "theta, ema",
     [
