@@ -303,11 +303,12 @@ def _write_shards(
     todo_shards = [shard for shard in layout if shard.name not in keep and (mine is None or shard.name in mine)]
     todo_tensors = {spec.name for shard in todo_shards for spec in shard.tensors}
     todo = dataclasses.replace(plan, tensors=[info for info in plan.tensors if info.name in todo_tensors])
-    with OpenFiles(writable=True, max_open=256) as files:
+    with contextlib.ExitStack() as stack:
+        # each output has its own files: the engine writes different outputs from different threads at once
         writers = [
             ModelFolderWriter(
-                folder, specs, max_shard_size=settings["max_shard_size"], files=files, keep_shards=keep,
-                on_shard_done=on_shard_done, shards=mine, flusher=flusher,
+                folder, specs, max_shard_size=settings["max_shard_size"], files=stack.enter_context(OpenFiles(writable=True)),
+                keep_shards=keep, on_shard_done=on_shard_done, shards=mine, flusher=flusher,
             )
             for folder in folders
         ]

@@ -68,7 +68,8 @@ class Slice:
 
 class Sink:
     """Where output slices go. `write(output_index, slice, tensor)`; the tensor has the output dtype and is only
-    valid during the call. The engine calls it from one thread at a time."""
+    valid during the call. The engine calls it for one output from one thread at a time; different outputs may be
+    written from different threads at once."""
 
     def write(self, output_index: int, piece: Slice, tensor: torch.Tensor) -> None:  # pragma: no cover - protocol
         raise NotImplementedError
@@ -358,7 +359,7 @@ class Engine:
                 self.last_slice[piece.name] = piece
         self.arena_bytes = max((self._arena_need(group, kind) for group, kind in zip(self.groups, self.kinds)), default=0)
         self._lock = threading.Lock()  # the next group, and the first error
-        self._sink_lock = threading.Lock()  # one writer at a time, without holding up the others' next group
+        self._output_locks = [threading.Lock() for _ in plan.outputs]  # one writer per output at a time
         self._next = 0
         self._error: BaseException | None = None
 
@@ -517,8 +518,8 @@ class Engine:
         self._progress(sum(layout.nbytes for layout in layouts.values()), 0)
 
     def _emit(self, output_index: int, pieces: list[tuple[Slice, torch.Tensor]]) -> None:
-        """Hand a group's output slices to the sink, one worker at a time."""
-        with self._sink_lock:
+        """Hand a group's output slices to the sink, one worker per output at a time."""
+        with self._output_locks[output_index]:
             for piece, tensor in pieces:
                 self.sink.write(output_index, piece, tensor)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
 from collections import Counter
 
 ENV = "BEMA_OFFLINE_FAULT"
@@ -45,6 +46,7 @@ POINTS = (
 )
 ACTIONS = ("kill", "int", "stop", "enospc", "eio")
 
+_lock = threading.Lock()
 _armed: tuple[str, int, str] | None = None
 _counts: Counter | None = None
 
@@ -77,9 +79,10 @@ def fault_point(name: str) -> None:
     """Mark a point of the write path; does nothing unless a fault is armed."""
     if _counts is None:
         return
-    _counts[name] += 1
-    if _armed is None or _armed[0] != name or _counts[name] != _armed[1]:
-        return
+    with _lock:  # points are passed by several threads (engine workers, the shard flusher)
+        _counts[name] += 1
+        if _armed is None or _armed[0] != name or _counts[name] != _armed[1]:
+            return
     action = _armed[2]
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -183,18 +183,31 @@ def _load_libc_function(name: str, argtypes: list):
 _sync_file_range = _load_libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
 _SYNC_FILE_RANGE_WRITE = 2
 _fallocate = _load_libc_function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
+_fstatfs = _load_libc_function("fstatfs", [ctypes.c_int, ctypes.c_void_p])
 _NOT_SUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+_MEMORY_FILE_SYSTEMS = {0x01021994, 0x858458F6}  # tmpfs, ramfs: fallocate would zero every page before it is written
+
+
+def _in_memory(fd: int) -> bool:
+    """Whether the file lives on tmpfs or ramfs (Linux `fstatfs`; its first field, `f_type`, is a C long)."""
+    if _fstatfs is None:
+        return False
+    buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if _fstatfs(fd, buffer) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buffer).value in _MEMORY_FILE_SYSTEMS
 
 
 def preallocate(fd: int, size: int) -> None:
     """Reserve the disk blocks of the first `size` bytes of a file (Linux `fallocate`), so that writing them later
     allocates nothing: on ext4 that makes writing a new file about 5x cheaper in CPU, and a full disk fails here,
-    at once, rather than in the middle of a run. A no-op where the file system or the OS cannot do it.
+    at once, rather than in the middle of a run. A no-op where the file system or the OS cannot do it, and on
+    tmpfs (where it would only add a pass zeroing the pages).
 
     Raises:
         `OSError`: no space (ENOSPC), quota (EDQUOT), file size limit (EFBIG) or an I/O error.
     """
-    if _fallocate is None or size == 0:
+    if _fallocate is None or size == 0 or _in_memory(fd):
         return
     if _fallocate(fd, 0, 0, size) != 0:
         code = ctypes.get_errno()

@@ -199,6 +199,8 @@ def section_main(args, scratch: Path) -> list[dict]:
              env=env_with(previous), cleanup=[out], slow=True),
         Case("main", "bema-average", bema(run_dir, base_dir, out), input_bytes=nbytes, env=here, cleanup=[out]),
         Case("main", "bema-average, output on tmpfs", bema(run_dir, base_dir, shm), input_bytes=nbytes, env=here, cleanup=[shm]),
+        Case("main", "bema-average, C kernel off (BEMA_OFFLINE_KERNEL=0: torch's ops)", bema(run_dir, base_dir, out),
+             input_bytes=nbytes, env={**here, "BEMA_OFFLINE_KERNEL": "0"}, cleanup=[out]),
         Case("main", "bema-average --threads 1", bema(run_dir, base_dir, out, "--threads", "1"), input_bytes=nbytes,
              env=here, cleanup=[out]),
     ]

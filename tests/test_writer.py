@@ -1,4 +1,7 @@
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +65,47 @@ def test_sidecar_files_come_from_the_first_source_that_has_them(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config == {"torch_dtype": "bfloat16", "dtype": "bfloat16", "hidden_size": 8}
     assert not (out / "optimizer.pt").exists()
+
+
+def _fallocate_works(folder: Path) -> bool:
+    import os
+
+    from bema_offline.safetensors_io import _fallocate
+
+    fd = os.open(folder / "probe", os.O_CREAT | os.O_WRONLY)
+    try:
+        return _fallocate(fd, 0, 0, 2**20) == 0
+    finally:
+        os.close(fd)
+        os.unlink(folder / "probe")
+
+
+def test_shards_are_preallocated_on_disk_but_not_on_tmpfs(tmp_path):
+    """Disk blocks are reserved when a shard is created (a full disk fails there, and writing costs less CPU);
+    on tmpfs nothing is reserved, as that would only zero every page first."""
+    import os
+
+    from bema_offline.safetensors_io import _fallocate, _in_memory
+
+    specs = [TensorSpec("w", "F32", (1024, 1024))]
+    folders = {"tmp_path": tmp_path}
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        folders["/dev/shm"] = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        for folder in folders.values():
+            with OpenFiles(writable=True) as files:
+                ModelFolderWriter(folder / "out", specs, max_shard_size=2**30, files=files)
+            shard = folder / "out" / "model.safetensors"
+            fd = os.open(shard, os.O_RDONLY)
+            try:
+                in_memory = _in_memory(fd)
+            finally:
+                os.close(fd)
+            allocated = shard.stat().st_blocks * 512
+            if in_memory:
+                assert allocated < 64 * 1024, f"{shard}: tmpfs pages allocated up front"
+            elif _fallocate is not None and _fallocate_works(folder):
+                assert allocated >= 4 * 2**20, f"{shard}: disk blocks not reserved"
+    finally:
+        if "/dev/shm" in folders:
+            shutil.rmtree(folders["/dev/shm"])
