@@ -15,6 +15,8 @@
  * roundings: the difference, the product by fl32(alpha), the sum), or the EMA itself, rounded to the output dtype
  * (float32, or bf16 to nearest even as torch does), in one pass; it says whether every value written is finite.
  *
+ * `equals` tells whether a tensor still equals theta0 (a frozen parameter), without upcasting it first.
+ *
  * Compiled with -ffp-contract=off: the product `ema * keep` must round on its own, never fuse into the add. On
  * x86-64 a second copy of the loops is built for AVX2+FMA and chosen at run time, so one build runs on any
  * x86-64 CPU (a shared virtual environment on a cluster of mixed nodes, say). Without FMA hardware, C's fmaf()
@@ -192,6 +194,24 @@ static PyObject *bema_output(PyObject *self, PyObject *args) {
     return PyBool_FromLong(finite);
 }
 
+static PyObject *equals(PyObject *self, PyObject *args) {
+    unsigned long long theta_address, theta0_address;
+    int theta_bf16, same = 1;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "KpKn:equals", &theta_address, &theta_bf16, &theta0_address, &n)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    const float *theta0 = (const float *)(uintptr_t)theta0_address;
+    if (theta_bf16) {
+        const uint16_t *theta = (const uint16_t *)(uintptr_t)theta_address;
+        for (Py_ssize_t i = 0; i < n && same; i++) same = bf16_to_f32(theta[i]) == theta0[i];
+    } else {
+        const float *theta = (const float *)(uintptr_t)theta_address;
+        for (Py_ssize_t i = 0; i < n && same; i++) same = theta[i] == theta0[i];
+    }
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(same);
+}
+
 static PyMethodDef methods[] = {
     {"ema_update", ema_update, METH_VARARGS,
      "ema_update(theta_address, theta_is_bf16, n, updates): for each (ema_address, keep, beta) in updates, "
@@ -200,6 +220,9 @@ static PyMethodDef methods[] = {
      "bema_output(theta_address, theta_is_bf16, theta0_address, ema_address, n, bema, alpha, out_address, "
      "out_is_bf16) -> all finite: out = ema + fl32(alpha) * (theta - theta0) if bema else ema, rounded to "
      "float32 or bf16."},
+    {"equals", equals, METH_VARARGS,
+     "equals(theta_address, theta_is_bf16, theta0_address, n) -> whether every upcast theta == theta0 (as "
+     "torch.equal compares: 0.0 == -0.0, NaN != NaN); stops at the first difference."},
     {NULL, NULL, 0, NULL},
 };
 

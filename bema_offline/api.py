@@ -339,7 +339,7 @@ def _finish_folders(plan: Plan, settings: dict, writers: list[ModelFolderWriter]
         record = provenance(plan, spec, settings=settings)
         record["output_files"] = output_files(folder)
         (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        write_card(folder, record)
+        write_card(folder, record, chart=False)  # `push` draws the chart PNG for the Hub
         fault_point("sidecars")
 
 

@@ -118,7 +118,9 @@ def weights_png(weights: dict[int, float], path: Path, *, title: str) -> bool:
     return True
 
 
-def write_card(folder: Path, record: dict, *, repo_id: str | None = None, revision: str | None = None) -> Path:
+def write_card(
+    folder: Path, record: dict, *, repo_id: str | None = None, revision: str | None = None, chart: bool = True
+) -> Path:
     """Write `README.md` (and the weights chart PNG when matplotlib is installed) into an output folder.
 
     Args:
@@ -126,16 +128,30 @@ def write_card(folder: Path, record: dict, *, repo_id: str | None = None, revisi
         record (`dict`): its provenance record (`bema_offline.json`).
         repo_id (`str`, *optional*): the Hub repo the folder is pushed to; the load snippet uses it.
         revision (`str`, *optional*): the branch it is pushed to, when not the main one.
+        chart (`bool`, defaults to True): draw the chart PNG. `bema-average` leaves it to `push` (importing
+            matplotlib costs most of a second, in every run); the card then shows the text chart and says so.
 
     Returns:
         `Path`: the card's path.
     """
     weights = {entry["step"]: entry["weight"] for entry in record["effective_weights"]}
-    chart = folder / CHART_FILE
-    drawn = weights_png(weights, chart, title=f"{_what(record)} at step {record['step']}: effective weights")
-    if not drawn and chart.exists():
-        chart.unlink()  # a stale chart from an earlier render would contradict the card
-    card = model_card(record, repo_id=repo_id, revision=revision, chart_file=CHART_FILE if drawn else None)
+    path = folder / CHART_FILE
+    drawn = chart and weights_png(weights, path, title=f"{_what(record)} at step {record['step']}: effective weights")
+    if not drawn and path.exists():
+        path.unlink()  # a stale chart from an earlier render would contradict the card
+    if drawn:
+        note = None
+    elif chart:
+        note = (
+            "The chart below is text because matplotlib was not installed when this card was written "
+            "(`pip install 'bema-offline[plot]'` draws it as a PNG)."
+        )
+    else:
+        note = (
+            "The chart below is text; `bema-offline push` draws it as a PNG for the Hub "
+            "(with matplotlib: `pip install 'bema-offline[plot]'`)."
+        )
+    card = model_card(record, repo_id=repo_id, revision=revision, chart_file=CHART_FILE if drawn else None, chart_note=note)
     card.save(folder / CARD_FILE)
     return folder / CARD_FILE
 
@@ -151,7 +167,12 @@ def card_metadata(record: dict) -> ModelCardData:
 
 
 def model_card(
-    record: dict, *, repo_id: str | None = None, revision: str | None = None, chart_file: str | None = None
+    record: dict,
+    *,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    chart_file: str | None = None,
+    chart_note: str | None = None,
 ) -> ModelCard:
     """A Hub model card for one output, from its provenance record.
 
@@ -159,8 +180,8 @@ def model_card(
         record (`dict`): the output's provenance record.
         repo_id (`str`, *optional*): where it is pushed; the load snippet uses it, else a placeholder path.
         revision (`str`, *optional*): the branch it is pushed to.
-        chart_file (`str`, *optional*): the chart PNG beside the card; without it the card explains why and shows
-            the text chart only.
+        chart_file (`str`, *optional*): the chart PNG beside the card; without it the card shows the text chart
+            only, after `chart_note` (why there is no PNG).
     """
     steps = record["steps"]
     schedule = record["schedule"]
@@ -180,13 +201,7 @@ def model_card(
     ]
     if record.get("config"):
         parameters.insert(0, ("config", f"`{record['config']}`"))
-    if chart_file:
-        chart = f"![effective weight of each checkpoint]({chart_file})"
-    else:
-        chart = (
-            "The chart below is text because matplotlib was not installed when this card was written "
-            "(`pip install 'bema-offline[plot]'` draws it as a PNG)."
-        )
+    chart = f"![effective weight of each checkpoint]({chart_file})" if chart_file else (chart_note or "")
     model = repo_id or "path/to/this/folder"
     revision_arg = f', revision="{revision}"' if revision else ""
     body = f"""

@@ -41,7 +41,15 @@ import torch
 
 from .checkpoints import BASE_STEP, WeightSource
 from .errors import DataError, UsageError
-from .kernels import kernel_applies, kernel_name, output_applies, update_emas_fused, update_emas_torch, write_output_fused
+from .kernels import (
+    equals_fused,
+    kernel_applies,
+    kernel_name,
+    output_applies,
+    update_emas_fused,
+    update_emas_torch,
+    write_output_fused,
+)
 from .plan import Plan
 from .safetensors_io import DTYPES, OpenFiles, writable_view
 
@@ -452,12 +460,7 @@ class Engine:
             fused_out = self.fused and theta is not None and output_applies(theta.dtype, kind.accum, kind.out)
             outputs_now = self.outputs_at.get(step, {})
             x = None  # θ_t in the accumulation dtype, made only when a step needs it
-            if (
-                not fused
-                or step in theta0
-                or (outputs_now and not fused_out)
-                or any(unchanged[u.slot] for u in updates)
-            ):
+            if not fused or step in theta0 or (outputs_now and not fused_out):
                 x = self._upcast(layout, raw, into=theta0.get(step, xa))
             if step in theta0:
                 if x.data_ptr() != theta0[step].data_ptr():
@@ -473,7 +476,9 @@ class Engine:
             for update in updates:
                 if unchanged[update.slot]:
                     tau = theta0[self.slot_theta0[update.slot]]
-                    unchanged[update.slot] = [i for i in unchanged[update.slot] if torch.equal(x[slice(*bounds[i])], tau[slice(*bounds[i])])]
+                    same = equals_fused if x is None else torch.equal
+                    values = theta if x is None else x
+                    unchanged[update.slot] = [i for i in unchanged[update.slot] if same(values[slice(*bounds[i])], tau[slice(*bounds[i])])]
             for tau_step, outputs in outputs_now.items():
                 tau = theta0[tau_step]
                 if not fused_out and any(output_kind == "bema" for _, output_kind, _, _ in outputs):

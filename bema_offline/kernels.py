@@ -4,6 +4,7 @@
 - the EMA update, `ema.mul_(1 - beta).add_(theta, alpha=beta)` for each EMA: the kernel does it in one pass over
   memory, reads `theta` once for all the EMAs, and upcasts bf16 on the fly; torch needs an upcast pass plus two
   passes per EMA;
+- whether a tensor still equals θ0 (a frozen parameter), without upcasting it;
 - an output, `ema + alpha * (theta - theta0)` (or the EMA) rounded to the output dtype, with a finiteness check:
   one pass instead of five.
 
@@ -86,6 +87,17 @@ def write_output_fused(
         theta.data_ptr(), theta.dtype == bf16, theta0.data_ptr(), ema.data_ptr(), n, alpha is not None, alpha or 0.0,
         out.data_ptr(), out.dtype == bf16,
     )
+
+
+def equals_fused(theta: torch.Tensor, theta0: torch.Tensor) -> bool:
+    """`torch.equal(theta.float(), theta0)` without the upcast, stopping at the first difference (C kernel; `theta`
+    float32 or bf16, `theta0` float32, both contiguous on the CPU, as many elements)."""
+    if (
+        theta.dtype not in _KERNEL_DTYPES or theta0.dtype != torch.float32 or theta.numel() != theta0.numel()
+        or not (theta.is_contiguous() and theta0.is_contiguous()) or theta.device.type != "cpu" or theta0.device.type != "cpu"
+    ):
+        raise ValueError("equals_fused: theta must be float32 or bf16 and theta0 float32, contiguous CPU tensors of one size")
+    return _kernel.equals(theta.data_ptr(), theta.dtype == torch.bfloat16, theta0.data_ptr(), theta.numel())
 
 
 def update_emas_torch(theta: torch.Tensor, emas: Sequence[torch.Tensor], betas: Sequence[float]) -> None:

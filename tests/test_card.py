@@ -40,10 +40,13 @@ def test_card_round_trips_with_metadata_tables_and_chart(tmp_path: Path) -> None
     assert "- Update steps skipped (no checkpoint): none" in card.text
     for entry in record["effective_weights"]:
         assert f"| {entry['source']} | {entry['step']} | {entry['weight']:+.6f} |" in card.text
-    # the chart is a real PNG beside the card, and the card embeds it
-    assert (out / CHART_FILE).read_bytes()[:8] == PNG_MAGIC
-    assert f"]({CHART_FILE})" in card.text
     assert 'from_pretrained("path/to/this/folder")' in card.text
+    # bema-average leaves the PNG to `push`, and says so; written again as `push` does, the card embeds a real PNG
+    assert not (out / CHART_FILE).exists() and "`bema-offline push` draws it as a PNG" in card.text
+    write_card(out, record)
+    card = ModelCard.load(out / "README.md")
+    assert (out / CHART_FILE).read_bytes()[:8] == PNG_MAGIC
+    assert f"]({CHART_FILE})" in card.text and "draws it as a PNG" not in card.text
 
 
 def test_card_names_skipped_steps(tmp_path: Path) -> None:
@@ -76,6 +79,7 @@ def test_hub_base_model_id_goes_to_the_metadata(tmp_path: Path) -> None:
 
 def test_without_matplotlib_the_card_says_so_and_keeps_the_text_chart(tmp_path: Path, monkeypatch) -> None:
     out = _average(tmp_path, [2, 4])
+    write_card(out, json.loads((out / "bema_offline.json").read_text()))
     assert (out / CHART_FILE).exists()
     for module in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(__import__("sys").modules, module, None)

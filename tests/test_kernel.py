@@ -93,6 +93,23 @@ def test_fused_output_has_the_bits_of_torchs_ops(n, alpha, theta_dtype, out_dtyp
 
 
 @needs_kernel
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(0, 3000),
+    change=st.one_of(st.none(), st.integers(0, 2999)),
+    value=st.sampled_from([0.5, -0.0, float("nan"), float("inf")]),
+    theta_dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+    seed=st.integers(0, 2**16),
+)
+def test_equals_is_torch_equal_on_the_upcast_values(n, change, value, theta_dtype, seed):
+    theta = finite_values(n, theta_dtype, seed, 10)
+    theta0 = theta.float()
+    if change is not None and change < n:
+        theta0[change] = value if value != 0.5 else theta0[change] + 0.5
+    assert kernels.equals_fused(theta, theta0) == torch.equal(theta.float(), theta0)
+
+
+@needs_kernel
 def test_fused_output_refuses_what_it_does_not_cover():
     with pytest.raises(ValueError, match="write_output_fused: out"):
         kernels.write_output_fused(torch.zeros(4), torch.zeros(4), torch.zeros(4), 0.5, torch.zeros(4, dtype=torch.float16))

@@ -40,4 +40,4 @@ print("loaded", loaded)
         "error: bema-offline dpo needs trl, transformers, datasets: pip install 'bema-offline[dpo]'"
     )
     card = (out / "README.md").read_text()
-    assert "matplotlib was not installed" in card and not (out / "effective_weights.png").exists()
+    assert "`bema-offline push` draws it as a PNG" in card and not (out / "effective_weights.png").exists()

@@ -57,7 +57,7 @@ def test_writes_a_complete_model_folder(run, tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, err = run_cli([run_dir, "--base-model", base_dir, "--update-freq", "2", "-o", out, "--quiet"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "bema_offline.json", "config.json", "effective_weights.png", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "bema_offline.json", "config.json", "model.safetensors"]
     record = json.loads((out / "bema_offline.json").read_text())
     assert record["step"] == 8 and record["kind"] == "bema"
     assert record["schedule"]["update_freq"] == 2
