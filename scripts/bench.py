@@ -95,6 +95,11 @@ class Case:
         self.section, self.label, self.command, self.env, self.slow = section, label, command, env, slow
         self.input_bytes, self.cleanup, self.params = input_bytes, list(cleanup), params or {}
 
+    def shown_command(self) -> str:
+        """The command as a shell line, with the environment variables this case sets (which code it runs)."""
+        changed = {k: v for k, v in (self.env or {}).items() if k in ("PYTHONPATH", "BEMA_OFFLINE_KERNEL") and os.environ.get(k) != v}
+        return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in sorted(changed.items())), shlex.join(self.command)])
+
     def run(self, repeat: int, files: list[Path], *, cold: bool = False) -> dict:
         """Time the command `repeat` times (once if it is a slow baseline: its noise matters less)."""
         repeat = 1 if self.slow else repeat
@@ -115,7 +120,7 @@ class Case:
         row = {
             "section": self.section,
             "label": self.label,
-            "command": shlex.join(self.command),
+            "command": self.shown_command(),
             "input_bytes": self.input_bytes,
             "walls": walls,
             "rss": rss,
@@ -437,12 +442,12 @@ NOTES = {
               "stay in the CPU cache from one step to the next; that is why the engine uses at most 8 MiB per worker "
               "whatever --max-memory allows (engine.CACHE_BYTES).",
     "budget": "The engine's groups take at most 8 MiB per worker thread (2 here) even when --max-memory allows more "
-              "(see the group-size section); a smaller budget makes them smaller. Peak RSS is the Python, torch and "
-              "matplotlib (model card chart) baseline plus the arenas.",
+              "(see the group-size section); a smaller budget makes them smaller. Peak RSS is the Python and torch baseline "
+              "plus the arenas.",
     "main": "`bema-average` writes a 1 GiB output and fsyncs it before publishing; the naive baseline writes without "
             "fsync; `cat` writes nothing.",
     "sweep": "Each config writes its own output folder (1 or 0.5 GiB): on disk the sweep also measures the disk's "
-             "write speed (about 300 MB/s with fsync here); on tmpfs it measures the engine. Configs that differ only in "
+             "write speed (the dd row: the same bytes written and fsynced, nothing else); on tmpfs it measures the engine. Configs that differ only in "
              "bias_power share one EMA (only α differs), so the 4 × 2 grid updates 4 EMAs and the 8-value grid 8.",
 }
 
