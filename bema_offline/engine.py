@@ -15,14 +15,14 @@ number of workers.
 
 Speed comes from four choices, each measured (docs/benchmarks.md):
 
-- the EMA updates of a step run in one pass over memory, in the C kernel of `kernels` (the same bits as the
-  torch ops above; a bf16 checkpoint is upcast on the fly, and read once for all the EMAs of a sweep);
-
+- the EMA updates of a step run in one pass over memory, and each output in one more, in the C kernel of
+  `kernels` (the same bits as the torch ops above; a bf16 checkpoint is upcast on the fly, and read once for all
+  the EMAs of a sweep);
 - groups are small enough (`CACHE_BYTES` per worker) that a group's state stays in the CPU cache from one step to
   the next, so memory traffic is mostly the input bytes themselves;
 - every buffer a worker needs lives in one arena allocated once and reused for every group;
-- several workers (threads; torch and the kernel release the GIL) each take whole groups, so reading and arithmetic of
-  different groups overlap on different cores.
+- several workers (threads; torch and the kernel release the GIL) each take whole groups, so reading and
+  arithmetic of different groups overlap on different cores.
 
 A tensor that is bit-identical in θ0 and in every checkpoint replayed (a frozen parameter) is written unchanged.
 Non-float tensors are copied from the output step's checkpoint.
@@ -305,8 +305,8 @@ class Engine:
         device (`str | torch.device`, defaults to "cpu"): where the arithmetic runs; "cuda" keeps the state on the
             GPU and copies each step's bytes over (the reads stay on the CPU).
         on_progress (`Callable[[int, int], None]`, optional): called with (bytes read, tensors finished).
-        fused (`bool`, defaults to True): update the EMAs with the C kernel where it applies (see `kernels`);
-            False runs torch's ops everywhere. The bits are the same.
+        fused (`bool`, defaults to True): run the EMA updates, the outputs and the frozen-tensor checks in the C
+            kernel where it applies (see `kernels`); False runs torch's ops everywhere. The bits are the same.
     """
 
     def __init__(
