@@ -62,6 +62,7 @@ class AverageResult:
     removed_leftovers: bool = False
     reused_shards: int = 0  # shards of an interrupted run reused by `resume`
     resume_note: str | None = None  # why `resume` could not reuse anything
+    bytes_read: int | None = None  # input bytes read by this process (less than the plan's after a resume)
 
 
 def average(
@@ -183,7 +184,9 @@ def average(
         try:
             staging = prepare_staging(output, plan_fingerprint(plan, settings), resume=resume)
             fault_point("staging")
-            reused = _write_outputs(plan, staging.path, settings, progress=progress, journal=staging, threads=threads, device=device)
+            reused, bytes_read = _write_outputs(
+                plan, staging.path, settings, progress=progress, journal=staging, threads=threads, device=device
+            )
             check_output(output, overwrite=overwrite, run_dir=plan.run_dir, source_folders=source_folders)
             staging.remove_resume_files()
             with interrupts_deferred():
@@ -195,7 +198,8 @@ def average(
                 raise DataError(f"--output {output}: cannot write ({e.strerror or e}); free some disk space or choose another --output") from e
             raise
     return AverageResult(
-        plan, outputs, written=True, removed_leftovers=staging.removed_leftovers, reused_shards=reused, resume_note=staging.note
+        plan, outputs, written=True, removed_leftovers=staging.removed_leftovers, reused_shards=reused, resume_note=staging.note,
+        bytes_read=bytes_read,
     )
 
 
@@ -267,8 +271,9 @@ def _tensor_specs(plan: Plan) -> list[TensorSpec]:
 
 def _write_outputs(
     plan: Plan, staging: Path, settings: dict, *, progress: bool, journal: Staging, threads: int | None = None, device: str = "cpu"
-) -> int:
-    """Write every output folder under `staging`; returns the number of shards reused from an interrupted run."""
+) -> tuple[int, int]:
+    """Write every output folder under `staging`; returns the number of shards reused from an interrupted run, and
+    the input bytes read."""
     layout = shard_layout(_tensor_specs(plan), settings["max_shard_size"])
     keep = journal.reusable_shards([spec.relpath for spec in plan.outputs], layout)
     with ShardFlusher() as flusher:  # the last shards reach the disk while the card and the rest are written
@@ -277,7 +282,14 @@ def _write_outputs(
             threads=threads, device=device, flusher=flusher,
         )
         _finish_folders(plan, settings, writers)
-    return len(keep)
+    return len(keep), _todo(plan, layout, keep).bytes_to_read
+
+
+def _todo(plan: Plan, layout: list[ShardLayout], keep: Collection[str], mine: Collection[str] | None = None) -> Plan:
+    """The plan narrowed to the tensors of the shards still to write: not in `keep`, and in `mine` when given."""
+    shards = [shard for shard in layout if shard.name not in keep and (mine is None or shard.name in mine)]
+    names = {spec.name for shard in shards for spec in shard.tensors}
+    return dataclasses.replace(plan, tensors=[info for info in plan.tensors if info.name in names])
 
 
 def _write_shards(
@@ -300,9 +312,7 @@ def _write_shards(
     on it before publishing), else before this returns."""
     specs = _tensor_specs(plan)
     folders = [staging / spec.relpath if spec.relpath else staging for spec in plan.outputs]
-    todo_shards = [shard for shard in layout if shard.name not in keep and (mine is None or shard.name in mine)]
-    todo_tensors = {spec.name for shard in todo_shards for spec in shard.tensors}
-    todo = dataclasses.replace(plan, tensors=[info for info in plan.tensors if info.name in todo_tensors])
+    todo = _todo(plan, layout, keep, mine)
     with contextlib.ExitStack() as stack:
         # each output has its own files: the engine writes different outputs from different threads at once
         writers = [

@@ -78,6 +78,7 @@ def test_resume_reuses_finished_shards_and_gives_the_same_bytes(run, tmp_path, m
     assert done == [f"{kind}/model-0000{i}-of-00003.safetensors" for i in (1, 2, 3) for kind in ("ema", "bema")][:5]
     result = average(run_dir, output, schedule=SCHEDULE, base_model=base_dir, resume=True, **{**OPTIONS, "max_memory": 10**6})
     assert result.reused_shards == 2 and result.resume_note is None  # shard 3 is done in one output only
+    assert 0 < result.bytes_read < result.plan.bytes_to_read  # the reused shards' tensors were not read again
     assert model_files(output) == reference
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out", "reference", "run"]
 

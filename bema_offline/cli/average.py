@@ -189,6 +189,7 @@ def average_command(
     elapsed = time.perf_counter() - started
     for out in result.outputs:
         click.echo(f"wrote {out.path}: {out.kind} at step {out.step}")
-    click.echo(f"read {result.plan.bytes_to_read / 2**20:.1f} MiB from {len(result.plan.sources)} sources in {elapsed:.1f} s")
+    nbytes = result.plan.bytes_to_read if result.bytes_read is None else result.bytes_read
+    click.echo(f"read {nbytes / 2**20:.1f} MiB from {len(result.plan.sources)} sources in {elapsed:.1f} s")
     if push:
         push.run(output, echo=click.echo)
