@@ -314,10 +314,10 @@ def _write_shards(
     folders = [staging / spec.relpath if spec.relpath else staging for spec in plan.outputs]
     todo = _todo(plan, layout, keep, mine)
     with contextlib.ExitStack() as stack:
-        # each output has its own files: the engine writes different outputs from different threads at once
+        # each output has its own files, which threads write at once (each shard is closed when complete)
         writers = [
             ModelFolderWriter(
-                folder, specs, max_shard_size=settings["max_shard_size"], files=stack.enter_context(OpenFiles(writable=True)),
+                folder, specs, max_shard_size=settings["max_shard_size"], files=stack.enter_context(OpenFiles(writable=True, max_open=None)),
                 keep_shards=keep, on_shard_done=on_shard_done, shards=mine, flusher=flusher,
             )
             for folder in folders

@@ -30,6 +30,7 @@ Non-float tensors are copied from the output step's checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -76,8 +77,10 @@ class Slice:
 
 class Sink:
     """Where output slices go. `write(output_index, slice, tensor)`; the tensor has the output dtype and is only
-    valid during the call. The engine calls it for one output from one thread at a time; different outputs may be
-    written from different threads at once."""
+    valid during the call. The engine calls it for one output from one thread at a time (different outputs may be
+    written from different threads at once), or from any thread at any time if `concurrent` is True."""
+
+    concurrent = False
 
     def write(self, output_index: int, piece: Slice, tensor: torch.Tensor) -> None:  # pragma: no cover - protocol
         raise NotImplementedError
@@ -368,6 +371,7 @@ class Engine:
         self.arena_bytes = max((self._arena_need(group, kind) for group, kind in zip(self.groups, self.kinds)), default=0)
         self._lock = threading.Lock()  # the next group, and the first error
         self._output_locks = [threading.Lock() for _ in plan.outputs]  # one writer per output at a time
+        self._concurrent_sink = getattr(sink, "concurrent", False)
         self._next = 0
         self._error: BaseException | None = None
 
@@ -523,8 +527,8 @@ class Engine:
         self._progress(sum(layout.nbytes for layout in layouts.values()), 0)
 
     def _emit(self, output_index: int, pieces: list[tuple[Slice, torch.Tensor]]) -> None:
-        """Hand a group's output slices to the sink, one worker per output at a time."""
-        with self._output_locks[output_index]:
+        """Hand a group's output slices to the sink: one worker per output at a time, unless it is concurrent."""
+        with contextlib.nullcontext() if self._concurrent_sink else self._output_locks[output_index]:
             for piece, tensor in pieces:
                 self.sink.write(output_index, piece, tensor)
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import struct
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,24 +217,37 @@ def preallocate(fd: int, size: int) -> None:
 
 
 class OpenFiles:
-    """Positioned reads or writes on many files, keeping at most `max_open` open (least recently used closed)."""
+    """Positioned reads or writes on many files, keeping at most `max_open` open (least recently used closed).
 
-    def __init__(self, *, writable: bool = False, max_open: int = 64) -> None:
+    With `max_open=None` no file is closed before `close_file` or `close`: then several threads may read or write
+    at once (the file table is locked; positioned I/O needs no more).
+    """
+
+    def __init__(self, *, writable: bool = False, max_open: int | None = 64) -> None:
         self.flags = os.O_WRONLY if writable else os.O_RDONLY
         self.max_open = max_open
         self._fds: OrderedDict[Path, int] = OrderedDict()
+        self._lock = threading.Lock()
 
     def _fd(self, path: Path) -> int:
-        fd = self._fds.pop(path, None)
-        if fd is None:
-            try:
-                fd = os.open(path, self.flags)
-            except OSError as e:
-                raise DataError(f"{path}: cannot open ({e.strerror or e})") from e
-            while len(self._fds) >= self.max_open:
-                os.close(self._fds.popitem(last=False)[1])
-        self._fds[path] = fd
-        return fd
+        with self._lock:
+            fd = self._fds.pop(path, None)
+            if fd is None:
+                try:
+                    fd = os.open(path, self.flags)
+                except OSError as e:
+                    raise DataError(f"{path}: cannot open ({e.strerror or e})") from e
+                while self.max_open is not None and len(self._fds) >= self.max_open:
+                    os.close(self._fds.popitem(last=False)[1])
+            self._fds[path] = fd
+            return fd
+
+    def close_file(self, path: Path) -> None:
+        """Close `path` if it is open (no thread may be using it)."""
+        with self._lock:
+            fd = self._fds.pop(path, None)
+        if fd is not None:
+            os.close(fd)
 
     def read_into(self, path: Path, offset: int, view: memoryview) -> None:
         """Fill `view` with the bytes of `path` starting at `offset`."""
@@ -267,9 +281,10 @@ class OpenFiles:
             _sync_file_range(self._fd(path), 0, 0, _SYNC_FILE_RANGE_WRITE)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def __enter__(self) -> OpenFiles:
         return self

@@ -151,6 +151,7 @@ class ModelFolderWriter:
         self.files = files
         self.on_shard_done = on_shard_done
         self.flusher = flusher
+        self._lock = threading.Lock()  # the byte counts below, updated by concurrent writes
         self.unflushed = 0  # bytes written since the last start_writeback
         layout = shard_layout(tensors, max_shard_size)
         self.shard_names = [shard.name for shard in layout]
@@ -179,9 +180,12 @@ class ModelFolderWriter:
                 offset += spec.nbytes
         for path, size in list(self.unwritten.items()):
             if size == 0:  # a shard of empty tensors is complete as created
+                del self.unwritten[path]
                 self._shard_done(path)
 
     def write(self, name: str, start: int, tensor: torch.Tensor) -> None:
+        """Write a slice of tensor `name` (its elements from `start` on) in place. Threads may call this at once
+        for different slices; `files` must then never close a file by itself (`max_open=None`)."""
         place = self.placements[name]
         tensor = tensor.contiguous()
         if tensor.nbytes == 0:
@@ -189,17 +193,23 @@ class ModelFolderWriter:
         if place.path not in self.unwritten:
             raise DataError(f"{place.path}: tensor {name!r} written to a shard that is already complete; report this bug")
         self.files.write_at(place.path, place.data_start + start * place.itemsize, writable_view(tensor))
-        self.unwritten[place.path] -= tensor.nbytes
-        if self.unwritten[place.path] == 0:
+        with self._lock:  # counted after the write: the shard is complete only once every write has returned
+            self.unwritten[place.path] -= tensor.nbytes
+            done = self.unwritten[place.path] == 0
+            if done:
+                del self.unwritten[place.path]
+            else:
+                self.unflushed += tensor.nbytes
+                writeback = self.unflushed >= WRITEBACK_BYTES
+                if writeback:
+                    self.unflushed = 0
+        if done:
+            self.files.close_file(place.path)
             self._shard_done(place.path)
-        else:
-            self.unflushed += tensor.nbytes
-            if self.unflushed >= WRITEBACK_BYTES:  # keep the disk busy during the run, not only at the final fsync
-                self.files.start_writeback(place.path)
-                self.unflushed = 0
+        elif writeback:  # keep the disk busy during the run, not only at the final fsync
+            self.files.start_writeback(place.path)
 
     def _shard_done(self, path: Path) -> None:
-        del self.unwritten[path]
         if self.flusher is not None:
             self.flusher.submit(path, self._flushed)
         else:
@@ -270,7 +280,9 @@ class ShardFlusher:
 
 
 class FolderSink(Sink):
-    """Sends each output's slices to its `ModelFolderWriter`."""
+    """Sends each output's slices to its `ModelFolderWriter`, from several threads at once."""
+
+    concurrent = True
 
     def __init__(self, writers: Sequence[ModelFolderWriter]) -> None:
         self.writers = writers
