@@ -51,11 +51,9 @@ def update_emas_fused(theta: torch.Tensor, emas: Sequence[torch.Tensor], betas: 
         betas (`Sequence[float]`): each EMA's β at this step.
     """
     n = theta.numel()
+    _require("update_emas_fused", "theta", theta, _KERNEL_DTYPES, n)
     for ema in emas:
-        if ema.dtype != torch.float32 or not ema.is_contiguous() or ema.numel() != n or ema.device.type != "cpu":
-            raise ValueError("update_emas_fused: EMAs must be contiguous float32 CPU tensors the size of theta")
-    if theta.dtype not in _KERNEL_DTYPES or not theta.is_contiguous() or theta.device.type != "cpu":
-        raise ValueError("update_emas_fused: theta must be a contiguous float32 or bf16 CPU tensor")
+        _require("update_emas_fused", "each EMA", ema, (torch.float32,), n)
     updates = [(ema.data_ptr(), 1 - beta, beta) for ema, beta in zip(emas, betas, strict=True)]
     _kernel.ema_update(theta.data_ptr(), theta.dtype == torch.bfloat16, n, updates)
 
@@ -79,9 +77,9 @@ def write_output_fused(
         out (`torch.Tensor`): contiguous float32 or bf16 tensor with as many elements, overwritten.
     """
     n = theta.numel()
-    for name, t, dtypes in (("theta", theta, _KERNEL_DTYPES), ("theta0", theta0, (torch.float32,)), ("ema", ema, (torch.float32,)), ("out", out, _KERNEL_DTYPES)):
-        if t.dtype not in dtypes or not t.is_contiguous() or t.numel() != n or t.device.type != "cpu":
-            raise ValueError(f"write_output_fused: {name} must be a contiguous CPU tensor of {n} elements in {dtypes}")
+    for name, tensor, dtypes in (("theta", theta, _KERNEL_DTYPES), ("theta0", theta0, (torch.float32,)),
+                                 ("ema", ema, (torch.float32,)), ("out", out, _KERNEL_DTYPES)):
+        _require("write_output_fused", name, tensor, dtypes, n)
     bf16 = torch.bfloat16
     return _kernel.bema_output(
         theta.data_ptr(), theta.dtype == bf16, theta0.data_ptr(), ema.data_ptr(), n, alpha is not None, alpha or 0.0,
@@ -92,12 +90,16 @@ def write_output_fused(
 def equals_fused(theta: torch.Tensor, theta0: torch.Tensor) -> bool:
     """`torch.equal(theta.float(), theta0)` without the upcast, stopping at the first difference (C kernel; `theta`
     float32 or bf16, `theta0` float32, both contiguous on the CPU, as many elements)."""
-    if (
-        theta.dtype not in _KERNEL_DTYPES or theta0.dtype != torch.float32 or theta.numel() != theta0.numel()
-        or not (theta.is_contiguous() and theta0.is_contiguous()) or theta.device.type != "cpu" or theta0.device.type != "cpu"
-    ):
-        raise ValueError("equals_fused: theta must be float32 or bf16 and theta0 float32, contiguous CPU tensors of one size")
+    _require("equals_fused", "theta", theta, _KERNEL_DTYPES, theta.numel())
+    _require("equals_fused", "theta0", theta0, (torch.float32,), theta.numel())
     return _kernel.equals(theta.data_ptr(), theta.dtype == torch.bfloat16, theta0.data_ptr(), theta.numel())
+
+
+def _require(function: str, name: str, tensor: torch.Tensor, dtypes: Sequence[torch.dtype], numel: int) -> None:
+    """Refuse what the kernel cannot read safely: it takes raw addresses, so shapes and dtypes are checked here."""
+    if tensor.dtype not in dtypes or not tensor.is_contiguous() or tensor.numel() != numel or tensor.device.type != "cpu":
+        allowed = " or ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
+        raise ValueError(f"{function}: {name} must be a contiguous {allowed} CPU tensor of {numel} elements")
 
 
 def update_emas_torch(theta: torch.Tensor, emas: Sequence[torch.Tensor], betas: Sequence[float]) -> None:

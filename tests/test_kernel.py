@@ -110,9 +110,11 @@ def test_equals_is_torch_equal_on_the_upcast_values(n, change, value, theta_dtyp
 
 
 @needs_kernel
-def test_fused_output_refuses_what_it_does_not_cover():
-    with pytest.raises(ValueError, match="write_output_fused: out"):
+def test_fused_output_and_equals_refuse_what_they_do_not_cover():
+    with pytest.raises(ValueError, match="write_output_fused: out must be a contiguous float32 or bfloat16 CPU tensor"):
         kernels.write_output_fused(torch.zeros(4), torch.zeros(4), torch.zeros(4), 0.5, torch.zeros(4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="equals_fused: theta0 must be a contiguous float32 CPU tensor of 4 elements"):
+        kernels.equals_fused(torch.zeros(4), torch.zeros(5))
 
 
 @needs_kernel
