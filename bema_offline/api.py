@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .card import PROVENANCE_FILE, provenance, write_card
+from .card import PROVENANCE_FILE, provenance, run_training, write_card
 from .checkpoints import BASE_STEP, resolve_base_model
 from .distributed import Share, assign_shards, join, plan_digest
 from .engine import Engine, check_device
@@ -340,13 +340,14 @@ def _write_shards(
 def _finish_folders(plan: Plan, settings: dict, writers: list[ModelFolderWriter]) -> None:
     """Check every output folder's shards, then add the sidecar files, the provenance and the model card."""
     expected = {spec.name: (spec.dtype, spec.shape) for spec in _tensor_specs(plan)}
+    training = run_training(plan)
     for writer, spec in zip(writers, plan.outputs):
         folder = writer.folder
         check_folder(folder, expected=expected)  # the light verify, before anything is published
         newest_first = [plan.sources[s].folder for s in sorted(plan.sources, reverse=True) if s <= spec.step]
         dtype = settings["dtype"]
         copy_sidecar_files(newest_first + [plan.run_dir], folder, dtype=dtype)
-        record = provenance(plan, spec, settings=settings)
+        record = provenance(plan, spec, settings=settings, training=training)
         record["output_files"] = output_files(folder)
         (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         write_card(folder, record, chart=False)  # `push` draws the chart PNG for the Hub

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from . import __version__
 from .checkpoints import BASE_STEP
 from .plan import OutputSpec, Plan
-from .runinfo import detect_training, is_hub_id
+from .runinfo import TrainingInfo, detect_training, is_hub_id
 
 if TYPE_CHECKING:  # huggingface_hub is imported when a card is written, not at startup
     from huggingface_hub import ModelCard, ModelCardData
@@ -29,12 +29,16 @@ def source_name(step: int) -> str:
     return "base" if step == BASE_STEP else f"checkpoint-{step}"
 
 
-def provenance(plan: Plan, output: OutputSpec, *, settings: dict) -> dict:
-    """The record of how one output was made: tool, parameters, steps, weights, the inputs' files and what the
-    run says about its training (method, base model)."""
-    run = plan.schedules[output.schedule_index]
+def run_training(plan: Plan) -> TrainingInfo:
+    """What the run says about its training (method, base model): the same for every output of a plan."""
     newest_first = [plan.sources[s].folder for s in sorted(plan.sources, reverse=True) if s != BASE_STEP]
-    training = detect_training(plan.run_dir, newest_first)
+    return detect_training(plan.run_dir, newest_first)
+
+
+def provenance(plan: Plan, output: OutputSpec, *, settings: dict, training: TrainingInfo) -> dict:
+    """The record of how one output was made: tool, parameters, steps, weights, the inputs' files and what the
+    run says about its training (`run_training`, read once for all the outputs)."""
+    run = plan.schedules[output.schedule_index]
     base_model_id = plan.base_model if is_hub_id(plan.base_model) else training.base_model_id
     return {
         "tool": "bema-offline",
