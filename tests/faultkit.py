@@ -133,8 +133,9 @@ def _finished(status: int, err_path: Path, counts_path: Path) -> Child:
 # --- looking at what is left ---------------------------------------------------------------------------------------
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` by relative path, with `created` dropped from provenance records."""
+def snapshot(folder: Path, *, drop_settings: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every file under `folder` by relative path, with `created` (and the settings named in `drop_settings`, which
+    must be there) dropped from provenance records."""
     files = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file():
@@ -142,6 +143,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
             if path.name == "bema_offline.json":
                 record = json.loads(data)
                 record.pop("created", None)
+                for name in drop_settings:
+                    record["settings"].pop(name)
                 data = json.dumps(record, sort_keys=True).encode()
             files[str(path.relative_to(folder))] = data
     return files

@@ -1,11 +1,11 @@
 """`resume`: an interrupted run's finished shards are reused only when the plan is the same, and the result is the
 same bytes as an uninterrupted run's. (Real SIGKILLs at every point are in `test_kill_points.py`.)"""
 
-import json
 import os
 from pathlib import Path
 
 import pytest
+from faultkit import snapshot
 from synthetic import make_run
 
 from bema_offline import BEMASchedule, BemaError, average, faults
@@ -19,17 +19,7 @@ OPTIONS = {"save": ("ema", "bema"), "max_shard_size": "400B", "max_memory": 4096
 
 def model_files(folder: Path) -> dict[str, bytes]:
     """Every file, with the `created` time and the memory budget dropped from the provenance."""
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            data = path.read_bytes()
-            if path.name == "bema_offline.json":
-                record = json.loads(data)
-                record.pop("created")
-                record["settings"].pop("max_memory")
-                data = json.dumps(record).encode()
-            files[str(path.relative_to(folder))] = data
-    return files
+    return snapshot(folder, drop_settings=("max_memory",))
 
 
 def weight_files(files: dict[str, bytes]) -> dict[str, bytes]:
