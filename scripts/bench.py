@@ -196,13 +196,19 @@ def bema(run_dir: Path, base_dir: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "bema_offline", "average", str(run_dir), "--base-model", str(base_dir), "-o", str(out), *extra]
 
 
+def main_run(args) -> tuple[Path, Path, list[Path], int]:
+    """The main case, 8 checkpoints + base of about 1 GiB of bf16 each: run folder, base folder, the files read
+    and their bytes."""
+    run_dir, base_dir = synthetic(args.root, "run-1g", size=GIB, checkpoints=8)
+    files = input_files(run_dir, base_dir)
+    return run_dir, base_dir, files, sum(f.stat().st_size for f in files)
+
+
 # --- sections ---------------------------------------------------------------------------------------------------
 
 
 def section_main(args, scratch: Path) -> list[dict]:
-    run_dir, base_dir = synthetic(args.root, "run-1g", size=GIB, checkpoints=8)
-    files = input_files(run_dir, base_dir)
-    nbytes = sum(f.stat().st_size for f in files)
+    run_dir, base_dir, files, nbytes = main_run(args)
     out, shm = scratch / "out", Path("/dev/shm") / f"bema-bench-{os.getpid()}"
     here = env_with(REPO)
     check_import(REPO)
@@ -269,9 +275,7 @@ def section_sweep(args, scratch: Path) -> list[dict]:
 
 
 def section_budget(args, scratch: Path) -> list[dict]:
-    run_dir, base_dir = synthetic(args.root, "run-1g", size=GIB, checkpoints=8)
-    files = input_files(run_dir, base_dir)
-    nbytes = sum(f.stat().st_size for f in files)
+    run_dir, base_dir, files, nbytes = main_run(args)
     out = scratch / "out"
     rows = [Case("budget", "--dry-run (baseline: Python, torch, headers)", bema(run_dir, base_dir, out, "--dry-run"),
                  input_bytes=0, env=env_with(REPO), params={"max_memory": 0}).run(args.repeat, files)]
@@ -345,9 +349,7 @@ print(f"{len(run.groups)} groups, {time.process_time() - cpu:.2f} s of CPU; comp
 def section_groups(args, scratch: Path) -> list[dict]:
     """Why the engine does not use all of --max-memory: the engine alone (no writes), in-process, with groups capped
     at various sizes per worker (engine.CACHE_BYTES; "whole" lets groups fill the 512 MiB budget)."""
-    run_dir, base_dir = synthetic(args.root, "run-1g", size=GIB, checkpoints=8)
-    files = input_files(run_dir, base_dir)
-    nbytes = sum(f.stat().st_size for f in files)
+    run_dir, base_dir, files, nbytes = main_run(args)
     rows = []
     for cache in ("2", "8", "32", "128", "whole"):
         label = f"engine only, groups ≤ {cache} MiB per worker" if cache != "whole" else "engine only, groups fill the budget"
@@ -358,9 +360,7 @@ def section_groups(args, scratch: Path) -> list[dict]:
 
 def section_cold(args, scratch: Path) -> list[dict]:
     """The inputs evicted from the page cache before each repeat: reads come from the disk."""
-    run_dir, base_dir = synthetic(args.root, "run-1g", size=GIB, checkpoints=8)
-    files = input_files(run_dir, base_dir)
-    nbytes = sum(f.stat().st_size for f in files)
+    run_dir, base_dir, files, nbytes = main_run(args)
     out = scratch / "out"
     cases = [
         Case("cold", "raw read (cat), cold cache", ["cat", *map(str, files)], input_bytes=nbytes),
