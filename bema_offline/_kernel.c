@@ -15,7 +15,9 @@
  * roundings: the difference, the product by fl32(alpha), the sum), or the EMA itself, rounded to the output dtype
  * (float32, or bf16 to nearest even as torch does), in one pass; it says whether every value written is finite.
  *
- * `equals` tells whether a tensor still equals theta0 (a frozen parameter), without upcasting it first.
+ * `equals` tells whether a tensor still equals theta0 (a frozen parameter), without upcasting it first; `upcast`
+ * widens a bf16 checkpoint to float32 (theta0), and `all_finite` looks for Inf and NaN. With these the engine runs
+ * a whole bf16 or float32 model without torch (see bema_offline/kernels.py).
  *
  * Compiled with -ffp-contract=off: the product `ema * keep` must round on its own, never fuse into the add. On
  * x86-64 a second copy of the loops is built for AVX2+FMA and chosen at run time, so one build runs on any
@@ -212,6 +214,41 @@ static PyObject *equals(PyObject *self, PyObject *args) {
     return PyBool_FromLong(same);
 }
 
+static PyObject *upcast(PyObject *self, PyObject *args) {
+    unsigned long long theta_address, out_address;
+    int theta_bf16;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "KpKn:upcast", &theta_address, &theta_bf16, &out_address, &n)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    float *out = (float *)(uintptr_t)out_address;
+    if (theta_bf16) {
+        const uint16_t *theta = (const uint16_t *)(uintptr_t)theta_address;
+        for (Py_ssize_t i = 0; i < n; i++) out[i] = bf16_to_f32(theta[i]);
+    } else {
+        memmove(out, (const void *)(uintptr_t)theta_address, (size_t)n * sizeof(float));
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *all_finite(PyObject *self, PyObject *args) {
+    unsigned long long address;
+    int bf16;
+    Py_ssize_t n;
+    uint32_t special = 0;
+    if (!PyArg_ParseTuple(args, "Kpn:all_finite", &address, &bf16, &n)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if (bf16) {
+        const uint16_t *values = (const uint16_t *)(uintptr_t)address;
+        for (Py_ssize_t i = 0; i < n; i++) special |= (values[i] & 0x7F80u) == 0x7F80u;
+    } else {
+        const uint32_t *values = (const uint32_t *)(uintptr_t)address;
+        for (Py_ssize_t i = 0; i < n; i++) special |= (values[i] & 0x7F800000u) == 0x7F800000u;
+    }
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(!special);
+}
+
 static PyMethodDef methods[] = {
     {"ema_update", ema_update, METH_VARARGS,
      "ema_update(theta_address, theta_is_bf16, n, updates): for each (ema_address, keep, beta) in updates, "
@@ -223,6 +260,10 @@ static PyMethodDef methods[] = {
     {"equals", equals, METH_VARARGS,
      "equals(theta_address, theta_is_bf16, theta0_address, n) -> whether every upcast theta == theta0 (as "
      "torch.equal compares: 0.0 == -0.0, NaN != NaN); stops at the first difference."},
+    {"upcast", upcast, METH_VARARGS,
+     "upcast(theta_address, theta_is_bf16, out_address, n): out = theta as float32 (bf16 widened exactly)."},
+    {"all_finite", all_finite, METH_VARARGS,
+     "all_finite(address, is_bf16, n) -> whether none of n float32 or bf16 values is Inf or NaN."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -12,7 +12,6 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from .card import PROVENANCE_FILE, provenance, run_training, write_card
@@ -40,7 +39,7 @@ from .writer import (
 
 DEFAULT_MAX_MEMORY = "512MiB"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-ACCUM_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ACCUM_DTYPES = ("float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -326,7 +325,7 @@ def _write_shards(
             Engine(
                 todo,
                 FolderSink(writers),
-                accum_dtype=ACCUM_DTYPES[settings["accum_dtype"]],
+                accum_dtype=settings["accum_dtype"],
                 max_memory=settings["max_memory"],
                 threads=threads,
                 device=device,

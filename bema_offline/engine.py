@@ -22,7 +22,10 @@ Speed comes from four choices, each measured (docs/benchmarks.md):
   the next, so memory traffic is mostly the input bytes themselves;
 - every buffer a worker needs lives in one arena allocated once and reused for every group;
 - several workers (threads; torch and the kernel release the GIL) each take whole groups, so reading and
-  arithmetic of different groups overlap on different cores.
+  arithmetic of different groups overlap on different cores;
+- a group the kernel covers entirely (float32 or bf16 in and out, float32 state, on the CPU) never touches torch,
+  and a run made only of such groups never imports it: that import alone takes longer than averaging a 1 GiB
+  model from 8 checkpoints.
 
 A tensor that is bit-identical in θ0 and in every checkpoint replayed (a frozen parameter) is written unchanged.
 Non-float tensors are copied from the output step's checkpoint.
@@ -31,28 +34,25 @@ Non-float tensors are copied from the output step's checkpoint.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
+import mmap
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from . import kernels
 from .checkpoints import BASE_STEP, WeightSource
 from .errors import DataError, UsageError
-from .kernels import (
-    equals_fused,
-    kernel_applies,
-    kernel_name,
-    output_applies,
-    update_emas_fused,
-    update_emas_torch,
-    write_output_fused,
-)
+from .kernels import KERNEL_DTYPES, Floats, kernel_name
 from .plan import Plan
-from .safetensors_io import DTYPES, OpenFiles, writable_view
+from .safetensors_io import DTYPES, FLOAT_DTYPES, OpenFiles, writable_view
+
+if TYPE_CHECKING:
+    import torch
 
 MIN_MEMORY = 4096
 # Working memory per worker when --max-memory allows more: small enough to stay in this kind of CPU's cache
@@ -76,13 +76,14 @@ class Slice:
 
 
 class Sink:
-    """Where output slices go. `write(output_index, slice, tensor)`; the tensor has the output dtype and is only
-    valid during the call. The engine calls it for one output from one thread at a time (different outputs may be
-    written from different threads at once), or from any thread at any time if `concurrent` is True."""
+    """Where output slices go. `write(output_index, slice, data)`: `data` holds the slice's bytes in the output
+    dtype, and is only valid during the call. The engine calls it for one output from one thread at a time
+    (different outputs may be written from different threads at once), or from any thread at any time if
+    `concurrent` is True."""
 
     concurrent = False
 
-    def write(self, output_index: int, piece: Slice, tensor: torch.Tensor) -> None:  # pragma: no cover - protocol
+    def write(self, output_index: int, piece: Slice, data: memoryview) -> None:  # pragma: no cover - protocol
         raise NotImplementedError
 
 
@@ -94,15 +95,17 @@ class _Update:
 
 @dataclass(frozen=True)
 class _Kind:
-    """What a group holds: float slices averaged in `accum` and written as `out`, or non-float slices copied."""
+    """What a group holds: float slices averaged in `accum` and written as `out`, or non-float slices copied
+    (safetensors dtype names)."""
 
-    accum: torch.dtype | None  # None: copied, not averaged
-    out: torch.dtype
+    accum: str | None  # None: copied, not averaged
+    out: str
 
 
-def accumulation_dtype(input_dtype: torch.dtype, accum_dtype: torch.dtype) -> torch.dtype:
-    """The wider of the requested accumulation dtype and the input's (fp64 checkpoints stay fp64)."""
-    return torch.promote_types(input_dtype, accum_dtype)
+def accumulation_dtype(input_dtype: str, accum_dtype: str) -> str:
+    """The wider of the requested accumulation dtype and the input's (fp64 checkpoints stay fp64); safetensors
+    names of float dtypes."""
+    return "F64" if "F64" in (input_dtype, accum_dtype) else accum_dtype
 
 
 def default_threads() -> int:
@@ -114,12 +117,12 @@ def default_threads() -> int:
     return max(1, min(cores, 8))
 
 
-def _kind(plan: Plan, name: str, accum_dtype: torch.dtype) -> _Kind:
+def _kind(plan: Plan, name: str, accum_dtype: str) -> _Kind:
     info = plan.sources[plan.read_steps[-1]].tensors[name]
-    out = DTYPES[plan.output_dtypes[name]]
+    out = plan.output_dtypes[name]
     if not info.is_float:
         return _Kind(None, out)
-    return _Kind(accumulation_dtype(info.torch_dtype, accum_dtype), out)
+    return _Kind(accumulation_dtype(info.dtype, accum_dtype), out)
 
 
 def _arena_bytes(kind: _Kind, *, read: int, numel: int, slices: int, n_state: int) -> int:
@@ -128,7 +131,7 @@ def _arena_bytes(kind: _Kind, *, read: int, numel: int, slices: int, n_state: in
     read_part = _align(read + 8 * slices)
     if kind.accum is None:
         return read_part
-    return read_part + (n_state + _SCRATCH) * _align(numel * kind.accum.itemsize) + _align(numel * kind.out.itemsize)
+    return read_part + (n_state + _SCRATCH) * _align(numel * DTYPES[kind.accum].itemsize) + _align(numel * DTYPES[kind.out].itemsize)
 
 
 def ema_slots(plan: Plan) -> list[int]:
@@ -149,7 +152,7 @@ def group_slices(
     plan: Plan,
     *,
     max_memory: int,
-    accum_dtype: torch.dtype,
+    accum_dtype: str,
     cache_bytes: int | None = None,
 ) -> list[list[Slice]]:
     """Cut the tensors into slices and pack them into groups whose working memory fits a budget.
@@ -160,7 +163,7 @@ def group_slices(
     Args:
         plan (`Plan`): the run.
         max_memory (`int`): working-memory budget of one group, in bytes.
-        accum_dtype (`torch.dtype`): the requested accumulation dtype.
+        accum_dtype (`str`): the requested accumulation dtype, "float32" or "float64".
         cache_bytes (`int`, *optional*): a smaller budget to use when `max_memory` is larger (see `CACHE_BYTES`).
 
     Returns:
@@ -168,6 +171,7 @@ def group_slices(
     """
     if max_memory < MIN_MEMORY:
         raise DataError(f"--max-memory {max_memory} bytes is too small; give at least {MIN_MEMORY} bytes")
+    accum_dtype = FLOAT_DTYPES[accum_dtype]
     budget = max_memory if cache_bytes is None else min(max_memory, cache_bytes)
     n_state = len({run.schedule.theta0_step for run in plan.schedules}) + len(set(ema_slots(plan)))
     groups: list[list[Slice]] = []
@@ -177,7 +181,7 @@ def group_slices(
         # copied tensors are packed as if averaged, so that every group's buffers fit the same arena
         packing = kind if kind.accum is not None else _Kind(accum_dtype, kind.out)
         read_size = max(source.tensors[info.name].itemsize for source in plan.sources.values())
-        per_element = read_size + packing.accum.itemsize * (n_state + _SCRATCH) + packing.out.itemsize
+        per_element = read_size + DTYPES[packing.accum].itemsize * (n_state + _SCRATCH) + DTYPES[packing.out].itemsize
         slack = 8 + 64 * (n_state + _SCRATCH + 2)  # alignment: one slice of `per_slice` elements always fits
         per_slice = (budget - slack) // per_element
         if per_slice < 1:
@@ -207,60 +211,96 @@ def _align(n: int) -> int:
 
 
 class _Worker:
-    """One worker's files and arenas: byte buffers, allocated once, that hold every buffer a group needs.
+    """One worker's files and arenas: byte buffers, allocated once, that hold every buffer a group needs, handed
+    out as byte offsets by `take`.
 
-    On the CPU one arena holds everything. With a GPU (`staged`), the state lives in a device arena, and the read
-    buffer and the cast output in a host arena (pinned, for fast copies), from which bytes are copied over.
+    On the CPU one arena holds everything: an anonymous memory map, which the kernel reads by address and torch
+    (where a group needs it) through a tensor over the same bytes. With a GPU (`staged`), the state lives in a
+    device arena, and the read buffer and the cast output in a host arena (pinned, for fast copies), from which
+    bytes are copied over.
     """
 
-    def __init__(self, arena_bytes: int, *, device: torch.device, staged: bool, host_bytes: int = 0) -> None:
+    def __init__(self, arena_bytes: int, *, device: str, staged: bool) -> None:
         self.files = OpenFiles()
         self.staged = staged
-        self.arena = torch.empty(arena_bytes, dtype=torch.uint8, device=device)
-        pin = device.type == "cuda"
-        self.host_arena = torch.empty(host_bytes, dtype=torch.uint8, pin_memory=pin) if staged else self.arena
+        size = max(arena_bytes, _ALIGN)
+        if staged:
+            import torch
+
+            self.arena = torch.empty(size, dtype=torch.uint8, device=device)
+            self.host = torch.empty(size, dtype=torch.uint8, pin_memory=device.startswith("cuda"))
+            self.host_bytes = writable_view(self.host)
+            self.host_address = self.host.data_ptr()
+        else:
+            self._memory = mmap.mmap(-1, size)
+            self._exported = ctypes.c_char.from_buffer(self._memory)  # pins the map while its address is in use
+            self.host_bytes = memoryview(self._memory)
+            self.host_address = ctypes.addressof(self._exported)
+            self.arena = self.host = None  # tensors over the map, made when a group first needs torch
         self.used = self.host_used = 0
 
-    def take(self, nbytes: int) -> torch.Tensor:
-        """The next `nbytes` of the (device) arena, 64-byte aligned; `reset()` frees them all."""
+    def take(self, nbytes: int) -> int:
+        """The offset of the next `nbytes` of the (device) arena, 64-byte aligned; `reset()` frees them all."""
         if not self.staged:
             return self.take_host(nbytes)
-        view = self.arena[self.used : self.used + nbytes]
+        offset = self.used
         self.used += _align(nbytes)
-        return view
+        return offset
 
-    def take_host(self, nbytes: int) -> torch.Tensor:
-        """The next `nbytes` of the host arena (the same arena without a GPU)."""
-        view = self.host_arena[self.host_used : self.host_used + nbytes]
+    def take_host(self, nbytes: int) -> int:
+        """The offset of the next `nbytes` of the host arena (the same arena without a GPU)."""
+        offset = self.host_used
         self.host_used += _align(nbytes)
-        return view
+        return offset
 
     def reset(self) -> None:
         self.used = self.host_used = 0
 
+    def view(self, offset: int, nbytes: int) -> memoryview:
+        """Bytes of the host arena."""
+        return self.host_bytes[offset : offset + nbytes]
 
-def check_device(device: str | torch.device) -> torch.device:
-    """The device for the arithmetic, refused in one line when it cannot be used.
+    def floats(self, offset: int, numel: int, *, bf16: bool = False) -> Floats:
+        """float32 (or bf16) values in the host arena, for the kernel."""
+        return Floats(self.host_address + offset, numel, bf16)
+
+    def tensor(self, offset: int, nbytes: int, dtype: str, *, host: bool = False) -> torch.Tensor:
+        """A torch view of bytes of the device arena (or of the host arena)."""
+        if self.arena is None:
+            import torch
+
+            self.arena = self.host = torch.frombuffer(self._memory, dtype=torch.uint8)
+        arena = self.host if host else self.arena
+        return arena[offset : offset + nbytes].view(DTYPES[dtype].torch)
+
+
+def check_device(device: str) -> str:
+    """The device for the arithmetic ("cpu", "cuda" or "cuda:N"), refused in one line when it cannot be used.
+    torch is imported only for a GPU.
 
     Raises:
         `UsageError`: not a device name, or CUDA (or that GPU) is not available.
     """
+    if str(device) == "cpu":
+        return "cpu"
+    import torch
+
     try:
-        device = torch.device(device)
+        parsed = torch.device(device)
     except (RuntimeError, TypeError):
         raise UsageError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise UsageError(f"--device {device}: only cpu and cuda are supported")
+    if parsed.type == "cpu":
+        return "cpu"
+    if parsed.type != "cuda":
+        raise UsageError(f"--device {parsed}: only cpu and cuda are supported")
     if not torch.cuda.is_available():
         raise UsageError(
-            f"--device {device}: torch sees no CUDA GPU here (torch.cuda.is_available() is False; "
+            f"--device {parsed}: torch sees no CUDA GPU here (torch.cuda.is_available() is False; "
             f"torch {torch.__version__}, built with CUDA {torch.version.cuda or 'no'}); use --device cpu"
         )
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
-    return device
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {parsed}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    return str(parsed)
 
 
 @dataclass(frozen=True)
@@ -270,14 +310,14 @@ class _Layout:
     ranges: list[tuple[Path, int, int, int]]  # coalesced (path, file offset, buffer offset, nbytes)
     nbytes: int  # of the read buffer
     offsets: list[int]  # each slice's offset in the read buffer
-    dtypes: list[torch.dtype]  # each slice's dtype at this step
+    dtypes: list[str]  # each slice's dtype at this step
     numels: list[int]
-    dtype: torch.dtype | None  # the slices' common dtype (they then lie back to back), or None
+    dtype: str | None  # the slices' common dtype (they then lie back to back), or None
 
     @classmethod
     def of(cls, source: WeightSource, group: list[Slice]) -> _Layout:
         infos = [source.tensors[piece.name] for piece in group]
-        dtypes = [info.torch_dtype for info in infos]
+        dtypes = [info.dtype for info in infos]
         mixed = len(set(dtypes)) > 1
         ranges: list[tuple[Path, int, int, int]] = []
         offsets = []
@@ -302,14 +342,15 @@ class Engine:
     Args:
         plan (`Plan`): what to read and write.
         sink (`Sink`): receives output slices.
-        accum_dtype (`torch.dtype`, defaults to float32): accumulation dtype (widened to the input's if wider).
+        accum_dtype (`str`, defaults to "float32"): accumulation dtype, "float32" or "float64" (widened to the
+            input's if wider).
         max_memory (`int`): working-memory budget in bytes for tensor data, shared by all workers.
         threads (`int`, *optional*): workers; default one per core (see `default_threads`), one with a GPU.
-        device (`str | torch.device`, defaults to "cpu"): where the arithmetic runs; "cuda" keeps the state on the
-            GPU and copies each step's bytes over (the reads stay on the CPU).
+        device (`str`, defaults to "cpu"): where the arithmetic runs; "cuda" keeps the state on the GPU and copies
+            each step's bytes over (the reads stay on the CPU).
         on_progress (`Callable[[int, int], None]`, optional): called with (bytes read, tensors finished).
-        fused (`bool`, defaults to True): run the EMA updates, the outputs and the frozen-tensor checks in the C
-            kernel where it applies (see `kernels`); False runs torch's ops everywhere. The bits are the same.
+        fused (`bool`, defaults to True): run the groups the C kernel covers on it alone (see `kernels`); False
+            runs torch's ops everywhere. The bits are the same.
     """
 
     def __init__(
@@ -317,18 +358,17 @@ class Engine:
         plan: Plan,
         sink: Sink,
         *,
-        accum_dtype: torch.dtype = torch.float32,
+        accum_dtype: str = "float32",
         max_memory: int,
         threads: int | None = None,
-        device: str | torch.device = "cpu",
+        device: str = "cpu",
         on_progress: Callable[[int, int], None] | None = None,
         fused: bool = True,
     ) -> None:
         self.plan = plan
         self.sink = sink
-        self.accum_dtype = accum_dtype
         self.device = check_device(device)
-        self.staged = self.device.type != "cpu"
+        self.staged = self.device != "cpu"
         threads = threads or (1 if self.staged else default_threads())
         self.threads = max(1, min(threads, max_memory // MIN_MEMORY))
         # a GPU has no CPU cache to fit, and wants large ops: groups then use the whole budget
@@ -336,8 +376,8 @@ class Engine:
         self.groups = group_slices(plan, max_memory=max_memory // self.threads, accum_dtype=accum_dtype, cache_bytes=cache_bytes)
         self.threads = max(1, min(self.threads, len(self.groups)))
         self._on_progress = on_progress
-        self.fused = fused and self.device.type == "cpu" and kernel_name() is not None
-        self._progress_lock = threading.Lock()  # not the sink's: a worker writing its outputs does not stall the others
+        self.fused = fused and not self.staged and kernel_name() is not None
+        self._progress_lock = threading.Lock()  # progress callbacks, one at a time; a worker writing its outputs does not stall the others
         self.theta0_steps = sorted({run.schedule.theta0_step for run in plan.schedules})
         self.slots = ema_slots(plan)  # schedule -> its EMA
         self.slot_theta0 = {}  # EMA -> its θ0 step
@@ -363,7 +403,9 @@ class Engine:
             by_theta0 = self.outputs_at.setdefault(out.step, {}).setdefault(schedule.theta0_step, [])
             by_theta0.append((index, out.kind, schedule.alpha(out.step), self.slots[out.schedule_index]))
         self.output_steps = sorted({out.step for out in plan.outputs})
-        self.kinds = [_kind(plan, group[0].name, accum_dtype) for group in self.groups]
+        self.kinds = [_kind(plan, group[0].name, FLOAT_DTYPES[accum_dtype]) for group in self.groups]
+        # groups the kernel takes whole: float32 state, and float32 or bf16 in (alike at each step) and out
+        self.on_kernel = [self.fused and self._kernel_covers(group, kind) for group, kind in zip(self.groups, self.kinds)]
         self.last_slice = {}
         for group in self.groups:
             for piece in group:
@@ -375,16 +417,31 @@ class Engine:
         self._next = 0
         self._error: BaseException | None = None
 
+    def _kernel_covers(self, group: list[Slice], kind: _Kind) -> bool:
+        if kind.accum != "F32" or kind.out not in KERNEL_DTYPES:
+            return False
+        for source in self.plan.sources.values():
+            dtypes = {source.tensors[piece.name].dtype for piece in group}
+            if len(dtypes) > 1 or not dtypes <= set(KERNEL_DTYPES):
+                return False
+        return True
+
+    @property
+    def uses_torch(self) -> bool:
+        """Whether any float group takes torch's ops (else the run never imports torch)."""
+        return any(kind.accum is not None and not kernel for kind, kernel in zip(self.kinds, self.on_kernel))
+
     # --- running ---------------------------------------------------------------------------------------------
 
     def run(self) -> None:
         """Process every group, on `threads` workers; re-raise the first error any worker met."""
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # workers, not intra-op threads: OpenMP barriers stall when cores are shared
-        workers = [
-            _Worker(self.arena_bytes, device=self.device, staged=self.staged, host_bytes=self.arena_bytes)
-            for _ in range(self.threads)
-        ]
+        torch_threads = None
+        if self.uses_torch or self.staged:
+            import torch
+
+            torch_threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # workers, not intra-op threads: OpenMP barriers stall when cores are shared
+        workers = [_Worker(self.arena_bytes, device=self.device, staged=self.staged) for _ in range(self.threads)]
         threads = [threading.Thread(target=self._work, args=(w,), name=f"bema-worker-{i}", daemon=True) for i, w in enumerate(workers[1:])]
         try:
             for thread in threads:
@@ -397,7 +454,8 @@ class Engine:
                 thread.join()
             for worker in workers:
                 worker.files.close()
-            torch.set_num_threads(torch_threads)
+            if torch_threads is not None:
+                torch.set_num_threads(torch_threads)
         if self._error is not None:
             raise self._error
 
@@ -410,11 +468,14 @@ class Engine:
                     index = self._next
                     self._next += 1
                 worker.reset()
-                if self.kinds[index].accum is None:
-                    self._copy_group(self.groups[index], worker)
+                group, kind = self.groups[index], self.kinds[index]
+                if kind.accum is None:
+                    self._copy_group(group, worker)
+                elif self.on_kernel[index] and not worker.staged:
+                    self._average_on_kernel(group, kind, worker)
                 else:
-                    self._average_group(self.groups[index], self.kinds[index], worker)
-                finished = sum(1 for piece in self.groups[index] if self.last_slice[piece.name] == piece)
+                    self._average_on_torch(group, kind, worker)
+                finished = sum(1 for piece in group if self.last_slice[piece.name] == piece)
                 self._progress(0, finished)
         except BaseException as e:
             self._fail(e)
@@ -437,135 +498,180 @@ class Engine:
         n_state = len(self.theta0_steps) + len(self.slot_theta0)
         return _arena_bytes(kind, read=read, numel=numel, slices=len(group), n_state=n_state)
 
-    def _average_group(self, group: list[Slice], kind: _Kind, worker: _Worker) -> None:
-        layouts = {step: _Layout.of(self.plan.sources[step], group) for step in self.plan.read_steps}
-        numel = sum(p.numel for p in group)
-        read_bytes = max(layout.nbytes for layout in layouts.values())
-        read = worker.take_host(read_bytes)
-        raw = worker.take(read_bytes) if worker.staged else read  # the bytes where the arithmetic runs
-        xa = worker.take(numel * kind.accum.itemsize).view(kind.accum)
-        theta0 = {step: worker.take(numel * kind.accum.itemsize).view(kind.accum) for step in self.theta0_steps}
-        ema = [worker.take(numel * kind.accum.itemsize).view(kind.accum) for _ in self.slot_theta0]
-        diff = worker.take(numel * kind.accum.itemsize).view(kind.accum)
-        scratch = worker.take(numel * kind.accum.itemsize).view(kind.accum)
-        out = worker.take(numel * kind.out.itemsize).view(kind.out)
-        out_host = worker.take_host(numel * kind.out.itemsize).view(kind.out) if worker.staged else out
-        bounds = []  # each slice's [start, stop) in the group's element space
+    def _layouts(self, group: list[Slice]) -> dict[int, _Layout]:
+        return {step: _Layout.of(self.plan.sources[step], group) for step in self.plan.read_steps}
+
+    @staticmethod
+    def _bounds(group: list[Slice]) -> list[tuple[int, int]]:
+        """Each slice's [start, stop) in the group's element space."""
+        bounds = []
         for piece in group:
             start = bounds[-1][1] if bounds else 0
             bounds.append((start, start + piece.numel))
+        return bounds
+
+    def _average_on_kernel(self, group: list[Slice], kind: _Kind, worker: _Worker) -> None:
+        """A group on the C kernel alone: θ_t is read in its own dtype and never upcast, except to snapshot θ0."""
+        layouts = self._layouts(group)
+        bounds = self._bounds(group)
+        numel = bounds[-1][1]
+        read = worker.take(max(layout.nbytes for layout in layouts.values()))
+        theta0 = {step: worker.floats(worker.take(4 * numel), numel) for step in self.theta0_steps}
+        ema = [worker.floats(worker.take(4 * numel), numel) for _ in self.slot_theta0]
+        out_bytes = numel * DTYPES[kind.out].itemsize
+        out_offset = worker.take(out_bytes)
+        out = worker.floats(out_offset, numel, bf16=kind.out == "BF16")
+        unchanged = [list(range(len(group))) for _ in self.slot_theta0]  # per EMA: slices equal to θ0 so far
+        for step in self.plan.read_steps:
+            self._read(layouts[step], read, worker)
+            theta = worker.floats(read, numel, bf16=layouts[step].dtype == "BF16")
+            if step in theta0:
+                kernels.upcast(theta, theta0[step])
+                for slot in self.starts_at.get(step, ()):
+                    kernels.copy(theta0[step], ema[slot])
+            updates = self.updates.get(step, ())
+            if updates:
+                kernels.update_emas(theta, [ema[u.slot] for u in updates], [u.beta for u in updates])
+            for update in updates:
+                tau = theta0[self.slot_theta0[update.slot]]
+                unchanged[update.slot] = [i for i in unchanged[update.slot] if kernels.equals(theta.part(*bounds[i]), tau.part(*bounds[i]))]
+            for tau_step, outputs in self.outputs_at.get(step, {}).items():
+                tau = theta0[tau_step]
+                for output_index, output_kind, alpha, slot in outputs:
+                    finite = kernels.write_output(theta, tau, ema[slot], alpha if output_kind == "bema" else None, out)
+                    for i in unchanged[slot]:
+                        finite = kernels.store(tau.part(*bounds[i]), out.part(*bounds[i])) and finite
+                    if not finite:
+                        self._raise_non_finite(group, lambda i: kernels.all_finite(out.part(*bounds[i])), worker)
+                    self._emit(output_index, group, bounds, worker.view(out_offset, out_bytes), kind.out)
+        for slot in self.unchecked:
+            if not kernels.all_finite(ema[slot]):
+                self._raise_non_finite(group, lambda i: kernels.all_finite(ema[slot].part(*bounds[i])), worker)
+
+    def _average_on_torch(self, group: list[Slice], kind: _Kind, worker: _Worker) -> None:
+        """A group on torch's ops, TRL's op for op: any float dtypes, mixed groups, and GPUs."""
+        import torch
+
+        layouts = self._layouts(group)
+        bounds = self._bounds(group)
+        numel = bounds[-1][1]
+        read_bytes = max(layout.nbytes for layout in layouts.values())
+        read = worker.take_host(read_bytes)
+        raw = worker.take(read_bytes) if worker.staged else read  # the bytes where the arithmetic runs
+        state_bytes = numel * DTYPES[kind.accum].itemsize
+
+        def state() -> torch.Tensor:
+            return worker.tensor(worker.take(state_bytes), state_bytes, kind.accum)
+
+        xa = state()
+        theta0 = {step: state() for step in self.theta0_steps}
+        ema = [state() for _ in self.slot_theta0]
+        diff, scratch = state(), state()
+        out_bytes = numel * DTYPES[kind.out].itemsize
+        out_offset = worker.take(out_bytes)
+        out = worker.tensor(out_offset, out_bytes, kind.out)
+        out_host_offset = worker.take_host(out_bytes) if worker.staged else out_offset
         unchanged = [list(range(len(group))) for _ in self.slot_theta0]  # per EMA: slices equal to θ0 so far
         for step in self.plan.read_steps:
             layout = layouts[step]
-            self._read(layout, read, raw, worker)
-            theta = raw[: layout.nbytes].view(layout.dtype) if layout.dtype is not None else None
-            updates = self.updates.get(step, ())
-            fused = self.fused and theta is not None and kernel_applies(theta.dtype, kind.accum)
-            fused_out = self.fused and theta is not None and output_applies(theta.dtype, kind.accum, kind.out)
-            outputs_now = self.outputs_at.get(step, {})
-            x = None  # θ_t in the accumulation dtype, made only when a step needs it
-            if not fused or step in theta0 or (outputs_now and not fused_out):
-                x = self._upcast(layout, raw, into=theta0.get(step, xa))
+            self._read(layout, read, worker)
+            if worker.staged:
+                worker.tensor(raw, layout.nbytes, "U8").copy_(worker.tensor(read, layout.nbytes, "U8", host=True))
+            x = self._upcast(layout, raw, worker, into=theta0.get(step, xa))
             if step in theta0:
                 if x.data_ptr() != theta0[step].data_ptr():
                     theta0[step].copy_(x)
                 for slot in self.starts_at.get(step, ()):
                     ema[slot].copy_(theta0[step])
-            if updates:
-                emas, betas = [ema[u.slot] for u in updates], [u.beta for u in updates]
-                if fused:
-                    update_emas_fused(theta, emas, betas)
-                else:
-                    update_emas_torch(x, emas, betas)
+            updates = self.updates.get(step, ())
             for update in updates:
-                if unchanged[update.slot]:
-                    tau = theta0[self.slot_theta0[update.slot]]
-                    same = equals_fused if x is None else torch.equal
-                    values = theta if x is None else x
-                    unchanged[update.slot] = [i for i in unchanged[update.slot] if same(values[slice(*bounds[i])], tau[slice(*bounds[i])])]
-            for tau_step, outputs in outputs_now.items():
+                ema[update.slot].mul_(1 - update.beta).add_(x, alpha=update.beta)
+            for update in updates:
+                tau = theta0[self.slot_theta0[update.slot]]
+                unchanged[update.slot] = [i for i in unchanged[update.slot] if torch.equal(x[slice(*bounds[i])], tau[slice(*bounds[i])])]
+            for tau_step, outputs in self.outputs_at.get(step, {}).items():
                 tau = theta0[tau_step]
-                if not fused_out and any(output_kind == "bema" for _, output_kind, _, _ in outputs):
+                if any(output_kind == "bema" for _, output_kind, _, _ in outputs):
                     torch.sub(x, tau, out=diff)
                 for output_index, output_kind, alpha, slot in outputs:
-                    if fused_out:
-                        finite = write_output_fused(theta, tau, ema[slot], alpha if output_kind == "bema" else None, out)
-                    else:
-                        if output_kind == "ema":
-                            out.copy_(ema[slot])
-                        else:  # ema + alpha * (x - theta0), op for op
-                            out.copy_(torch.mul(diff, alpha, out=scratch).add_(ema[slot]))
-                        finite = _all_finite(out)
+                    if output_kind == "ema":
+                        out.copy_(ema[slot])
+                    else:  # ema + alpha * (x - theta0), op for op
+                        out.copy_(torch.mul(diff, alpha, out=scratch).add_(ema[slot]))
+                    finite = _all_finite(out)
                     for i in unchanged[slot]:
                         out[slice(*bounds[i])].copy_(tau[slice(*bounds[i])])
                         finite = finite and _all_finite(out[slice(*bounds[i])])
                     if not finite:
-                        self._raise_non_finite(group, bounds, out, worker)
-                    if out_host is not out:
-                        out_host.copy_(out)
-                    self._emit(output_index, [(piece, out_host[start:stop]) for piece, (start, stop) in zip(group, bounds)])
+                        self._raise_non_finite(group, lambda i: _all_finite(out[slice(*bounds[i])]), worker)
+                    if worker.staged:
+                        worker.tensor(out_host_offset, out_bytes, kind.out, host=True).copy_(out)
+                    self._emit(output_index, group, bounds, worker.view(out_host_offset, out_bytes), kind.out)
         for slot in self.unchecked:
             if not _all_finite(ema[slot]):
-                self._raise_non_finite(group, bounds, ema[slot], worker)
+                self._raise_non_finite(group, lambda i: _all_finite(ema[slot][slice(*bounds[i])]), worker)
 
     def _copy_group(self, group: list[Slice], worker: _Worker) -> None:
         """Non-float tensors: each output gets them as they are at its step."""
-        layouts = {step: _Layout.of(self.plan.sources[step], group) for step in self.plan.read_steps}
+        layouts = self._layouts(group)
         read = worker.take_host(max(layout.nbytes for layout in layouts.values()))
         for step in self.output_steps:
             layout = layouts[step]
             for path, start, buffer_offset, nbytes in layout.ranges:
-                worker.files.read_into(path, start, writable_view(read[buffer_offset : buffer_offset + nbytes]))
-            pieces = [
-                (piece, read[offset : offset + piece.numel * dtype.itemsize].view(dtype))
-                for piece, offset, dtype in zip(group, layout.offsets, layout.dtypes)
-            ]
+                worker.files.read_into(path, start, worker.view(read + buffer_offset, nbytes))
             for output_index, out in enumerate(self.plan.outputs):
                 if out.step == step:
-                    self._emit(output_index, pieces)
+                    with self._output_lock(output_index):
+                        for piece, offset, dtype in zip(group, layout.offsets, layout.dtypes):
+                            self.sink.write(output_index, piece, worker.view(read + offset, piece.numel * DTYPES[dtype].itemsize))
         # counted as read at every step, so that progress adds up to the plan's total
         self._progress(sum(layout.nbytes for layout in layouts.values()), 0)
 
-    def _emit(self, output_index: int, pieces: list[tuple[Slice, torch.Tensor]]) -> None:
-        """Hand a group's output slices to the sink: one worker per output at a time, unless it is concurrent."""
-        with contextlib.nullcontext() if self._concurrent_sink else self._output_locks[output_index]:
-            for piece, tensor in pieces:
-                self.sink.write(output_index, piece, tensor)
+    def _emit(self, output_index: int, group: list[Slice], bounds: list[tuple[int, int]], data: memoryview, dtype: str) -> None:
+        """Hand a group's output (`data`, the bytes of every slice back to back) to the sink, slice by slice."""
+        itemsize = DTYPES[dtype].itemsize
+        with self._output_lock(output_index):
+            for piece, (start, stop) in zip(group, bounds):
+                self.sink.write(output_index, piece, data[start * itemsize : stop * itemsize])
+
+    def _output_lock(self, output_index: int) -> contextlib.AbstractContextManager:
+        """One worker per output at a time, unless the sink is concurrent."""
+        return contextlib.nullcontext() if self._concurrent_sink else self._output_locks[output_index]
 
     # --- reading ---------------------------------------------------------------------------------------------
 
-    def _read(self, layout: _Layout, read: torch.Tensor, raw: torch.Tensor, worker: _Worker) -> None:
-        """Read a group's bytes at one step into `read`, and copy them to `raw` on the device when that is another
-        buffer."""
+    def _read(self, layout: _Layout, read: int, worker: _Worker) -> None:
+        """Read a group's bytes at one step into the host arena at offset `read`."""
         for path, start, buffer_offset, size in layout.ranges:
-            worker.files.read_into(path, start, writable_view(read[buffer_offset : buffer_offset + size]))
+            worker.files.read_into(path, start, worker.view(read + buffer_offset, size))
         self._progress(layout.nbytes, 0)
-        if raw is not read:
-            raw[: layout.nbytes].copy_(read[: layout.nbytes])
 
     @staticmethod
-    def _upcast(layout: _Layout, raw: torch.Tensor, *, into: torch.Tensor) -> torch.Tensor:
-        """The group's values in the accumulation dtype: converted into `into`, or the raw bytes themselves when
-        the input already has that dtype."""
+    def _upcast(layout: _Layout, raw: int, worker: _Worker, *, into: torch.Tensor) -> torch.Tensor:
+        """The group's values (the bytes at arena offset `raw`) in the accumulation dtype: converted into `into`, or
+        the raw bytes themselves when the input already has that dtype."""
         if layout.dtype is not None:
-            x = raw[: layout.nbytes].view(layout.dtype)
-            return x if layout.dtype == into.dtype else into.copy_(x)
+            x = worker.tensor(raw, layout.nbytes, layout.dtype)
+            return x if x.dtype == into.dtype else into.copy_(x)
         element = 0
         for offset, dtype, numel in zip(layout.offsets, layout.dtypes, layout.numels):
-            into[element : element + numel].copy_(raw[offset : offset + numel * dtype.itemsize].view(dtype))
+            into[element : element + numel].copy_(worker.tensor(raw + offset, numel * DTYPES[dtype].itemsize, dtype))
             element += numel
         return into
 
     # --- errors ----------------------------------------------------------------------------------------------
 
-    def _raise_non_finite(self, group: list[Slice], bounds: list[tuple[int, int]], values: torch.Tensor, worker: _Worker) -> None:
-        for piece, (start, stop) in zip(group, bounds):
-            if not bool(torch.isfinite(values[start:stop]).all()):
+    def _raise_non_finite(self, group: list[Slice], finite: Callable[[int], bool], worker: _Worker) -> None:
+        """`finite(i)` says whether the group's values are finite in slice i."""
+        for i, piece in enumerate(group):
+            if not finite(i):
                 self.raise_non_finite(piece, worker.files)
         raise AssertionError("non-finite values in no slice")  # pragma: no cover
 
     def raise_non_finite(self, piece: Slice, files: OpenFiles) -> None:
         """Name the first step whose input holds NaN or Inf in this tensor, or report an overflow."""
+        import torch
+
         for step in self.plan.read_steps:
             info = self.plan.sources[step].tensors[piece.name]
             buffer = torch.empty(piece.numel * info.itemsize, dtype=torch.uint8)
@@ -584,6 +690,8 @@ class Engine:
 def _all_finite(values: torch.Tensor) -> bool:
     """Whether every value is finite, in one pass without allocating: any Inf or NaN makes the sum non-finite, so a
     finite sum proves it; a non-finite sum may be an overflow of the sum itself, so it is checked exactly."""
+    import torch
+
     if values.numel() == 0:
         return True
     if values.dtype.itemsize == 1:  # float8: no sum, no isfinite

@@ -12,11 +12,13 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .checkpoints import load_source
-from .safetensors_io import DTYPE_NAMES, writable_view
+from .safetensors_io import dtype_name, writable_view
+
+if TYPE_CHECKING:
+    import torch
 
 _CHUNK = 64 * 2**20
 
@@ -55,7 +57,7 @@ def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
-        digest.update(_describe(name, DTYPE_NAMES[tensor.dtype], tensor.shape, tensor.nbytes))
+        digest.update(_describe(name, dtype_name(tensor.dtype), tensor.shape, tensor.nbytes))
         if tensor.nbytes:
             digest.update(writable_view(tensor))
     return digest.hexdigest()

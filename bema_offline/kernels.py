@@ -1,32 +1,35 @@
-"""The arithmetic of one step, by torch's ops or by the C kernel (`_kernel.c`), with the same bits either way
-(tests/test_kernel.py):
+"""The C kernel (`_kernel.c`): the arithmetic of one step on float32 or bf16 values in memory, with the bits of
+torch's ops (tests/test_kernel.py), and without torch:
 
-- the EMA update, `ema.mul_(1 - beta).add_(theta, alpha=beta)` for each EMA: the kernel does it in one pass over
-  memory, reads `theta` once for all the EMAs, and upcasts bf16 on the fly; torch needs an upcast pass plus two
-  passes per EMA;
-- whether a tensor still equals θ0 (a frozen parameter), without upcasting it;
+- the EMA update, `ema.mul_(1 - beta).add_(theta, alpha=beta)` for each EMA: one pass over memory that reads
+  `theta` once for all the EMAs and upcasts bf16 on the fly (torch needs an upcast pass plus two passes per EMA);
 - an output, `ema + alpha * (theta - theta0)` (or the EMA) rounded to the output dtype, with a finiteness check:
-  one pass instead of five.
+  one pass instead of five;
+- whether a tensor still equals θ0 (a frozen parameter), without upcasting it;
+- the upcast of a checkpoint to float32 (θ0), a copy cast to the output dtype, and a finiteness check.
 
 The kernel is built at install time where a C compiler is found. It covers float32 state, float32 or bf16 inputs
-and outputs, on the CPU; everything else (fp16 or fp64, mixed-dtype groups, GPUs) takes torch's ops.
+and outputs, on the CPU; the engine takes torch's ops for everything else (fp16 or fp64, mixed-dtype groups,
+GPUs). Because this module never imports torch, a run the kernel covers never loads it (seconds at startup).
+
+The kernel takes raw addresses: every function here checks the lengths and dtypes of its `Floats` first.
 
 Set `BEMA_OFFLINE_KERNEL=0` to run torch's ops even where the kernel is built (to compare the two).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Sequence
-
-import torch
+from dataclasses import dataclass
 
 try:
     from . import _kernel
 except ImportError:  # built without a C compiler
     _kernel = None
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+KERNEL_DTYPES = ("F32", "BF16")  # safetensors names of the dtypes the kernel reads and writes
 
 
 def kernel_name() -> str | None:
@@ -36,73 +39,77 @@ def kernel_name() -> str | None:
     return _kernel.IMPL
 
 
-def kernel_applies(theta_dtype: torch.dtype, ema_dtype: torch.dtype) -> bool:
-    """Whether the C kernel (where `kernel_name()` says it runs) updates CPU EMAs of `ema_dtype` from a `theta` of
-    `theta_dtype`."""
-    return ema_dtype == torch.float32 and theta_dtype in _KERNEL_DTYPES
+@dataclass(frozen=True)
+class Floats:
+    """`numel` contiguous float32 (or bf16) values at `address` in CPU memory."""
+
+    address: int
+    numel: int
+    bf16: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * (2 if self.bf16 else 4)
+
+    def part(self, start: int, stop: int) -> Floats:
+        """Elements [start, stop)."""
+        if not 0 <= start <= stop <= self.numel:
+            raise ValueError(f"elements [{start}, {stop}) of {self.numel}")
+        return Floats(self.address + start * (2 if self.bf16 else 4), stop - start, self.bf16)
 
 
-def update_emas_fused(theta: torch.Tensor, emas: Sequence[torch.Tensor], betas: Sequence[float]) -> None:
-    """Advance each EMA by one step towards `theta` in one pass (C kernel; see `kernel_applies`).
-
-    Args:
-        theta (`torch.Tensor`): contiguous float32 or bf16 values, on the CPU.
-        emas (`Sequence[torch.Tensor]`): contiguous float32 tensors with as many elements, updated in place.
-        betas (`Sequence[float]`): each EMA's β at this step.
-    """
-    n = theta.numel()
-    _require("update_emas_fused", "theta", theta, _KERNEL_DTYPES, n)
+def update_emas(theta: Floats, emas: Sequence[Floats], betas: Sequence[float]) -> None:
+    """Advance each float32 EMA by one step towards `theta`, in one pass: TRL's `ema.mul_(1 - beta).add_(theta,
+    alpha=beta)`, with its rounding."""
     for ema in emas:
-        _require("update_emas_fused", "each EMA", ema, (torch.float32,), n)
-    updates = [(ema.data_ptr(), 1 - beta, beta) for ema, beta in zip(emas, betas, strict=True)]
-    _kernel.ema_update(theta.data_ptr(), theta.dtype == torch.bfloat16, n, updates)
+        _require("update_emas", "each EMA", ema, theta.numel, float32=True)
+    updates = [(ema.address, 1 - beta, beta) for ema, beta in zip(emas, betas, strict=True)]
+    _kernel.ema_update(theta.address, theta.bf16, theta.numel, updates)
 
 
-def output_applies(theta_dtype: torch.dtype, state_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
-    """Whether the C kernel (where `kernel_name()` says it runs) writes outputs of `out_dtype` from CPU state of
-    `state_dtype` and a `theta` of `theta_dtype`."""
-    return kernel_applies(theta_dtype, state_dtype) and out_dtype in _KERNEL_DTYPES
-
-
-def write_output_fused(
-    theta: torch.Tensor, theta0: torch.Tensor, ema: torch.Tensor, alpha: float | None, out: torch.Tensor
-) -> bool:
-    """`out = ema + alpha * (theta - theta0)` as torch computes it (or `out = ema` when `alpha` is None), rounded to
-    `out`'s dtype, in one pass (C kernel; see `output_applies`). Returns whether every value of `out` is finite.
-
-    Args:
-        theta (`torch.Tensor`): contiguous float32 or bf16 values, on the CPU.
-        theta0, ema (`torch.Tensor`): contiguous float32 tensors with as many elements.
-        alpha (`float`, *optional*): the bias correction's α at this step; None writes the EMA.
-        out (`torch.Tensor`): contiguous float32 or bf16 tensor with as many elements, overwritten.
-    """
-    n = theta.numel()
-    for name, tensor, dtypes in (("theta", theta, _KERNEL_DTYPES), ("theta0", theta0, (torch.float32,)),
-                                 ("ema", ema, (torch.float32,)), ("out", out, _KERNEL_DTYPES)):
-        _require("write_output_fused", name, tensor, dtypes, n)
-    bf16 = torch.bfloat16
+def write_output(theta: Floats, theta0: Floats, ema: Floats, alpha: float | None, out: Floats) -> bool:
+    """`out = ema + alpha * (theta - theta0)` as torch computes it on float32 (or `out = ema` when `alpha` is None),
+    rounded to `out`'s dtype, in one pass. Returns whether every value of `out` is finite."""
+    _require("write_output", "theta0", theta0, theta.numel, float32=True)
+    _require("write_output", "ema", ema, theta.numel, float32=True)
+    _require("write_output", "out", out, theta.numel)
     return _kernel.bema_output(
-        theta.data_ptr(), theta.dtype == bf16, theta0.data_ptr(), ema.data_ptr(), n, alpha is not None, alpha or 0.0,
-        out.data_ptr(), out.dtype == bf16,
+        theta.address, theta.bf16, theta0.address, ema.address, theta.numel, alpha is not None, alpha or 0.0,
+        out.address, out.bf16,
     )
 
 
-def equals_fused(theta: torch.Tensor, theta0: torch.Tensor) -> bool:
-    """`torch.equal(theta.float(), theta0)` without the upcast, stopping at the first difference (C kernel; `theta`
-    float32 or bf16, `theta0` float32, both contiguous on the CPU, as many elements)."""
-    _require("equals_fused", "theta", theta, _KERNEL_DTYPES, theta.numel())
-    _require("equals_fused", "theta0", theta0, (torch.float32,), theta.numel())
-    return _kernel.equals(theta.data_ptr(), theta.dtype == torch.bfloat16, theta0.data_ptr(), theta.numel())
+def store(values: Floats, out: Floats) -> bool:
+    """`out = values` (float32), rounded to `out`'s dtype as torch's `copy_` rounds; returns whether every value of
+    `out` is finite."""
+    _require("store", "values", values, out.numel, float32=True)
+    return _kernel.bema_output(values.address, False, values.address, values.address, out.numel, False, 0.0, out.address, out.bf16)
 
 
-def _require(function: str, name: str, tensor: torch.Tensor, dtypes: Sequence[torch.dtype], numel: int) -> None:
-    """Refuse what the kernel cannot read safely: it takes raw addresses, so shapes and dtypes are checked here."""
-    if tensor.dtype not in dtypes or not tensor.is_contiguous() or tensor.numel() != numel or tensor.device.type != "cpu":
-        allowed = " or ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
-        raise ValueError(f"{function}: {name} must be a contiguous {allowed} CPU tensor of {numel} elements")
+def upcast(theta: Floats, into: Floats) -> None:
+    """`into = theta` widened to float32 (exact)."""
+    _require("upcast", "into", into, theta.numel, float32=True)
+    _kernel.upcast(theta.address, theta.bf16, into.address, theta.numel)
 
 
-def update_emas_torch(theta: torch.Tensor, emas: Sequence[torch.Tensor], betas: Sequence[float]) -> None:
-    """TRL's ops, one EMA after another; `theta` must already have the EMAs' dtype."""
-    for ema, beta in zip(emas, betas, strict=True):
-        ema.mul_(1 - beta).add_(theta, alpha=beta)
+def copy(values: Floats, into: Floats) -> None:
+    """`into = values`, same dtype."""
+    _require("copy", "into", into, values.numel, float32=not values.bf16)
+    ctypes.memmove(into.address, values.address, values.nbytes)
+
+
+def equals(theta: Floats, theta0: Floats) -> bool:
+    """`torch.equal(theta.float(), theta0)` without the upcast, stopping at the first difference (`theta0` float32)."""
+    _require("equals", "theta0", theta0, theta.numel, float32=True)
+    return _kernel.equals(theta.address, theta.bf16, theta0.address, theta.numel)
+
+
+def all_finite(values: Floats) -> bool:
+    """Whether no value is Inf or NaN."""
+    return _kernel.all_finite(values.address, values.bf16, values.numel)
+
+
+def _require(function: str, name: str, values: Floats, numel: int, *, float32: bool = False) -> None:
+    """Refuse what the kernel cannot read safely: it takes raw addresses, so lengths and dtypes are checked here."""
+    if values.numel != numel or (float32 and values.bf16):
+        raise ValueError(f"{function}: {name} must hold {numel} {'float32' if float32 else 'float32 or bf16'} values")

@@ -10,15 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .checkpoints import BASE_STEP, WeightSource, _steps_text, find_checkpoints, load_source, read_trainer_state
 from .errors import DataError, UsageError
-from .safetensors_io import DTYPE_NAMES, TensorInfo
+from .safetensors_io import FLOAT_DTYPES, TensorInfo
 from .schedule import KINDS, BEMASchedule, effective_weights
-
-FLOAT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass(frozen=True)
 class ScheduleRun:
@@ -125,7 +120,7 @@ def make_plan(
     reference = sources[needed[-1]]
     notes = _check_sources(reference, sources)
     output_dtypes = {
-        name: (DTYPE_NAMES[FLOAT_DTYPES[dtype]] if dtype and info.is_float else info.dtype)
+        name: (FLOAT_DTYPES[dtype] if dtype and info.is_float else info.dtype)
         for name, info in reference.tensors.items()
     }
     newest = found[max(found)]

@@ -19,30 +19,62 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import DataError
 from .faults import fault_point
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Dtype:
+    """A safetensors dtype: its name in headers, its size, and torch's name for it (torch is imported only where a
+    tensor is made)."""
+
+    name: str
+    itemsize: int
+    is_float: bool
+    torch_name: str
+
+    @property
+    def torch(self) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.torch_name)
+
+
+DTYPES: dict[str, Dtype] = {
+    dtype.name: dtype
+    for dtype in (
+        Dtype("F64", 8, True, "float64"),
+        Dtype("F32", 4, True, "float32"),
+        Dtype("F16", 2, True, "float16"),
+        Dtype("BF16", 2, True, "bfloat16"),
+        Dtype("F8_E4M3", 1, True, "float8_e4m3fn"),
+        Dtype("F8_E5M2", 1, True, "float8_e5m2"),
+        Dtype("I64", 8, False, "int64"),
+        Dtype("I32", 4, False, "int32"),
+        Dtype("I16", 2, False, "int16"),
+        Dtype("I8", 1, False, "int8"),
+        Dtype("U64", 8, False, "uint64"),
+        Dtype("U32", 4, False, "uint32"),
+        Dtype("U16", 2, False, "uint16"),
+        Dtype("U8", 1, False, "uint8"),
+        Dtype("BOOL", 1, False, "bool"),
+    )
 }
-DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# the `--dtype` and `--accum-dtype` names, as torch and config.json spell them
+FLOAT_DTYPES = {"float32": "F32", "float64": "F64", "bfloat16": "BF16", "float16": "F16"}
+
+
+def dtype_name(torch_dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype."""
+    wanted = str(torch_dtype).removeprefix("torch.")
+    return next(name for name, dtype in DTYPES.items() if dtype.torch_name == wanted)
+
+
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
 
 
@@ -63,15 +95,15 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return DTYPES[self.dtype].torch
 
     @property
     def itemsize(self) -> int:
-        return self.torch_dtype.itemsize
+        return DTYPES[self.dtype].itemsize
 
     @property
     def is_float(self) -> bool:
-        return self.torch_dtype.is_floating_point
+        return DTYPES[self.dtype].is_float
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -161,6 +193,8 @@ def parse_json(raw: bytes | str, *, what: str, hint: str) -> object:
 
 def all_finite(tensor: torch.Tensor) -> bool:
     """Whether a float tensor holds no NaN or Inf (float8 tensors, which `isfinite` lacks, are upcast)."""
+    import torch
+
     if tensor.dtype.itemsize == 1:
         tensor = tensor.float()
     return bool(torch.isfinite(tensor).all())

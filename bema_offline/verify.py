@@ -22,14 +22,12 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
-
 from .card import PROVENANCE_FILE
 from .checkpoints import BASE_STEP, INDEX_FILE, SINGLE_FILE, WeightSource, load_source
 from .engine import Engine, Sink, Slice
 from .errors import BemaError, DataError
-from .plan import FLOAT_DTYPES, OutputSpec, Plan, ScheduleRun
-from .safetensors_io import DTYPE_NAMES, DTYPES, OpenFiles, TensorInfo, all_finite, parse_json, writable_view
+from .plan import OutputSpec, Plan, ScheduleRun
+from .safetensors_io import DTYPES, FLOAT_DTYPES, OpenFiles, TensorInfo, all_finite, parse_json, writable_view
 from .schedule import KINDS, BEMASchedule, effective_weights
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
@@ -231,7 +229,7 @@ def check_config(folder: Path, tensors: dict[str, TensorInfo]) -> list[str]:
     declared = config.get("torch_dtype", config.get("dtype"))
     if isinstance(declared, str) and len(float_dtypes) == 1:
         (actual,) = float_dtypes
-        if str(DTYPES[actual]).removeprefix("torch.") != declared:
+        if DTYPES[actual].torch_name != declared:
             notes.append(f"{path}: says dtype {declared} but the float tensors are {actual} (harmless for loading)")
     return notes
 
@@ -246,6 +244,8 @@ def _int_field(config: dict, keys: Sequence[str]) -> int | None:
 
 def check_finite(tensors: dict[str, TensorInfo], *, max_memory: int = DEFAULT_CHUNK_BYTES) -> None:
     """Every float value is finite; each tensor is read in chunks of at most `max_memory` bytes."""
+    import torch
+
     with OpenFiles() as files:
         for info in tensors.values():
             if not info.is_float:
@@ -295,7 +295,7 @@ def check_provenance(folder: Path, record: dict, tensors: dict[str, TensorInfo])
         raise DataError(f"{path}: the weight files it records differ from the folder's (names or sizes); a file was replaced")
     dtype = record["settings"].get("dtype")
     if dtype is not None:
-        want = DTYPE_NAMES[FLOAT_DTYPES[dtype]] if dtype in FLOAT_DTYPES else None
+        want = FLOAT_DTYPES.get(dtype)
         wrong = next((i for i in tensors.values() if i.is_float and i.dtype != want), None)
         if wrong is not None:
             raise DataError(f"{wrong.path}: tensor {wrong.name!r} is {wrong.dtype} but {path.name} says --dtype {dtype}")
@@ -340,7 +340,7 @@ def load_recorded_sources(record: dict, folder: Path) -> tuple[dict[int, WeightS
 def _planned_dtype(record: dict, source_info: TensorInfo) -> str:
     dtype = record["settings"].get("dtype")
     if dtype in FLOAT_DTYPES and source_info.is_float:
-        return DTYPE_NAMES[FLOAT_DTYPES[dtype]]
+        return FLOAT_DTYPES[dtype]
     return source_info.dtype
 
 
@@ -372,15 +372,13 @@ class _CompareSink(Sink):
         self.files = OpenFiles()
         self.compared: dict[str, int] = {}
 
-    def write(self, output_index: int, piece: Slice, tensor: torch.Tensor) -> None:
+    def write(self, output_index: int, piece: Slice, data: memoryview) -> None:
         info = self.tensors[piece.name]
-        if tensor.dtype != info.torch_dtype:
-            raise DataError(f"{info.path}: tensor {piece.name!r} is {info.dtype} but recomputes as {tensor.dtype}")
-        fresh = tensor.contiguous().view(torch.uint8)
-        stored = torch.empty(fresh.numel(), dtype=torch.uint8)
-        self.files.read_into(info.path, info.start + piece.start * info.itemsize, writable_view(stored))
-        if not torch.equal(fresh, stored):
-            element = piece.start + int((fresh != stored).nonzero()[0]) // info.itemsize
+        fresh = bytes(data)
+        stored = bytearray(len(fresh))
+        self.files.read_into(info.path, info.start + piece.start * info.itemsize, memoryview(stored))
+        if fresh != stored:
+            element = piece.start + next(i for i, (a, b) in enumerate(zip(fresh, stored)) if a != b) // info.itemsize
             raise DataError(
                 f"{info.path}: tensor {piece.name!r} differs from its recomputation at element {element}; "
                 "the output is wrong or its sources changed: do not use it"
@@ -404,7 +402,8 @@ def recompute_tensors(
         tensors=[reference.tensors[name] for name in names],
         output_dtypes={name: _planned_dtype(record, reference.tensors[name]) for name in names},
     )
-    accum = {"float32": torch.float32, "float64": torch.float64}.get(record["settings"].get("accum_dtype"), torch.float32)
+    accum = record["settings"].get("accum_dtype")
+    accum = accum if accum in ("float32", "float64") else "float32"
     sink = _CompareSink(tensors)
     try:
         Engine(plan, sink, accum_dtype=accum, max_memory=max(max_memory, 2**20)).run()

@@ -18,12 +18,10 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .engine import Sink, Slice
 from .errors import DataError, UsageError
 from .faults import fault_point
-from .safetensors_io import DTYPES, OpenFiles, parse_json, preallocate, writable_view
+from .safetensors_io import DTYPES, OpenFiles, parse_json, preallocate
 
 INDEX_FILE = "model.safetensors.index.json"
 WRITEBACK_BYTES = 64 * 2**20
@@ -183,23 +181,23 @@ class ModelFolderWriter:
                 del self.unwritten[path]
                 self._shard_done(path)
 
-    def write(self, name: str, start: int, tensor: torch.Tensor) -> None:
-        """Write a slice of tensor `name` (its elements from `start` on) in place. Threads may call this at once
-        for different slices; `files` must then never close a file by itself (`max_open=None`)."""
+    def write(self, name: str, start: int, data: memoryview) -> None:
+        """Write the bytes of a slice of tensor `name` (its elements from `start` on) in place. Threads may call
+        this at once for different slices; `files` must then never close a file by itself (`max_open=None`)."""
         place = self.placements[name]
-        tensor = tensor.contiguous()
-        if tensor.nbytes == 0:
+        nbytes = data.nbytes
+        if nbytes == 0:
             return
         if place.path not in self.unwritten:
             raise DataError(f"{place.path}: tensor {name!r} written to a shard that is already complete; report this bug")
-        self.files.write_at(place.path, place.data_start + start * place.itemsize, writable_view(tensor))
+        self.files.write_at(place.path, place.data_start + start * place.itemsize, data)
         with self._lock:  # counted after the write: the shard is complete only once every write has returned
-            self.unwritten[place.path] -= tensor.nbytes
+            self.unwritten[place.path] -= nbytes
             done = self.unwritten[place.path] == 0
             if done:
                 del self.unwritten[place.path]
             else:
-                self.unflushed += tensor.nbytes
+                self.unflushed += nbytes
                 writeback = self.unflushed >= WRITEBACK_BYTES
                 if writeback:
                     self.unflushed = 0
@@ -287,8 +285,8 @@ class FolderSink(Sink):
     def __init__(self, writers: Sequence[ModelFolderWriter]) -> None:
         self.writers = writers
 
-    def write(self, output_index: int, piece: Slice, tensor: torch.Tensor) -> None:
-        self.writers[output_index].write(piece.name, piece.start, tensor)
+    def write(self, output_index: int, piece: Slice, data: memoryview) -> None:
+        self.writers[output_index].write(piece.name, piece.start, data)
 
 
 def copy_sidecar_files(sources: Sequence[Path], folder: Path, *, dtype: str | None = None) -> list[str]:

@@ -337,7 +337,7 @@ cache = None if sys.argv[3] == "whole" else int(sys.argv[3]) * 2**20
 engine.CACHE_BYTES = cache
 plan = make_plan(sys.argv[1], [("", BEMASchedule())], base_model_dir=Path(sys.argv[2]))
 class Null(engine.Sink):
-    def write(self, output_index, piece, tensor):
+    def write(self, output_index, piece, data):
         pass
 run = engine.Engine(plan, Null(), max_memory=512 * 2**20)
 started, cpu = time.perf_counter(), time.process_time()

@@ -46,6 +46,18 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32)
 
 
+def floats(t: torch.Tensor) -> kernels.Floats:
+    """The kernel's view of a contiguous float32 or bf16 CPU tensor."""
+    assert t.is_contiguous() and t.dtype in (torch.float32, torch.bfloat16)
+    return kernels.Floats(t.data_ptr(), t.numel(), bf16=t.dtype == torch.bfloat16)
+
+
+def trl_update(theta: torch.Tensor, emas: list[torch.Tensor], betas: list[float]) -> None:
+    """TRL's ops, one EMA after another."""
+    for ema, beta in zip(emas, betas):
+        ema.mul_(1 - beta).add_(theta, alpha=beta)
+
+
 @needs_kernel
 @settings(max_examples=200, deadline=None)
 @given(
@@ -55,12 +67,12 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     spread=st.sampled_from([2, 40, 125]),
     seed=st.integers(0, 2**16),
 )
-def test_fused_update_has_the_bits_of_torchs_ops(n, betas, theta_dtype, spread, seed):
+def test_update_has_the_bits_of_torchs_ops(n, betas, theta_dtype, spread, seed):
     theta = finite_values(n, theta_dtype, seed, spread)
     emas = [finite_values(n, torch.float32, seed + 1 + k, spread) for k in range(len(betas))]
     expected = [ema.clone() for ema in emas]
-    kernels.update_emas_torch(theta.float(), expected, betas)
-    kernels.update_emas_fused(theta, emas, betas)
+    trl_update(theta.float(), expected, betas)
+    kernels.update_emas(floats(theta), [floats(ema) for ema in emas], betas)
     for got, want in zip(emas, expected):
         assert torch.equal(bits(got), bits(want))
 
@@ -75,7 +87,7 @@ def test_fused_update_has_the_bits_of_torchs_ops(n, betas, theta_dtype, spread, 
     spread=st.sampled_from([2, 40, 127]),
     seed=st.integers(0, 2**16),
 )
-def test_fused_output_has_the_bits_of_torchs_ops(n, alpha, theta_dtype, out_dtype, spread, seed):
+def test_output_has_the_bits_of_torchs_ops(n, alpha, theta_dtype, out_dtype, spread, seed):
     """The engine's torch path: `torch.mul(torch.sub(x, theta0), alpha).add_(ema)` cast to the output dtype; with
     wide values some outputs overflow to Inf, which both must write alike and the kernel must report."""
     theta = finite_values(n, theta_dtype, seed, spread)
@@ -83,13 +95,45 @@ def test_fused_output_has_the_bits_of_torchs_ops(n, alpha, theta_dtype, out_dtyp
     values = ema if alpha is None else torch.mul(torch.sub(theta.float(), theta0), alpha).add_(ema)
     expected = values.to(out_dtype)
     out = torch.empty(n, dtype=out_dtype)
-    finite = kernels.write_output_fused(theta, theta0, ema, alpha, out)
+    finite = kernels.write_output(floats(theta), floats(theta0), floats(ema), alpha, floats(out))
     assert finite == bool(torch.isfinite(expected).all())
     if finite:  # (NaN's bits are torch's own business; the engine refuses non-finite outputs anyway)
         assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
     else:
         same = torch.isfinite(expected)
         assert torch.equal(out[same].view(torch.uint8), expected[same].view(torch.uint8))
+
+
+@needs_kernel
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.integers(0, 3000),
+    theta_dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+    out_dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+    spread=st.sampled_from([2, 127]),
+    special=st.one_of(st.none(), st.tuples(st.integers(0, 2999), st.sampled_from([float("inf"), -float("inf"), float("nan")]))),
+    seed=st.integers(0, 2**16),
+)
+def test_upcast_store_and_all_finite_match_torch(n, theta_dtype, out_dtype, spread, special, seed):
+    """The θ0 snapshot (`into.copy_(theta)`), the copy of a frozen slice into the output (`out.copy_(theta0)`),
+    and the finiteness checks, against torch."""
+    theta = finite_values(n, theta_dtype, seed, spread)
+    if special is not None and special[0] < n:
+        theta[special[0]] = special[1]
+    theta0 = torch.empty(n)
+    kernels.upcast(floats(theta), floats(theta0))
+    assert torch.equal(bits(theta0), bits(theta.float())) or (special is not None and special[1] != special[1])
+    assert torch.equal(theta0.isnan(), theta.isnan()) and torch.equal(theta0[~theta0.isnan()], theta.float()[~theta.isnan()])
+    assert kernels.all_finite(floats(theta)) == kernels.all_finite(floats(theta0)) == bool(torch.isfinite(theta).all())
+    out = torch.empty(n, dtype=out_dtype)
+    finite = kernels.store(floats(theta0), floats(out))
+    expected = theta0.to(out_dtype)
+    assert finite == bool(torch.isfinite(expected).all()) == kernels.all_finite(floats(out))
+    same = torch.isfinite(expected)
+    assert torch.equal(out[same].view(torch.uint8), expected[same].view(torch.uint8))
+    copied = torch.full((n,), 7.0)
+    kernels.copy(floats(theta0), floats(copied))
+    assert torch.equal(bits(copied), bits(theta0))
 
 
 @needs_kernel
@@ -106,37 +150,35 @@ def test_equals_is_torch_equal_on_the_upcast_values(n, change, value, theta_dtyp
     theta0 = theta.float()
     if change is not None and change < n:
         theta0[change] = value if value != 0.5 else theta0[change] + 0.5
-    assert kernels.equals_fused(theta, theta0) == torch.equal(theta.float(), theta0)
+    assert kernels.equals(floats(theta), floats(theta0)) == torch.equal(theta.float(), theta0)
 
 
 @needs_kernel
-def test_fused_output_and_equals_refuse_what_they_do_not_cover():
-    with pytest.raises(ValueError, match="write_output_fused: out must be a contiguous float32 or bfloat16 CPU tensor"):
-        kernels.write_output_fused(torch.zeros(4), torch.zeros(4), torch.zeros(4), 0.5, torch.zeros(4, dtype=torch.float16))
-    with pytest.raises(ValueError, match="equals_fused: theta0 must be a contiguous float32 CPU tensor of 4 elements"):
-        kernels.equals_fused(torch.zeros(4), torch.zeros(5))
+def test_parts_address_the_right_elements():
+    values = torch.arange(10, dtype=torch.bfloat16)
+    part = floats(values).part(3, 7)
+    into = torch.empty(4)
+    kernels.upcast(part, floats(into))
+    assert into.tolist() == [3.0, 4.0, 5.0, 6.0]
+    with pytest.raises(ValueError):
+        floats(values).part(8, 11)
 
 
-@needs_kernel
 @pytest.mark.parametrize(
-    "theta, ema",
+    "call, message",
     [
-        (torch.zeros(8, dtype=torch.float16), torch.zeros(8)),  # fp16 input: torch's path
-        (torch.zeros(8), torch.zeros(8, dtype=torch.float64)),  # fp64 EMA
-        (torch.zeros(8), torch.zeros(9)),  # length mismatch
-        (torch.zeros(16)[::2], torch.zeros(8)),  # not contiguous
+        (lambda: kernels.update_emas(kernels.Floats(0, 4), [kernels.Floats(0, 4, bf16=True)], [0.5]), "update_emas: each EMA must hold 4 float32"),
+        (lambda: kernels.update_emas(kernels.Floats(0, 4), [kernels.Floats(0, 5)], [0.5]), "update_emas: each EMA must hold 4 float32"),
+        (lambda: kernels.write_output(kernels.Floats(0, 4), kernels.Floats(0, 4), kernels.Floats(0, 3), 0.5, kernels.Floats(0, 4)), "write_output: ema"),
+        (lambda: kernels.equals(kernels.Floats(0, 4), kernels.Floats(0, 4, bf16=True)), "equals: theta0 must hold 4 float32"),
+        (lambda: kernels.upcast(kernels.Floats(0, 4), kernels.Floats(0, 4, bf16=True)), "upcast: into"),
+        (lambda: kernels.store(kernels.Floats(0, 4, bf16=True), kernels.Floats(0, 4)), "store: values"),
     ],
 )
-def test_fused_update_refuses_what_it_does_not_cover(theta, ema):
-    with pytest.raises(ValueError, match="update_emas_fused"):
-        kernels.update_emas_fused(theta, [ema], [0.5])
-
-
-def test_kernel_applies_to_float32_emas_of_bf16_or_float32_inputs():
-    assert kernels.kernel_applies(torch.bfloat16, torch.float32)
-    assert kernels.kernel_applies(torch.float32, torch.float32)
-    assert not kernels.kernel_applies(torch.float16, torch.float32)
-    assert not kernels.kernel_applies(torch.float32, torch.float64)
+def test_the_kernel_refuses_mismatched_buffers_before_touching_memory(call, message):
+    """The kernel takes raw addresses (0 here: it would crash if it read them); the checks come first."""
+    with pytest.raises(ValueError, match=message):
+        call()
 
 
 def test_without_the_kernel_the_engine_runs_torchs_ops(monkeypatch, tmp_path):
@@ -151,6 +193,7 @@ def test_without_the_kernel_the_engine_runs_torchs_ops(monkeypatch, tmp_path):
     run_dir, base_dir, _ = make_run(tmp_path, [1, 2, 3], dtype=torch.bfloat16)
     schedule = BEMASchedule(update_freq=1)
     result = average(run_dir, tmp_path / "out", schedule=schedule, base_model=base_dir, dry_run=True)
-    assert not Engine(result.plan, sink=None, max_memory=2**20).fused
+    engine = Engine(result.plan, sink=None, max_memory=2**20)
+    assert not engine.fused and engine.uses_torch
     average(run_dir, tmp_path / "out", schedule=schedule, base_model=base_dir)
     assert (tmp_path / "out" / "model.safetensors").is_file()

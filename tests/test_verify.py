@@ -155,9 +155,9 @@ def test_average_runs_the_light_check_and_publishes_nothing_incomplete(tmp_path,
     run_dir, base_dir, _ = make_run(tmp_path, [2, 4])
     original = writer.FolderSink.write
 
-    def drop_one(self, output_index, piece, tensor):
+    def drop_one(self, output_index, piece, data):
         if piece.name != NORM:
-            original(self, output_index, piece, tensor)
+            original(self, output_index, piece, data)
 
     monkeypatch.setattr(writer.FolderSink, "write", drop_one)
     with pytest.raises(DataError, match="bytes were never written"):

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from bema_offline import UsageError
-from bema_offline.safetensors_io import OpenFiles
+from bema_offline.safetensors_io import OpenFiles, writable_view
 from bema_offline.writer import ModelFolderWriter, TensorSpec, copy_sidecar_files, parse_size, shard_tensors
 
 
@@ -37,10 +37,10 @@ def test_slices_written_in_any_order_read_back_with_safetensors(tmp_path):
     values = {"w": torch.randn(4, 3).to(torch.bfloat16), "n": torch.arange(5), "v": torch.randn(7)}
     with OpenFiles(writable=True) as files:
         writer = ModelFolderWriter(tmp_path, specs, max_shard_size=30, files=files)
-        writer.write("v", 4, values["v"][4:])
-        writer.write("w", 0, values["w"].flatten())
-        writer.write("n", 0, values["n"])
-        writer.write("v", 0, values["v"][:4])
+        writer.write("v", 4, writable_view(values["v"][4:]))
+        writer.write("w", 0, writable_view(values["w"].flatten()))
+        writer.write("n", 0, writable_view(values["n"]))
+        writer.write("v", 0, writable_view(values["v"][:4]))
     writer.finish()
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == sum(v.nbytes for v in values.values())
