@@ -58,7 +58,7 @@ def measure(command: list[str], *, env: dict | None = None) -> tuple[float, int,
     return wall, usage.ru_maxrss * 1024, stdout
 
 
-# the time a tool reports for itself, after Python and torch have started: `bema-average`'s summary line and
+# the time a tool reports for itself, once its imports are done: `bema-average`'s summary line and
 # the naive baseline's last line
 _INPROCESS = re.compile(r"(?:sources in|computed in) ([0-9.]+) s\s*$")
 
@@ -215,7 +215,7 @@ def section_main(args, scratch: Path) -> list[dict]:
     previous, commit = previous_engine(args.previous, scratch / "previous")
     cases = [
         Case("main", "raw read (cat)", ["cat", *map(str, files)], input_bytes=nbytes),
-        Case("main", "startup only: python -c 'import bema_offline.cli' (Python, torch)",
+        Case("main", "startup only: python -c 'import bema_offline.cli' (Python; torch is not imported)",
              [sys.executable, "-c", "import bema_offline.cli"], input_bytes=0, env=here),
         Case("main", "naive baseline (scripts/naive_baseline.py)",
              [sys.executable, str(SCRIPTS / "naive_baseline.py"), str(run_dir), "--base-model", str(base_dir), "--output", str(out)],
@@ -277,7 +277,7 @@ def section_sweep(args, scratch: Path) -> list[dict]:
 def section_budget(args, scratch: Path) -> list[dict]:
     run_dir, base_dir, files, nbytes = main_run(args)
     out = scratch / "out"
-    rows = [Case("budget", "--dry-run (baseline: Python, torch, headers)", bema(run_dir, base_dir, out, "--dry-run"),
+    rows = [Case("budget", "--dry-run (baseline: Python, headers)", bema(run_dir, base_dir, out, "--dry-run"),
                  input_bytes=0, env=env_with(REPO), params={"max_memory": 0}).run(args.repeat, files)]
     for budget in ("16MiB", "64MiB", "256MiB", "512MiB", "2GiB"):
         rows.append(Case("budget", f"--max-memory {budget}", bema(run_dir, base_dir, out, "--max-memory", budget),
@@ -406,7 +406,7 @@ def write_report(results: dict, path: Path) -> None:
         "",
         "Written by `scripts/bench.py`; numbers are whole processes (`python -m bema_offline average ...`, the naive",
         "baseline, `cat`) with a warm page cache unless said otherwise. Wall time: best and median of the repeats; 'after",
-        "startup': the time the tool reports itself, once Python and torch are imported (`bema-average`'s summary line,",
+        "startup': the time the tool reports itself, once its imports are done (`bema-average`'s summary line,",
         "the naive baseline's last line); peak RSS: the child's `ru_maxrss` as the kernel reports it (the largest over the",
         "repeats). The load average is that of the whole machine, which other people's jobs share: it is noted per row.",
         "",
@@ -450,8 +450,8 @@ NOTES = {
               "stay in the CPU cache from one step to the next; that is why the engine uses at most 8 MiB per worker "
               "whatever --max-memory allows (engine.CACHE_BYTES).",
     "budget": "The engine's groups take at most 8 MiB per worker thread (2 here) even when --max-memory allows more "
-              "(see the group-size section); a smaller budget makes them smaller. Peak RSS is the Python and torch baseline "
-              "plus the arenas.",
+              "(see the group-size section); a smaller budget makes them smaller. Peak RSS is the Python baseline "
+              "plus the arenas (torch is not imported for a bf16 run).",
     "main": "`bema-average` writes a 1 GiB output and fsyncs it before publishing; the naive baseline writes without "
             "fsync; `cat` writes nothing.",
     "sweep": "Each config writes its own output folder (1 or 0.5 GiB): on disk the sweep also measures the disk's "
@@ -480,7 +480,7 @@ def _targets(results: dict) -> list[tuple[str, str, bool]]:
                          naive / tmpfs >= 6 and tmpfs / raw <= 4))
         inside_ours, inside_naive = _after_startup(results, "main", "bema-average"), _after_startup(results, "main", "naive")
         if inside_ours and inside_naive:
-            rows.append(("  the same, after startup (Python and torch imported)",
+            rows.append(("  the same, after startup (imports done)",
                          f"{inside_naive / inside_ours:.1f}× faster than naive; {inside_ours / raw:.1f}× the raw read",
                          inside_naive / inside_ours >= 6 and inside_ours / raw <= 4))
     main_rows = results["sections"].get("main", {}).get("rows", [])
@@ -494,7 +494,7 @@ def _targets(results: dict) -> list[tuple[str, str, bool]]:
     budget = [r for r in budget_rows if r.get("max_memory")]
     dry = [max(r["rss"]) for r in budget_rows if r.get("max_memory") == 0]
     if budget and dry:
-        # --max-memory bounds the tensor data: peak RSS above the dry run (Python, torch, the headers) stays within it
+        # --max-memory bounds the tensor data: peak RSS above the dry run (Python, the headers) stays within it
         above = [(r["max_memory"], max(r["rss"]) - dry[0]) for r in budget]
         spread = ", ".join(f"{size // 2**20} MiB → +{extra / 2**20:.0f}" for size, extra in above)
         rows.append(("peak RSS tracks --max-memory, lower or higher: RSS above the dry run ≤ the budget",
@@ -546,7 +546,7 @@ def _ratios(results: dict) -> list[str]:
     inside = {label: _after_startup(results, "main", label) for label in ("naive", "previous", "bema-average")}
     if all(inside.values()) and raw:
         lines.append(
-            f"after startup (Python and torch imported; the tools' own timers): bema-average {inside['bema-average']:.2f} s = "
+            f"after startup (imports done; the tools' own timers): bema-average {inside['bema-average']:.2f} s = "
             f"{inside['bema-average'] / raw:.2f}× the raw read; naive / bema-average {inside['naive'] / inside['bema-average']:.1f}×; "
             f"previous / bema-average {inside['previous'] / inside['bema-average']:.1f}×"
         )
