@@ -1,4 +1,4 @@
-/* The EMA update of BEMA in one pass over memory, with TRL's exact rounding.
+/* BEMA's arithmetic on a group of tensor slices, with TRL's exact rounding, in one pass over memory.
  *
  * TRL updates each EMA with two torch ops, `ema.mul_(1 - beta).add_(theta, alpha=beta)`, which on float32 round
  * twice per element:
@@ -6,18 +6,20 @@
  *     m   = fl32(ema * keep)            keep = fl32(1 - beta)
  *     ema = fma(theta, fl32(beta), m)    torch's CPU and CUDA add kernels fuse `self + alpha * other`
  *
- * Done with torch, that is three passes over memory per step and per EMA (a bf16 checkpoint is first upcast to
- * float32). `ema_update` does it in one pass, for any number of EMAs, reading theta once: a block of theta is
- * upcast into a buffer that stays in L1, then every EMA is advanced over that block. bf16 -> float32 is exact
- * (a shift), so the bits are those of the torch ops; tests/test_kernel.py checks this against torch itself.
+ * and writes an output as `ema + alpha * (theta - theta0)` (three roundings: the difference, the product by
+ * fl32(alpha), the sum), or the EMA itself, rounded to the output dtype (float32, or bf16 to nearest even as torch
+ * does). Done with torch, a step costs an upcast pass plus three passes over memory per EMA, and the EMAs of a
+ * group go through the caches once per step.
  *
- * `bema_output` writes one output the same way: TRL's `ema + alpha * (theta - theta0)` as torch computes it (three
- * roundings: the difference, the product by fl32(alpha), the sum), or the EMA itself, rounded to the output dtype
- * (float32, or bf16 to nearest even as torch does), in one pass; it says whether every value written is finite.
+ * `replay` runs a whole group instead: every step's checkpoint bytes are already in memory, and a short program
+ * (start an EMA at theta0, update it at a step, write an output) is run block by block, so that each block of
+ * every EMA lives in L1 from the first step to the last and the EMAs never exist in memory at all. Memory traffic
+ * is then the checkpoints' bytes and the outputs'; a sweep of many EMAs costs arithmetic only. bf16 -> float32
+ * is exact (a shift), so the bits are those of the torch ops; tests/test_kernel.py checks this against torch.
  *
- * `equals` tells whether a tensor still equals theta0 (a frozen parameter), without upcasting it first; `upcast`
- * widens a bf16 checkpoint to float32 (theta0), and `all_finite` looks for Inf and NaN. With these the engine runs
- * a whole bf16 or float32 model without torch (see bema_offline/kernels.py).
+ * `upcast` widens a checkpoint to float32 (theta0), `store` casts float32 values to the output dtype (a frozen
+ * tensor's theta0), `equals` tells whether a tensor still equals theta0 (a frozen parameter) without upcasting
+ * it, and `all_finite` looks for Inf and NaN. With these the engine runs a bf16 or float32 model without torch.
  *
  * Compiled with -ffp-contract=off: the product `ema * keep` must round on its own, never fuse into the add. On
  * x86-64 a second copy of the loops is built for AVX2+FMA and chosen at run time, so one build runs on any
@@ -32,13 +34,26 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define BLOCK 2048 /* elements of theta upcast at a time: 8 KiB, well inside L1 */
+#define BLOCK 512 /* elements per block: a block of 16 EMAs is 32 KiB, one core's L1 */
+#define STRIDE (BLOCK + 24) /* floats between EMA blocks: staggered so no two buffers share their address modulo 4 KiB */
+
+enum { OP_START, OP_UPDATE, OP_OUTPUT };
 
 typedef struct {
-    float *ema;
-    float keep; /* fl32(1 - beta) */
-    float beta; /* fl32(beta) */
-} Update;
+    const void *theta; /* a checkpoint's values, float32 or bf16 */
+    int bf16;
+} Step;
+
+typedef struct {
+    int code, slot, step; /* slot: which EMA; step: index into the steps */
+    const float *theta0;  /* START: the EMA's first value; OUTPUT: theta0 */
+    float keep, beta;     /* UPDATE: fl32(1 - beta), fl32(beta) */
+    int bema;             /* OUTPUT: ema + alpha * (theta - theta0), else the EMA */
+    float alpha;
+    void *out;
+    int out_bf16;
+    int flag; /* OUTPUT: index of its finiteness flag */
+} Op;
 
 static inline uint16_t f32_to_bf16(float f) { /* torch's round-to-nearest-even; NaN -> 0x7FC0 */
     uint32_t bits;
@@ -63,20 +78,6 @@ static inline float bf16_to_f32(uint16_t h) {
         for (Py_ssize_t i = 0; i < n; i++) {                                                                  \
             float m = ema[i] * keep;                                                                          \
             ema[i] = fmaf(theta[i], beta, m);                                                                 \
-        }                                                                                                     \
-    }                                                                                                         \
-    ATTR static void update_##SUFFIX(const Update *updates, Py_ssize_t count, const void *theta, int bf16,  \
-                                     Py_ssize_t n) {                                                          \
-        float block[BLOCK];                                                                                   \
-        for (Py_ssize_t start = 0; start < n; start += BLOCK) {                                               \
-            Py_ssize_t len = n - start < BLOCK ? n - start : BLOCK;                                           \
-            const float *x = (const float *)theta + start;                                                    \
-            if (bf16) {                                                                                       \
-                upcast_bf16_##SUFFIX(block, (const uint16_t *)theta + start, len);                           \
-                x = block;                                                                                    \
-            }                                                                                                 \
-            for (Py_ssize_t k = 0; k < count; k++)                                                            \
-                advance_##SUFFIX(updates[k].ema + start, x, len, updates[k].keep, updates[k].beta);          \
         }                                                                                                     \
     }                                                                                                         \
     ATTR static void bema_values_##SUFFIX(float *restrict out, const float *restrict theta,                 \
@@ -108,26 +109,42 @@ static inline float bf16_to_f32(uint16_t h) {
         }                                                                                                     \
         return !special;                                                                                      \
     }                                                                                                         \
-    ATTR static int output_##SUFFIX(const void *theta, int theta_bf16, const float *theta0, const float *ema, \
-                                    Py_ssize_t n, int bema, float alpha, void *out, int out_bf16) {           \
+    ATTR static void replay_##SUFFIX(const Step *steps, const Op *ops, Py_ssize_t nops, float *emas,         \
+                                     Py_ssize_t n, int *flags) {                                              \
         float x_block[BLOCK], values[BLOCK];                                                                  \
-        int finite = 1;                                                                                       \
         for (Py_ssize_t start = 0; start < n; start += BLOCK) {                                               \
             Py_ssize_t len = n - start < BLOCK ? n - start : BLOCK;                                           \
-            const float *v = ema + start;                                                                     \
-            if (bema) {                                                                                       \
-                const float *x = (const float *)theta + start;                                                \
-                if (theta_bf16) {                                                                             \
-                    upcast_bf16_##SUFFIX(x_block, (const uint16_t *)theta + start, len);                     \
-                    x = x_block;                                                                              \
+            const float *x = NULL;                                                                            \
+            int loaded = -1; /* the step whose values x holds */                                              \
+            for (Py_ssize_t k = 0; k < nops; k++) {                                                           \
+                const Op *op = &ops[k];                                                                       \
+                float *ema = emas + (Py_ssize_t)op->slot * STRIDE;                                           \
+                if ((op->code == OP_UPDATE || (op->code == OP_OUTPUT && op->bema)) && op->step != loaded) {  \
+                    const Step *step = &steps[op->step];                                                      \
+                    if (step->bf16) {                                                                         \
+                        upcast_bf16_##SUFFIX(x_block, (const uint16_t *)step->theta + start, len);           \
+                        x = x_block;                                                                          \
+                    } else {                                                                                  \
+                        x = (const float *)step->theta + start;                                               \
+                    }                                                                                         \
+                    loaded = op->step;                                                                        \
                 }                                                                                             \
-                bema_values_##SUFFIX(values, x, theta0 + start, ema + start, len, alpha);                    \
-                v = values;                                                                                   \
+                if (op->code == OP_START) {                                                                   \
+                    memcpy(ema, op->theta0 + start, (size_t)len * sizeof(float));                             \
+                } else if (op->code == OP_UPDATE) {                                                           \
+                    advance_##SUFFIX(ema, x, len, op->keep, op->beta);                                        \
+                } else {                                                                                      \
+                    const float *v = ema;                                                                     \
+                    if (op->bema) {                                                                           \
+                        bema_values_##SUFFIX(values, x, op->theta0 + start, ema, len, op->alpha);            \
+                        v = values;                                                                           \
+                    }                                                                                         \
+                    void *o = op->out_bf16 ? (void *)((uint16_t *)op->out + start)                            \
+                                           : (void *)((float *)op->out + start);                              \
+                    flags[op->flag] &= store_##SUFFIX(o, op->out_bf16, v, len);                               \
+                }                                                                                             \
             }                                                                                                 \
-            void *o = out_bf16 ? (void *)((uint16_t *)out + start) : (void *)((float *)out + start);          \
-            finite &= store_##SUFFIX(o, out_bf16, v, len);                                                    \
         }                                                                                                     \
-        return finite;                                                                                        \
     }
 
 DEFINE_LOOPS(generic, )
@@ -143,55 +160,95 @@ static int has_avx2_fma(void) {
 #define HAVE_AVX2_BUILD 0
 #endif
 
-static void (*update_impl)(const Update *, Py_ssize_t, const void *, int, Py_ssize_t) = update_generic;
-static int (*output_impl)(const void *, int, const float *, const float *, Py_ssize_t, int, float, void *, int) =
-    output_generic;
+static void (*replay_impl)(const Step *, const Op *, Py_ssize_t, float *, Py_ssize_t, int *) = replay_generic;
+static int (*store_impl)(void *, int, const float *, Py_ssize_t) = store_generic;
 static const char *impl_name = "generic";
 
-static PyObject *ema_update(PyObject *self, PyObject *args) {
-    unsigned long long theta_address;
-    int bf16;
-    Py_ssize_t n;
-    PyObject *seq;
-    if (!PyArg_ParseTuple(args, "KpnO:ema_update", &theta_address, &bf16, &n, &seq)) return NULL;
-    PyObject *fast = PySequence_Fast(seq, "updates must be a sequence of (address, keep, beta)");
-    if (fast == NULL) return NULL;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(fast);
-    Update *updates = PyMem_Malloc((count ? count : 1) * sizeof(Update));
-    if (updates == NULL) {
-        Py_DECREF(fast);
-        return PyErr_NoMemory();
+/* replay(n, steps, ops, slots) -> one bool per OUTPUT op: whether every value it wrote is finite.
+ * steps: [(address, is_bf16)]; ops: (0, slot, theta0_address) | (1, slot, step, keep, beta)
+ *                                   | (2, slot, step, theta0_address, bema, alpha, out_address, out_is_bf16) */
+static PyObject *replay(PyObject *self, PyObject *args) {
+    Py_ssize_t n, nslots;
+    PyObject *steps_arg, *ops_arg;
+    if (!PyArg_ParseTuple(args, "nOOn:replay", &n, &steps_arg, &ops_arg, &nslots)) return NULL;
+    if (n < 0 || nslots < 0) return PyErr_Format(PyExc_ValueError, "replay: negative length or slot count");
+    PyObject *steps_seq = PySequence_Fast(steps_arg, "replay: steps must be a sequence");
+    if (steps_seq == NULL) return NULL;
+    PyObject *ops_seq = PySequence_Fast(ops_arg, "replay: ops must be a sequence");
+    if (ops_seq == NULL) {
+        Py_DECREF(steps_seq);
+        return NULL;
     }
-    for (Py_ssize_t k = 0; k < count; k++) {
+    Py_ssize_t nsteps = PySequence_Fast_GET_SIZE(steps_seq), nops = PySequence_Fast_GET_SIZE(ops_seq), noutputs = 0;
+    Step *steps = PyMem_Calloc(nsteps ? nsteps : 1, sizeof(Step));
+    Op *ops = PyMem_Calloc(nops ? nops : 1, sizeof(Op));
+    float *emas = PyMem_Malloc((nslots ? nslots : 1) * STRIDE * sizeof(float));
+    int *flags = PyMem_Malloc((nops ? nops : 1) * sizeof(int));
+    PyObject *result = NULL;
+    if (steps == NULL || ops == NULL || emas == NULL || flags == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < nsteps; i++) {
         unsigned long long address;
-        double keep, beta;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, k), "Kdd:update", &address, &keep, &beta)) {
-            PyMem_Free(updates);
-            Py_DECREF(fast);
-            return NULL;
-        }
-        updates[k] = (Update){(float *)(uintptr_t)address, (float)keep, (float)beta};
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(steps_seq, i), "Kp:step", &address, &steps[i].bf16)) goto done;
+        steps[i].theta = (const void *)(uintptr_t)address;
     }
-    Py_DECREF(fast);
+    for (Py_ssize_t k = 0; k < nops; k++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(ops_seq, k);
+        Op *op = &ops[k];
+        unsigned long long theta0 = 0, out = 0;
+        double keep = 0, beta = 0, alpha = 0;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 1) {
+            PyErr_SetString(PyExc_ValueError, "replay: each op must be a tuple starting with its code");
+            goto done;
+        }
+        long code = PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
+        int ok = code == OP_START    ? PyArg_ParseTuple(item, "iiK:start", &op->code, &op->slot, &theta0)
+                 : code == OP_UPDATE ? PyArg_ParseTuple(item, "iiidd:update", &op->code, &op->slot, &op->step, &keep, &beta)
+                 : code == OP_OUTPUT ? PyArg_ParseTuple(item, "iiiKpdKp:output", &op->code, &op->slot, &op->step, &theta0,
+                                                        &op->bema, &alpha, &out, &op->out_bf16)
+                                     : 0;
+        if (!ok) {
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "replay: unknown op code %ld", code);
+            goto done;
+        }
+        if (op->slot < 0 || op->slot >= nslots || (code != OP_START && (op->step < 0 || op->step >= nsteps))) {
+            PyErr_Format(PyExc_ValueError, "replay: op %zd names slot %d or step %d out of range", k, op->slot, op->step);
+            goto done;
+        }
+        op->theta0 = (const float *)(uintptr_t)theta0;
+        op->out = (void *)(uintptr_t)out;
+        op->keep = (float)keep;
+        op->beta = (float)beta;
+        op->alpha = (float)alpha;
+        if (code == OP_OUTPUT) {
+            op->flag = (int)noutputs;
+            flags[noutputs++] = 1;
+        }
+    }
     Py_BEGIN_ALLOW_THREADS
-    update_impl(updates, count, (const void *)(uintptr_t)theta_address, bf16, n);
+    replay_impl(steps, ops, nops, emas, n, flags);
     Py_END_ALLOW_THREADS
-    PyMem_Free(updates);
-    Py_RETURN_NONE;
+    result = PyTuple_New(noutputs);
+    for (Py_ssize_t i = 0; result != NULL && i < noutputs; i++) PyTuple_SET_ITEM(result, i, PyBool_FromLong(flags[i]));
+done:
+    PyMem_Free(steps);
+    PyMem_Free(ops);
+    PyMem_Free(emas);
+    PyMem_Free(flags);
+    Py_DECREF(steps_seq);
+    Py_DECREF(ops_seq);
+    return result;
 }
 
-static PyObject *bema_output(PyObject *self, PyObject *args) {
-    unsigned long long theta_address, theta0_address, ema_address, out_address;
-    int theta_bf16, bema, out_bf16, finite;
+static PyObject *store(PyObject *self, PyObject *args) {
+    unsigned long long values_address, out_address;
+    int out_bf16, finite;
     Py_ssize_t n;
-    double alpha;
-    if (!PyArg_ParseTuple(args, "KpKKnpdKp:bema_output", &theta_address, &theta_bf16, &theta0_address, &ema_address, &n,
-                          &bema, &alpha, &out_address, &out_bf16))
-        return NULL;
+    if (!PyArg_ParseTuple(args, "KKpn:store", &values_address, &out_address, &out_bf16, &n)) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    finite = output_impl((const void *)(uintptr_t)theta_address, theta_bf16, (const float *)(uintptr_t)theta0_address,
-                         (const float *)(uintptr_t)ema_address, n, bema, (float)alpha, (void *)(uintptr_t)out_address,
-                         out_bf16);
+    finite = store_impl((void *)(uintptr_t)out_address, out_bf16, (const float *)(uintptr_t)values_address, n);
     Py_END_ALLOW_THREADS
     return PyBool_FromLong(finite);
 }
@@ -250,13 +307,12 @@ static PyObject *all_finite(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"ema_update", ema_update, METH_VARARGS,
-     "ema_update(theta_address, theta_is_bf16, n, updates): for each (ema_address, keep, beta) in updates, "
-     "ema = fma(theta, fl32(beta), fl32(ema * fl32(keep))) over n float32 elements; theta is float32 or bf16."},
-    {"bema_output", bema_output, METH_VARARGS,
-     "bema_output(theta_address, theta_is_bf16, theta0_address, ema_address, n, bema, alpha, out_address, "
-     "out_is_bf16) -> all finite: out = ema + fl32(alpha) * (theta - theta0) if bema else ema, rounded to "
-     "float32 or bf16."},
+    {"replay", replay, METH_VARARGS,
+     "replay(n, steps, ops, slots) -> finiteness of each output: run a group's program over n elements, block by "
+     "block (see the comment at the top of _kernel.c)."},
+    {"store", store, METH_VARARGS,
+     "store(values_address, out_address, out_is_bf16, n) -> all finite: out = float32 values rounded to float32 or "
+     "bf16."},
     {"equals", equals, METH_VARARGS,
      "equals(theta_address, theta_is_bf16, theta0_address, n) -> whether every upcast theta == theta0 (as "
      "torch.equal compares: 0.0 == -0.0, NaN != NaN); stops at the first difference."},
@@ -272,8 +328,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, 
 PyMODINIT_FUNC PyInit__kernel(void) {
 #if HAVE_AVX2_BUILD
     if (has_avx2_fma()) {
-        update_impl = update_avx2;
-        output_impl = output_avx2;
+        replay_impl = replay_avx2;
+        store_impl = store_avx2;
         impl_name = "avx2+fma";
     }
 #endif

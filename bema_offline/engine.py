@@ -96,10 +96,25 @@ class _Update:
 @dataclass(frozen=True)
 class _Kind:
     """What a group holds: float slices averaged in `accum` and written as `out`, or non-float slices copied
-    (safetensors dtype names)."""
+    (safetensors dtype names). Groups the C kernel replays (`steps`: each read step's input dtype, float32 or bf16)
+    hold every step's bytes at once; the others go step by step on torch's ops."""
 
     accum: str | None  # None: copied, not averaged
     out: str
+    steps: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """What a run keeps per element of a group, besides the input: θ0 snapshots, EMAs and outputs."""
+
+    theta0: int
+    emas: int
+    outputs: int
+
+    @classmethod
+    def of(cls, plan: Plan) -> _Counts:
+        return cls(len({run.schedule.theta0_step for run in plan.schedules}), len(set(ema_slots(plan))), len(plan.outputs))
 
 
 def accumulation_dtype(input_dtype: str, accum_dtype: str) -> str:
@@ -117,21 +132,31 @@ def default_threads() -> int:
     return max(1, min(cores, 8))
 
 
-def _kind(plan: Plan, name: str, accum_dtype: str) -> _Kind:
+def _kind(plan: Plan, name: str, accum_dtype: str, *, replay: bool) -> _Kind:
+    """A tensor's kind; with `replay` (the C kernel runs), a float32 or bf16 tensor averaged in float32 and written
+    as float32 or bf16 is replayed."""
     info = plan.sources[plan.read_steps[-1]].tensors[name]
     out = plan.output_dtypes[name]
     if not info.is_float:
         return _Kind(None, out)
-    return _Kind(accumulation_dtype(info.dtype, accum_dtype), out)
+    accum = accumulation_dtype(info.dtype, accum_dtype)
+    steps = tuple(plan.sources[step].tensors[name].dtype for step in plan.read_steps)
+    if replay and accum == "F32" and out in KERNEL_DTYPES and set(steps) <= set(KERNEL_DTYPES):
+        return _Kind(accum, out, steps)
+    return _Kind(accum, out)
 
 
-def _arena_bytes(kind: _Kind, *, read: int, numel: int, slices: int, n_state: int) -> int:
-    """The arena a group needs: its read buffer (slices of mixed dtypes 8-byte aligned), and for float groups θ0,
-    the EMAs, the upcast input, two scratch buffers and the cast output, each 64-byte aligned."""
+def _arena_bytes(kind: _Kind, counts: _Counts, *, read: int, numel: int, slices: int) -> int:
+    """The arena a group needs, each buffer 64-byte aligned. Replayed: every step's bytes, the θ0 snapshots and
+    every output. Step by step: the read buffer (slices of mixed dtypes 8-byte aligned), and for float groups θ0,
+    the EMAs, the upcast input, two scratch buffers and the cast output."""
+    out = _align(numel * DTYPES[kind.out].itemsize)
+    if kind.steps is not None:
+        return sum(_align(numel * DTYPES[dtype].itemsize) for dtype in kind.steps) + counts.theta0 * _align(4 * numel) + counts.outputs * out
     read_part = _align(read + 8 * slices)
     if kind.accum is None:
         return read_part
-    return read_part + (n_state + _SCRATCH) * _align(numel * DTYPES[kind.accum].itemsize) + _align(numel * DTYPES[kind.out].itemsize)
+    return read_part + (counts.theta0 + counts.emas + _SCRATCH) * _align(numel * DTYPES[kind.accum].itemsize) + out
 
 
 def ema_slots(plan: Plan) -> list[int]:
@@ -154,6 +179,7 @@ def group_slices(
     max_memory: int,
     accum_dtype: str,
     cache_bytes: int | None = None,
+    replay: bool = False,
 ) -> list[list[Slice]]:
     """Cut the tensors into slices and pack them into groups whose working memory fits a budget.
 
@@ -165,6 +191,7 @@ def group_slices(
         max_memory (`int`): working-memory budget of one group, in bytes.
         accum_dtype (`str`): the requested accumulation dtype, "float32" or "float64".
         cache_bytes (`int`, *optional*): a smaller budget to use when `max_memory` is larger (see `CACHE_BYTES`).
+        replay (`bool`, defaults to False): the C kernel runs, and replays the tensors it covers (see `_Kind`).
 
     Returns:
         `list[list[Slice]]`: groups in file order; the slices of a group share a kind (float or not, and dtypes).
@@ -173,16 +200,22 @@ def group_slices(
         raise DataError(f"--max-memory {max_memory} bytes is too small; give at least {MIN_MEMORY} bytes")
     accum_dtype = FLOAT_DTYPES[accum_dtype]
     budget = max_memory if cache_bytes is None else min(max_memory, cache_bytes)
-    n_state = len({run.schedule.theta0_step for run in plan.schedules}) + len(set(ema_slots(plan)))
+    counts = _Counts.of(plan)
     groups: list[list[Slice]] = []
     open_groups: dict[_Kind, tuple[list[Slice], int, int]] = {}  # kind -> (slices, read bytes, elements)
     for info in plan.tensors:
-        kind = _kind(plan, info.name, accum_dtype)
+        kind = _kind(plan, info.name, accum_dtype, replay=replay)
         # copied tensors are packed as if averaged, so that every group's buffers fit the same arena
         packing = kind if kind.accum is not None else _Kind(accum_dtype, kind.out)
         read_size = max(source.tensors[info.name].itemsize for source in plan.sources.values())
-        per_element = read_size + DTYPES[packing.accum].itemsize * (n_state + _SCRATCH) + DTYPES[packing.out].itemsize
-        slack = 8 + 64 * (n_state + _SCRATCH + 2)  # alignment: one slice of `per_slice` elements always fits
+        out_size = DTYPES[packing.out].itemsize
+        if packing.steps is not None:
+            per_element = sum(DTYPES[dtype].itemsize for dtype in packing.steps) + 4 * counts.theta0 + out_size * counts.outputs
+            buffers = len(packing.steps) + counts.theta0 + counts.outputs
+        else:
+            per_element = read_size + DTYPES[packing.accum].itemsize * (counts.theta0 + counts.emas + _SCRATCH) + out_size
+            buffers = counts.theta0 + counts.emas + _SCRATCH + 2
+        slack = 8 + 64 * buffers  # alignment: one slice of `per_slice` elements always fits
         per_slice = (budget - slack) // per_element
         if per_slice < 1:
             raise DataError(
@@ -192,9 +225,7 @@ def group_slices(
         group, read, numel = open_groups.get(kind, ([], 0, 0))
         for start in range(0, max(info.numel, 1), per_slice):
             piece = Slice(info.name, start, min(start + per_slice, info.numel))
-            need = _arena_bytes(
-                packing, read=read + piece.numel * read_size, numel=numel + piece.numel, slices=len(group) + 1, n_state=n_state
-            )
+            need = _arena_bytes(packing, counts, read=read + piece.numel * read_size, numel=numel + piece.numel, slices=len(group) + 1)
             if group and need > budget:
                 groups.append(group)
                 group, read, numel = [], 0, 0
@@ -373,13 +404,19 @@ class Engine:
         self.threads = max(1, min(threads, max_memory // MIN_MEMORY))
         # a GPU has no CPU cache to fit, and wants large ops: groups then use the whole budget
         cache_bytes = None if self.staged else CACHE_BYTES
-        self.groups = group_slices(plan, max_memory=max_memory // self.threads, accum_dtype=accum_dtype, cache_bytes=cache_bytes)
+        self.fused = fused and not self.staged and kernel_name() is not None
+        self.groups = group_slices(
+            plan, max_memory=max_memory // self.threads, accum_dtype=accum_dtype, cache_bytes=cache_bytes, replay=self.fused
+        )
         self.threads = max(1, min(self.threads, len(self.groups)))
         self._on_progress = on_progress
-        self.fused = fused and not self.staged and kernel_name() is not None
         self._progress_lock = threading.Lock()  # progress callbacks, one at a time; a worker writing its outputs does not stall the others
         self.theta0_steps = sorted({run.schedule.theta0_step for run in plan.schedules})
         self.slots = ema_slots(plan)  # schedule -> its EMA
+        last_output = {}  # EMA -> the step of its last output: later updates change nothing written, and are skipped
+        for out in plan.outputs:
+            slot = self.slots[out.schedule_index]
+            last_output[slot] = max(out.step, last_output.get(slot, out.step))
         self.slot_theta0 = {}  # EMA -> its θ0 step
         self.starts_at: dict[int, list[int]] = {}  # θ0 step -> EMAs that start there
         self.updates: dict[int, list[_Update]] = {}  # step -> (EMA, β) updates
@@ -390,12 +427,8 @@ class Engine:
             self.slot_theta0[slot] = run.schedule.theta0_step
             self.starts_at.setdefault(run.schedule.theta0_step, []).append(slot)
             for step in run.update_steps:
-                if step in plan.sources:  # (steps after the last output are not read)
+                if step <= last_output[slot]:
                     self.updates.setdefault(step, []).append(_Update(slot, run.schedule.beta(step)))
-        # EMAs whose last update has no output: nothing else checks that they stayed finite
-        last_update = {update.slot: step for step, updates in sorted(self.updates.items()) for update in updates}
-        output_at = {(self.slots[out.schedule_index], out.step) for out in plan.outputs}
-        self.unchecked = [slot for slot, step in last_update.items() if (slot, step) not in output_at]
         # step -> θ0 step -> [(output index, kind, α, EMA)]: outputs sharing θ0 share θ_t − θ0
         self.outputs_at: dict[int, dict[int, list[tuple[int, str, float, int]]]] = {}
         for index, out in enumerate(plan.outputs):
@@ -403,33 +436,23 @@ class Engine:
             by_theta0 = self.outputs_at.setdefault(out.step, {}).setdefault(schedule.theta0_step, [])
             by_theta0.append((index, out.kind, schedule.alpha(out.step), self.slots[out.schedule_index]))
         self.output_steps = sorted({out.step for out in plan.outputs})
-        self.kinds = [_kind(plan, group[0].name, FLOAT_DTYPES[accum_dtype]) for group in self.groups]
-        # groups the kernel takes whole: float32 state, and float32 or bf16 in (alike at each step) and out
-        self.on_kernel = [self.fused and self._kernel_covers(group, kind) for group, kind in zip(self.groups, self.kinds)]
+        self.kinds = [_kind(plan, group[0].name, FLOAT_DTYPES[accum_dtype], replay=self.fused) for group in self.groups]
         self.last_slice = {}
         for group in self.groups:
             for piece in group:
                 self.last_slice[piece.name] = piece
-        self.arena_bytes = max((self._arena_need(group, kind) for group, kind in zip(self.groups, self.kinds)), default=0)
+        counts = _Counts.of(plan)
+        self.arena_bytes = max((self._arena_need(group, kind, counts) for group, kind in zip(self.groups, self.kinds)), default=0)
         self._lock = threading.Lock()  # the next group, and the first error
         self._output_locks = [threading.Lock() for _ in plan.outputs]  # one writer per output at a time
         self._concurrent_sink = getattr(sink, "concurrent", False)
         self._next = 0
         self._error: BaseException | None = None
 
-    def _kernel_covers(self, group: list[Slice], kind: _Kind) -> bool:
-        if kind.accum != "F32" or kind.out not in KERNEL_DTYPES:
-            return False
-        for source in self.plan.sources.values():
-            dtypes = {source.tensors[piece.name].dtype for piece in group}
-            if len(dtypes) > 1 or not dtypes <= set(KERNEL_DTYPES):
-                return False
-        return True
-
     @property
     def uses_torch(self) -> bool:
         """Whether any float group takes torch's ops (else the run never imports torch)."""
-        return any(kind.accum is not None and not kernel for kind, kernel in zip(self.kinds, self.on_kernel))
+        return any(kind.accum is not None and kind.steps is None for kind in self.kinds)
 
     # --- running ---------------------------------------------------------------------------------------------
 
@@ -471,8 +494,8 @@ class Engine:
                 group, kind = self.groups[index], self.kinds[index]
                 if kind.accum is None:
                     self._copy_group(group, worker)
-                elif self.on_kernel[index] and not worker.staged:
-                    self._average_on_kernel(group, kind, worker)
+                elif kind.steps is not None:
+                    self._replay(group, kind, worker)
                 else:
                     self._average_on_torch(group, kind, worker)
                 finished = sum(1 for piece in group if self.last_slice[piece.name] == piece)
@@ -492,11 +515,9 @@ class Engine:
 
     # --- one group -------------------------------------------------------------------------------------------
 
-    def _arena_need(self, group: list[Slice], kind: _Kind) -> int:
+    def _arena_need(self, group: list[Slice], kind: _Kind, counts: _Counts) -> int:
         read = sum(p.numel * max(s.tensors[p.name].itemsize for s in self.plan.sources.values()) for p in group)
-        numel = sum(p.numel for p in group)
-        n_state = len(self.theta0_steps) + len(self.slot_theta0)
-        return _arena_bytes(kind, read=read, numel=numel, slices=len(group), n_state=n_state)
+        return _arena_bytes(kind, counts, read=read, numel=sum(p.numel for p in group), slices=len(group))
 
     def _layouts(self, group: list[Slice]) -> dict[int, _Layout]:
         return {step: _Layout.of(self.plan.sources[step], group) for step in self.plan.read_steps}
@@ -510,43 +531,46 @@ class Engine:
             bounds.append((start, start + piece.numel))
         return bounds
 
-    def _average_on_kernel(self, group: list[Slice], kind: _Kind, worker: _Worker) -> None:
-        """A group on the C kernel alone: θ_t is read in its own dtype and never upcast, except to snapshot θ0."""
+    def _replay(self, group: list[Slice], kind: _Kind, worker: _Worker) -> None:
+        """A group on the C kernel alone: every step's bytes are read, then one `kernels.Program` computes every
+        output, block by block (θ_t is never upcast in memory, and the EMAs never leave the CPU's L1)."""
         layouts = self._layouts(group)
         bounds = self._bounds(group)
         numel = bounds[-1][1]
-        read = worker.take(max(layout.nbytes for layout in layouts.values()))
-        theta0 = {step: worker.floats(worker.take(4 * numel), numel) for step in self.theta0_steps}
-        ema = [worker.floats(worker.take(4 * numel), numel) for _ in self.slot_theta0]
+        thetas = {}
+        for step, dtype in zip(self.plan.read_steps, kind.steps):
+            offset = worker.take(layouts[step].nbytes)
+            self._read(layouts[step], offset, worker)
+            thetas[step] = worker.floats(offset, numel, bf16=dtype == "BF16")
+        theta0 = {}
+        for step in self.theta0_steps:
+            theta0[step] = worker.floats(worker.take(4 * numel), numel)
+            kernels.upcast(thetas[step], theta0[step])
         out_bytes = numel * DTYPES[kind.out].itemsize
-        out_offset = worker.take(out_bytes)
-        out = worker.floats(out_offset, numel, bf16=kind.out == "BF16")
+        outs = {index: worker.take(out_bytes) for index in range(len(self.plan.outputs))}
+        index_of = {step: i for i, step in enumerate(self.plan.read_steps)}
+        program = kernels.Program([thetas[step] for step in self.plan.read_steps], slots=len(self.slot_theta0))
         unchanged = [list(range(len(group))) for _ in self.slot_theta0]  # per EMA: slices equal to θ0 so far
+        written = []  # (output index, EMA's θ0, slices still equal to it)
         for step in self.plan.read_steps:
-            self._read(layouts[step], read, worker)
-            theta = worker.floats(read, numel, bf16=layouts[step].dtype == "BF16")
-            if step in theta0:
-                kernels.upcast(theta, theta0[step])
-                for slot in self.starts_at.get(step, ()):
-                    kernels.copy(theta0[step], ema[slot])
-            updates = self.updates.get(step, ())
-            if updates:
-                kernels.update_emas(theta, [ema[u.slot] for u in updates], [u.beta for u in updates])
-            for update in updates:
+            for slot in self.starts_at.get(step, ()):
+                program.start(slot, theta0[step])
+            for update in self.updates.get(step, ()):
+                program.update(update.slot, index_of[step], update.beta)
                 tau = theta0[self.slot_theta0[update.slot]]
-                unchanged[update.slot] = [i for i in unchanged[update.slot] if kernels.equals(theta.part(*bounds[i]), tau.part(*bounds[i]))]
+                unchanged[update.slot] = [i for i in unchanged[update.slot] if kernels.equals(thetas[step].part(*bounds[i]), tau.part(*bounds[i]))]
             for tau_step, outputs in self.outputs_at.get(step, {}).items():
-                tau = theta0[tau_step]
                 for output_index, output_kind, alpha, slot in outputs:
-                    finite = kernels.write_output(theta, tau, ema[slot], alpha if output_kind == "bema" else None, out)
-                    for i in unchanged[slot]:
-                        finite = kernels.store(tau.part(*bounds[i]), out.part(*bounds[i])) and finite
-                    if not finite:
-                        self._raise_non_finite(group, lambda i: kernels.all_finite(out.part(*bounds[i])), worker)
-                    self._emit(output_index, group, bounds, worker.view(out_offset, out_bytes), kind.out)
-        for slot in self.unchecked:
-            if not kernels.all_finite(ema[slot]):
-                self._raise_non_finite(group, lambda i: kernels.all_finite(ema[slot].part(*bounds[i])), worker)
+                    out = worker.floats(outs[output_index], numel, bf16=kind.out == "BF16")
+                    program.output(slot, index_of[step], theta0[tau_step], alpha if output_kind == "bema" else None, out)
+                    written.append((output_index, theta0[tau_step], unchanged[slot]))
+        for (output_index, tau, frozen), finite in zip(written, program.run(), strict=True):
+            out = worker.floats(outs[output_index], numel, bf16=kind.out == "BF16")
+            for i in frozen:
+                finite = kernels.store(tau.part(*bounds[i]), out.part(*bounds[i])) and finite
+            if not finite:
+                self._raise_non_finite(group, lambda i: kernels.all_finite(out.part(*bounds[i])), worker)
+            self._emit(output_index, group, bounds, worker.view(outs[output_index], out_bytes), kind.out)
 
     def _average_on_torch(self, group: list[Slice], kind: _Kind, worker: _Worker) -> None:
         """A group on torch's ops, TRL's op for op: any float dtypes, mixed groups, and GPUs."""
@@ -607,9 +631,6 @@ class Engine:
                     if worker.staged:
                         worker.tensor(out_host_offset, out_bytes, kind.out, host=True).copy_(out)
                     self._emit(output_index, group, bounds, worker.view(out_host_offset, out_bytes), kind.out)
-        for slot in self.unchecked:
-            if not _all_finite(ema[slot]):
-                self._raise_non_finite(group, lambda i: _all_finite(ema[slot][slice(*bounds[i])]), worker)
 
     def _copy_group(self, group: list[Slice], worker: _Worker) -> None:
         """Non-float tensors: each output gets them as they are at its step."""

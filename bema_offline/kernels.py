@@ -1,10 +1,11 @@
-"""The C kernel (`_kernel.c`): the arithmetic of one step on float32 or bf16 values in memory, with the bits of
-torch's ops (tests/test_kernel.py), and without torch:
+"""The C kernel (`_kernel.c`): BEMA's arithmetic on float32 or bf16 values in memory, with the bits of torch's ops
+(tests/test_kernel.py), and without torch:
 
-- the EMA update, `ema.mul_(1 - beta).add_(theta, alpha=beta)` for each EMA: one pass over memory that reads
-  `theta` once for all the EMAs and upcasts bf16 on the fly (torch needs an upcast pass plus two passes per EMA);
-- an output, `ema + alpha * (theta - theta0)` (or the EMA) rounded to the output dtype, with a finiteness check:
-  one pass instead of five;
+- `Program`: a whole group replayed at once, from every step's values already in memory. The EMA updates
+  (`ema.mul_(1 - beta).add_(theta, alpha=beta)`) and the outputs (`ema + alpha * (theta - theta0)` or the EMA,
+  rounded to the output dtype, with a finiteness check) run block by block, so each block of every EMA stays in
+  L1 from the first step to the last: memory traffic is the checkpoints' bytes and the outputs', whatever the
+  number of EMAs (torch needs an upcast pass plus three passes per EMA and step);
 - whether a tensor still equals θ0 (a frozen parameter), without upcasting it;
 - the upcast of a checkpoint to float32 (θ0), a copy cast to the output dtype, and a finiteness check.
 
@@ -58,44 +59,62 @@ class Floats:
         return Floats(self.address + start * (2 if self.bf16 else 4), stop - start, self.bf16)
 
 
-def update_emas(theta: Floats, emas: Sequence[Floats], betas: Sequence[float]) -> None:
-    """Advance each float32 EMA by one step towards `theta`, in one pass: TRL's `ema.mul_(1 - beta).add_(theta,
-    alpha=beta)`, with its rounding."""
-    for ema in emas:
-        _require("update_emas", "each EMA", ema, theta.numel, float32=True)
-    updates = [(ema.address, 1 - beta, beta) for ema, beta in zip(emas, betas, strict=True)]
-    _kernel.ema_update(theta.address, theta.bf16, theta.numel, updates)
+class Program:
+    """A group's replay on the kernel: ops added in step order, then `run()` executes them block by block over the
+    group's elements (see `_kernel.c`), so the EMAs stay in L1 from the first step to the last.
 
+    Args:
+        thetas (`Sequence[Floats]`): each read step's values, float32 or bf16, all of one length.
+        slots (`int`): how many EMAs the ops name.
+    """
 
-def write_output(theta: Floats, theta0: Floats, ema: Floats, alpha: float | None, out: Floats) -> bool:
-    """`out = ema + alpha * (theta - theta0)` as torch computes it on float32 (or `out = ema` when `alpha` is None),
-    rounded to `out`'s dtype, in one pass. Returns whether every value of `out` is finite."""
-    _require("write_output", "theta0", theta0, theta.numel, float32=True)
-    _require("write_output", "ema", ema, theta.numel, float32=True)
-    _require("write_output", "out", out, theta.numel)
-    return _kernel.bema_output(
-        theta.address, theta.bf16, theta0.address, ema.address, theta.numel, alpha is not None, alpha or 0.0,
-        out.address, out.bf16,
-    )
+    def __init__(self, thetas: Sequence[Floats], slots: int) -> None:
+        self.numel = thetas[0].numel if thetas else 0
+        for theta in thetas:
+            _require("Program", "each step's values", theta, self.numel)
+        self.steps = [(theta.address, theta.bf16) for theta in thetas]
+        self.slots = slots
+        self.ops: list[tuple] = []
+
+    def start(self, slot: int, theta0: Floats) -> None:
+        """EMA `slot` starts as `theta0` (float32)."""
+        self._check(slot)
+        _require("Program.start", "theta0", theta0, self.numel, float32=True)
+        self.ops.append((0, slot, theta0.address))
+
+    def update(self, slot: int, step: int, beta: float) -> None:
+        """TRL's `ema.mul_(1 - beta).add_(theta, alpha=beta)` towards the values of step index `step`."""
+        self._check(slot, step)
+        self.ops.append((1, slot, step, 1 - beta, beta))
+
+    def output(self, slot: int, step: int, theta0: Floats, alpha: float | None, out: Floats) -> None:
+        """`out = ema + alpha * (theta - theta0)` as torch computes it on float32 (or `out = ema` when `alpha` is
+        None), with theta the values of step index `step`, rounded to `out`'s dtype."""
+        self._check(slot, step)
+        _require("Program.output", "theta0", theta0, self.numel, float32=True)
+        _require("Program.output", "out", out, self.numel)
+        self.ops.append((2, slot, step, theta0.address, alpha is not None, alpha or 0.0, out.address, out.bf16))
+
+    def run(self) -> list[bool]:
+        """Execute the ops; for each output, in order, whether every value it wrote is finite."""
+        return list(_kernel.replay(self.numel, self.steps, self.ops, self.slots))
+
+    def _check(self, slot: int, step: int = 0) -> None:
+        if not (0 <= slot < self.slots and 0 <= step < len(self.steps)):
+            raise ValueError(f"Program: EMA {slot} of {self.slots} or step {step} of {len(self.steps)} out of range")
 
 
 def store(values: Floats, out: Floats) -> bool:
     """`out = values` (float32), rounded to `out`'s dtype as torch's `copy_` rounds; returns whether every value of
     `out` is finite."""
     _require("store", "values", values, out.numel, float32=True)
-    return _kernel.bema_output(values.address, False, values.address, values.address, out.numel, False, 0.0, out.address, out.bf16)
+    return _kernel.store(values.address, out.address, out.bf16, out.numel)
 
 
 def upcast(theta: Floats, into: Floats) -> None:
     """`into = theta` widened to float32 (exact)."""
     _require("upcast", "into", into, theta.numel, float32=True)
     _kernel.upcast(theta.address, theta.bf16, into.address, theta.numel)
-
-
-def copy(values: Floats, into: Floats) -> None:
-    """`into = values`, same dtype."""
-    _require("copy", "into", into, values.numel, float32=not values.bf16)
-    ctypes.memmove(into.address, values.address, values.nbytes)
 
 
 def equals(theta: Floats, theta0: Floats) -> bool:

@@ -52,56 +52,66 @@ def floats(t: torch.Tensor) -> kernels.Floats:
     return kernels.Floats(t.data_ptr(), t.numel(), bf16=t.dtype == torch.bfloat16)
 
 
-def trl_update(theta: torch.Tensor, emas: list[torch.Tensor], betas: list[float]) -> None:
-    """TRL's ops, one EMA after another."""
-    for ema, beta in zip(emas, betas):
-        ema.mul_(1 - beta).add_(theta, alpha=beta)
-
-
 @needs_kernel
 @settings(max_examples=200, deadline=None)
 @given(
-    n=st.one_of(st.integers(0, 40), st.integers(2000, 5000)),  # both sides of the kernel's block of 2048
+    n=st.one_of(st.integers(0, 40), st.integers(500, 1600)),  # both sides of the kernel's block of 512
+    steps=st.integers(2, 4),
     betas=st.lists(st.one_of(st.floats(0, 1), st.sampled_from([0.0, 1.0, 1e-8, 0.5, 1 / 3])), min_size=1, max_size=4),
-    theta_dtype=st.sampled_from([torch.bfloat16, torch.float32]),
-    spread=st.sampled_from([2, 40, 125]),
-    seed=st.integers(0, 2**16),
-)
-def test_update_has_the_bits_of_torchs_ops(n, betas, theta_dtype, spread, seed):
-    theta = finite_values(n, theta_dtype, seed, spread)
-    emas = [finite_values(n, torch.float32, seed + 1 + k, spread) for k in range(len(betas))]
-    expected = [ema.clone() for ema in emas]
-    trl_update(theta.float(), expected, betas)
-    kernels.update_emas(floats(theta), [floats(ema) for ema in emas], betas)
-    for got, want in zip(emas, expected):
-        assert torch.equal(bits(got), bits(want))
-
-
-@needs_kernel
-@settings(max_examples=200, deadline=None)
-@given(
-    n=st.one_of(st.integers(0, 40), st.integers(2000, 5000)),
     alpha=st.one_of(st.none(), st.floats(0, 50), st.sampled_from([0.0, 1.0, 0.1])),
     theta_dtype=st.sampled_from([torch.bfloat16, torch.float32]),
     out_dtype=st.sampled_from([torch.bfloat16, torch.float32]),
     spread=st.sampled_from([2, 40, 127]),
     seed=st.integers(0, 2**16),
 )
-def test_output_has_the_bits_of_torchs_ops(n, alpha, theta_dtype, out_dtype, spread, seed):
-    """The engine's torch path: `torch.mul(torch.sub(x, theta0), alpha).add_(ema)` cast to the output dtype; with
-    wide values some outputs overflow to Inf, which both must write alike and the kernel must report."""
-    theta = finite_values(n, theta_dtype, seed, spread)
-    theta0, ema = finite_values(n, torch.float32, seed + 1, spread), finite_values(n, torch.float32, seed + 2, spread)
-    values = ema if alpha is None else torch.mul(torch.sub(theta.float(), theta0), alpha).add_(ema)
-    expected = values.to(out_dtype)
-    out = torch.empty(n, dtype=out_dtype)
-    finite = kernels.write_output(floats(theta), floats(theta0), floats(ema), alpha, floats(out))
-    assert finite == bool(torch.isfinite(expected).all())
-    if finite:  # (NaN's bits are torch's own business; the engine refuses non-finite outputs anyway)
-        assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
-    else:
-        same = torch.isfinite(expected)
-        assert torch.equal(out[same].view(torch.uint8), expected[same].view(torch.uint8))
+def test_program_has_the_bits_of_torchs_ops(n, steps, betas, alpha, theta_dtype, out_dtype, spread, seed):
+    """A replay of several steps and EMAs against TRL's ops on whole tensors: every EMA starts at θ0 (step 0) and
+    is updated at every later step with its own β, and writes an output there (the EMA, or `ema + α(θ_t − θ0)` as
+    the engine's torch path computes it), cast to the output dtype. Wide values overflow to Inf, which both must
+    write alike and the kernel must report."""
+    thetas = [finite_values(n, theta_dtype, seed + step, spread) for step in range(steps)]
+    theta0 = thetas[0].float()
+    program = kernels.Program([floats(theta) for theta in thetas], slots=len(betas))
+    emas = [theta0.clone() for _ in betas]
+    expected, outs = [], []
+    for slot in range(len(betas)):
+        program.start(slot, floats(theta0))
+    for step in range(1, steps):
+        x = thetas[step].float()
+        for slot, beta in enumerate(betas):
+            program.update(slot, step, beta * step / steps)
+            emas[slot].mul_(1 - beta * step / steps).add_(x, alpha=beta * step / steps)
+        for slot in range(len(betas)):
+            out = torch.empty(n, dtype=out_dtype)
+            program.output(slot, step, floats(theta0), alpha, floats(out))
+            values = emas[slot] if alpha is None else torch.mul(torch.sub(x, theta0), alpha).add_(emas[slot])
+            expected.append(values.to(out_dtype, copy=True))  # (not the EMA itself, which the next step updates)
+            outs.append(out)
+    finite = program.run()
+    for got, want, ok in zip(outs, expected, finite, strict=True):
+        assert ok == bool(torch.isfinite(want).all())
+        same = torch.isfinite(want)  # (NaN's bits are torch's own business; the engine refuses non-finite outputs)
+        assert torch.equal(got[same].view(torch.uint8), want[same].view(torch.uint8))
+        assert torch.equal(got.isfinite(), same)
+
+
+@needs_kernel
+def test_program_refuses_what_it_cannot_run_safely():
+    values = [kernels.Floats(0, 4), kernels.Floats(0, 4, bf16=True)]
+    program = kernels.Program(values, slots=2)
+    with pytest.raises(ValueError, match="EMA 2 of 2 or step 0 of 2 out of range"):
+        program.start(2, kernels.Floats(0, 4))
+    with pytest.raises(ValueError, match="EMA 0 of 2 or step 2 of 2 out of range"):
+        program.update(0, 2, 0.5)
+    with pytest.raises(ValueError, match="Program.start: theta0 must hold 4 float32"):
+        program.start(0, kernels.Floats(0, 4, bf16=True))
+    with pytest.raises(ValueError, match="Program.output: out must hold 4 float32 or bf16"):
+        program.output(0, 1, kernels.Floats(0, 4), 0.5, kernels.Floats(0, 5))
+    with pytest.raises(ValueError, match="Program: each step's values must hold 4"):
+        kernels.Program([kernels.Floats(0, 4), kernels.Floats(0, 3)], slots=1)
+    assert program.ops == []  # nothing refused was added
+    with pytest.raises(ValueError, match="replay: op 0 names slot 3"):  # the C side checks too
+        kernels._kernel.replay(4, [(0, False)], [(1, 3, 0, 0.5, 0.5)], 1)
 
 
 @needs_kernel
@@ -131,9 +141,6 @@ def test_upcast_store_and_all_finite_match_torch(n, theta_dtype, out_dtype, spre
     assert finite == bool(torch.isfinite(expected).all()) == kernels.all_finite(floats(out))
     same = torch.isfinite(expected)
     assert torch.equal(out[same].view(torch.uint8), expected[same].view(torch.uint8))
-    copied = torch.full((n,), 7.0)
-    kernels.copy(floats(theta0), floats(copied))
-    assert torch.equal(bits(copied), bits(theta0))
 
 
 @needs_kernel
@@ -167,9 +174,6 @@ def test_parts_address_the_right_elements():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: kernels.update_emas(kernels.Floats(0, 4), [kernels.Floats(0, 4, bf16=True)], [0.5]), "update_emas: each EMA must hold 4 float32"),
-        (lambda: kernels.update_emas(kernels.Floats(0, 4), [kernels.Floats(0, 5)], [0.5]), "update_emas: each EMA must hold 4 float32"),
-        (lambda: kernels.write_output(kernels.Floats(0, 4), kernels.Floats(0, 4), kernels.Floats(0, 3), 0.5, kernels.Floats(0, 4)), "write_output: ema"),
         (lambda: kernels.equals(kernels.Floats(0, 4), kernels.Floats(0, 4, bf16=True)), "equals: theta0 must hold 4 float32"),
         (lambda: kernels.upcast(kernels.Floats(0, 4), kernels.Floats(0, 4, bf16=True)), "upcast: into"),
         (lambda: kernels.store(kernels.Floats(0, 4, bf16=True), kernels.Floats(0, 4)), "store: values"),
