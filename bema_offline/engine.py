@@ -60,6 +60,7 @@ MIN_MEMORY = 4096
 CACHE_BYTES = 8 * 2**20
 _ALIGN = 64
 _SCRATCH = 3  # accumulation-dtype buffers besides the state: the upcast input, θ_t − θ0, and one more
+REPLAY_BLOCK = 512  # the C kernel's block: a replayed group holds at least this many elements
 
 
 @dataclass(frozen=True)
@@ -132,18 +133,33 @@ def default_threads() -> int:
     return max(1, min(cores, 8))
 
 
-def _kind(plan: Plan, name: str, accum_dtype: str, *, replay: bool) -> _Kind:
-    """A tensor's kind; with `replay` (the C kernel runs), a float32 or bf16 tensor averaged in float32 and written
-    as float32 or bf16 is replayed."""
+def _kind(plan: Plan, name: str, accum_dtype: str, *, replay_budget: int | None) -> _Kind:
+    """A tensor's kind. With a `replay_budget` (the C kernel runs; a group's budget in bytes), a float32 or bf16
+    tensor averaged in float32 and written as float32 or bf16 is replayed, if a group of one kernel block of it
+    fits the budget with every step's bytes (else, with thousands of checkpoints or a tiny budget, it goes step
+    by step)."""
     info = plan.sources[plan.read_steps[-1]].tensors[name]
     out = plan.output_dtypes[name]
     if not info.is_float:
         return _Kind(None, out)
     accum = accumulation_dtype(info.dtype, accum_dtype)
     steps = tuple(plan.sources[step].tensors[name].dtype for step in plan.read_steps)
-    if replay and accum == "F32" and out in KERNEL_DTYPES and set(steps) <= set(KERNEL_DTYPES):
-        return _Kind(accum, out, steps)
+    replayed = _Kind(accum, out, steps)
+    if replay_budget is not None and accum == "F32" and out in KERNEL_DTYPES and set(steps) <= set(KERNEL_DTYPES):
+        per_element, slack = _element_cost(replayed, _Counts.of(plan), read_size=0)
+        if per_element * REPLAY_BLOCK + slack <= replay_budget:
+            return replayed
     return _Kind(accum, out)
+
+
+def _element_cost(kind: _Kind, counts: _Counts, *, read_size: int) -> tuple[int, int]:
+    """The arena bytes per element of a group of this kind, and the alignment slack on top (see `_arena_bytes`)."""
+    out_size = DTYPES[kind.out].itemsize
+    if kind.steps is not None:
+        per_element = sum(DTYPES[dtype].itemsize for dtype in kind.steps) + 4 * counts.theta0 + out_size * counts.outputs
+        return per_element, 8 + 64 * (len(kind.steps) + counts.theta0 + counts.outputs)
+    per_element = read_size + DTYPES[kind.accum].itemsize * (counts.theta0 + counts.emas + _SCRATCH) + out_size
+    return per_element, 8 + 64 * (counts.theta0 + counts.emas + _SCRATCH + 2)
 
 
 def _arena_bytes(kind: _Kind, counts: _Counts, *, read: int, numel: int, slices: int) -> int:
@@ -204,18 +220,11 @@ def group_slices(
     groups: list[list[Slice]] = []
     open_groups: dict[_Kind, tuple[list[Slice], int, int]] = {}  # kind -> (slices, read bytes, elements)
     for info in plan.tensors:
-        kind = _kind(plan, info.name, accum_dtype, replay=replay)
+        kind = _kind(plan, info.name, accum_dtype, replay_budget=budget if replay else None)
         # copied tensors are packed as if averaged, so that every group's buffers fit the same arena
         packing = kind if kind.accum is not None else _Kind(accum_dtype, kind.out)
         read_size = max(source.tensors[info.name].itemsize for source in plan.sources.values())
-        out_size = DTYPES[packing.out].itemsize
-        if packing.steps is not None:
-            per_element = sum(DTYPES[dtype].itemsize for dtype in packing.steps) + 4 * counts.theta0 + out_size * counts.outputs
-            buffers = len(packing.steps) + counts.theta0 + counts.outputs
-        else:
-            per_element = read_size + DTYPES[packing.accum].itemsize * (counts.theta0 + counts.emas + _SCRATCH) + out_size
-            buffers = counts.theta0 + counts.emas + _SCRATCH + 2
-        slack = 8 + 64 * buffers  # alignment: one slice of `per_slice` elements always fits
+        per_element, slack = _element_cost(packing, counts, read_size=read_size)  # (one slice always fits the slack)
         per_slice = (budget - slack) // per_element
         if per_slice < 1:
             raise DataError(
@@ -408,6 +417,7 @@ class Engine:
         self.groups = group_slices(
             plan, max_memory=max_memory // self.threads, accum_dtype=accum_dtype, cache_bytes=cache_bytes, replay=self.fused
         )
+        group_budget = max_memory // self.threads if cache_bytes is None else min(max_memory // self.threads, cache_bytes)
         self.threads = max(1, min(self.threads, len(self.groups)))
         self._on_progress = on_progress
         self._progress_lock = threading.Lock()  # progress callbacks, one at a time; a worker writing its outputs does not stall the others
@@ -436,7 +446,8 @@ class Engine:
             by_theta0 = self.outputs_at.setdefault(out.step, {}).setdefault(schedule.theta0_step, [])
             by_theta0.append((index, out.kind, schedule.alpha(out.step), self.slots[out.schedule_index]))
         self.output_steps = sorted({out.step for out in plan.outputs})
-        self.kinds = [_kind(plan, group[0].name, FLOAT_DTYPES[accum_dtype], replay=self.fused) for group in self.groups]
+        replay_budget = group_budget if self.fused else None
+        self.kinds = [_kind(plan, group[0].name, FLOAT_DTYPES[accum_dtype], replay_budget=replay_budget) for group in self.groups]
         self.last_slice = {}
         for group in self.groups:
             for piece in group:

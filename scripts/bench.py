@@ -163,11 +163,15 @@ def input_files(run_dir: Path, base_dir: Path, max_step: int | None = None) -> l
 
 
 def previous_engine(ref: str, into: Path) -> tuple[Path, str]:
-    """Extract `bema_offline/` as of git `ref` into a folder; return it and the commit."""
+    """Extract `bema_offline/` as of git `ref` into a folder, with its own C kernel built in place where it has one
+    (else an editable install's finder would hand it this checkout's); return the folder and the commit."""
     commit = subprocess.run(["git", "rev-parse", "--short", ref], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    archive = subprocess.run(["git", "archive", commit, "bema_offline"], cwd=REPO, capture_output=True, check=True).stdout
+    archive = subprocess.run(["git", "archive", commit, "bema_offline", "setup.py", "pyproject.toml"], cwd=REPO,
+                             capture_output=True, check=True).stdout
     into.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    if (into / "bema_offline" / "_kernel.c").is_file():
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=into, capture_output=True, check=True)
     check_import(into)
     return into, commit
 
@@ -181,10 +185,12 @@ def code_version() -> str:
 
 def check_import(pythonpath: Path) -> None:
     """Make sure that `python -m bema_offline` with this PYTHONPATH runs the code in that folder."""
-    found = subprocess.run([sys.executable, "-c", "import bema_offline; print(bema_offline.__file__)"], env=env_with(pythonpath),
-                           capture_output=True, text=True, check=True).stdout.strip()
-    if not Path(found).resolve().is_relative_to(pythonpath.resolve()):
-        raise RuntimeError(f"PYTHONPATH={pythonpath} imports {found}; run from a folder without bema_offline/")
+    probe = ("import bema_offline; print(bema_offline.__file__)\n"
+             "try:\n    import bema_offline._kernel as k; print(k.__file__)\nexcept ImportError:\n    pass")
+    found = subprocess.run([sys.executable, "-c", probe], env=env_with(pythonpath), capture_output=True, text=True, check=True).stdout.split()
+    for path in found:
+        if not Path(path).resolve().is_relative_to(pythonpath.resolve()):
+            raise RuntimeError(f"PYTHONPATH={pythonpath} imports {path}; run from a folder without bema_offline/, with the kernel built in place")
 
 
 def env_with(pythonpath: Path) -> dict:

@@ -330,3 +330,19 @@ def test_an_average_that_overflows_is_refused_on_the_kernel_and_on_torch(tmp_pat
     with pytest.raises(DataError, match="averaging tensor 'b.weight' overflowed to Inf or NaN; try --accum-dtype float64"):
         average(run_dir, tmp_path / "out", schedule=BEMASchedule(update_freq=1), base_model=base_dir, dtype=out_dtype)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(kernels.kernel_name() is None, reason="the C kernel was not built")
+def test_a_budget_too_small_to_replay_goes_step_by_step_with_the_same_bits(tmp_path):
+    """A replayed group holds every step's bytes; where one kernel block of that does not fit the budget, the
+    engine goes step by step on torch's ops instead, and writes the same bytes."""
+    from bema_offline.engine import Engine
+
+    run_dir, base_dir, _ = make_run(tmp_path, [1, 2, 3, 4], extra={"position_ids": torch.arange(9)})
+    plan = average(run_dir, tmp_path / "o", schedule=BEMASchedule(update_freq=1), base_model=base_dir, dry_run=True).plan
+    replayed, stepped = CollectingSink(), CollectingSink()
+    large, small = Engine(plan, replayed, max_memory=2**20, threads=1), Engine(plan, stepped, max_memory=8192, threads=1)
+    assert not large.uses_torch and small.uses_torch
+    large.run()
+    small.run()
+    assert replayed.tensors == stepped.tensors and len(replayed.tensors) == len(plan.tensors)
