@@ -7,17 +7,15 @@ repo it pushes to (the load snippet names the repo) without the checkpoints at h
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import __version__
 from .checkpoints import BASE_STEP
 from .plan import OutputSpec, Plan
 from .runinfo import TrainingInfo, detect_training, is_hub_id
-
-if TYPE_CHECKING:  # huggingface_hub is imported when a card is written, not at startup
-    from huggingface_hub import ModelCard, ModelCardData
 
 PROVENANCE_FILE = "bema_offline.json"
 CARD_FILE = "README.md"
@@ -156,18 +154,37 @@ def write_card(
             "(with matplotlib: `pip install 'bema-offline[plot]'`)."
         )
     card = model_card(record, repo_id=repo_id, revision=revision, chart_file=CHART_FILE if drawn else None, chart_note=note)
-    card.save(folder / CARD_FILE)
+    (folder / CARD_FILE).write_text(card, encoding="utf-8")
     return folder / CARD_FILE
 
 
-def card_metadata(record: dict) -> ModelCardData:
-    """The card's YAML metadata: base model (a Hub id), library and tags."""
-    from huggingface_hub import ModelCardData
-
+def card_metadata(record: dict) -> dict:
+    """The card's metadata: base model (a Hub id, when known), library and tags."""
     tags = ["bema", "bema-offline", *record.get("training", {}).get("tags", [])]
-    return ModelCardData(
-        base_model=record.get("base_model_id"), library_name="transformers", tags=list(dict.fromkeys(tags))
-    )
+    metadata = {"base_model": record.get("base_model_id"), "library_name": "transformers", "tags": list(dict.fromkeys(tags))}
+    return {key: value for key, value in metadata.items() if value is not None}
+
+
+def metadata_yaml(metadata: dict) -> str:
+    """The card's YAML front matter, written without a YAML library (huggingface_hub's card classes would cost a
+    quarter of a second of imports in every run): lists one item per line, and strings plain where YAML reads them
+    back as the same string (`dpo`, `org/model`), else quoted as JSON, which YAML reads as it is."""
+
+    def scalar(text: str) -> str:
+        plain = _PLAIN.fullmatch(text) and text.lower() not in _YAML_WORDS
+        return text if plain else json.dumps(text)
+
+    lines = []
+    for key, value in metadata.items():
+        if isinstance(value, list):
+            lines += [f"{key}:", *(f"- {scalar(item)}" for item in value)]
+        else:
+            lines.append(f"{key}: {scalar(value)}")
+    return "\n".join(lines)
+
+
+_PLAIN = re.compile(r"[A-Za-z_][\w./-]*")
+_YAML_WORDS = {"y", "n", "yes", "no", "true", "false", "on", "off", "null"}  # (YAML 1.1 reads these as booleans or null)
 
 
 def model_card(
@@ -177,8 +194,8 @@ def model_card(
     revision: str | None = None,
     chart_file: str | None = None,
     chart_note: str | None = None,
-) -> ModelCard:
-    """A Hub model card for one output, from its provenance record.
+) -> str:
+    """A Hub model card (`README.md`'s text) for one output, from its provenance record.
 
     Args:
         record (`dict`): the output's provenance record.
@@ -262,9 +279,7 @@ print(tokenizer.decode(outputs[0], skip_special_tokens=True))
 
 `{PROVENANCE_FILE}` records the schedule, the settings, the steps and the input files (names, sizes, times).
 """
-    from huggingface_hub import ModelCard
-
-    return ModelCard(f"---\n{card_metadata(record).to_yaml()}\n---\n{body}")
+    return f"---\n{metadata_yaml(card_metadata(record))}\n---\n{body}"
 
 
 def _what(record: dict) -> str:

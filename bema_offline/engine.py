@@ -1,31 +1,33 @@
 """The streaming engine: replay the BEMA/EMA recurrences group by group, reading each input byte once.
 
-The tensors are cut into slices and packed into groups. For each group, and for each step in order, a worker
-reads the group's bytes from that step's files with `pread`, advances every schedule's recurrence, and hands each
-output slice to a sink as soon as it is known. State is θ0 (one per distinct `update_after`) and one EMA per
-schedule, only for the group in hand.
+The tensors are cut into slices and packed into groups, each small enough for the CPU's cache (`CACHE_BYTES` per
+worker) and for `--max-memory`. A group goes one of two ways:
 
-The arithmetic is TRL's, op for op, on the whole group at once (its slices lie side by side in one buffer):
+- replayed by the C kernel (float32 or bf16 in and out, float32 state, on the CPU: nearly every model): a worker
+  reads the group's bytes at every step with `pread`, then one `kernels.Program` runs every EMA update and every
+  output, block by block, so that each block of every EMA stays in L1 from the first step to the last. The EMAs
+  never exist in memory; a sweep of many configs costs arithmetic and output bytes only;
+- step by step on torch's ops (fp16, fp64, `--accum-dtype float64`, mixed groups, GPUs, no C compiler): for each
+  step in order, the worker reads the group's bytes, advances every EMA, and writes the outputs due. State is θ0
+  (one per distinct `update_after`) and one EMA per distinct schedule, for the group in hand.
+
+Either way the arithmetic is TRL's, op for op, with its rounding (the kernel's bits are torch's; tests compare
+both with each other and with TRL):
 
     ema.mul_(1 - beta).add_(theta_t, alpha=beta)
     bema = ema + alpha * (theta_t - theta0)
 
 Elementwise ops give the same bits on any slicing, so the result depends neither on the budget nor on the
-number of workers.
+number of workers, nor on the way a group goes.
 
-Speed comes from four choices, each measured (docs/benchmarks.md):
+Speed comes from a few choices, each measured (docs/benchmarks.md):
 
-- the EMA updates of a step run in one pass over memory, and each output in one more, in the C kernel of
-  `kernels` (the same bits as the torch ops above; a bf16 checkpoint is upcast on the fly, and read once for all
-  the EMAs of a sweep);
-- groups are small enough (`CACHE_BYTES` per worker) that a group's state stays in the CPU cache from one step to
-  the next, so memory traffic is mostly the input bytes themselves;
+- the replay above: memory traffic is the input bytes and the output bytes;
+- a run made only of replayed groups never imports torch, whose import alone took longer than averaging a 1 GiB
+  model from 8 checkpoints;
 - every buffer a worker needs lives in one arena allocated once and reused for every group;
 - several workers (threads; torch and the kernel release the GIL) each take whole groups, so reading and
-  arithmetic of different groups overlap on different cores;
-- a group the kernel covers entirely (float32 or bf16 in and out, float32 state, on the CPU) never touches torch,
-  and a run made only of such groups never imports it: that import alone takes longer than averaging a 1 GiB
-  model from 8 checkpoints.
+  arithmetic of different groups overlap on different cores.
 
 A tensor that is bit-identical in θ0 and in every checkpoint replayed (a frozen parameter) is written unchanged.
 Non-float tensors are copied from the output step's checkpoint.
@@ -63,7 +65,7 @@ _SCRATCH = 3  # accumulation-dtype buffers besides the state: the upcast input, 
 REPLAY_BLOCK = 512  # the C kernel's block: a replayed group holds at least this many elements
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Slice:
     """Elements [start, stop) of one tensor, flattened."""
 
@@ -389,8 +391,8 @@ class Engine:
         device (`str`, defaults to "cpu"): where the arithmetic runs; "cuda" keeps the state on the GPU and copies
             each step's bytes over (the reads stay on the CPU).
         on_progress (`Callable[[int, int], None]`, optional): called with (bytes read, tensors finished).
-        fused (`bool`, defaults to True): run the groups the C kernel covers on it alone (see `kernels`); False
-            runs torch's ops everywhere. The bits are the same.
+        fused (`bool`, defaults to True): replay the groups the C kernel covers on it (see `kernels`); False runs
+            torch's ops, step by step, everywhere. The bits are the same.
     """
 
     def __init__(
@@ -437,7 +439,7 @@ class Engine:
             self.slot_theta0[slot] = run.schedule.theta0_step
             self.starts_at.setdefault(run.schedule.theta0_step, []).append(slot)
             for step in run.update_steps:
-                if step <= last_output[slot]:
+                if step in plan.sources and step <= last_output.get(slot, -1):
                     self.updates.setdefault(step, []).append(_Update(slot, run.schedule.beta(step)))
         # step -> θ0 step -> [(output index, kind, α, EMA)]: outputs sharing θ0 share θ_t − θ0
         self.outputs_at: dict[int, dict[int, list[tuple[int, str, float, int]]]] = {}
@@ -447,7 +449,8 @@ class Engine:
             by_theta0.append((index, out.kind, schedule.alpha(out.step), self.slots[out.schedule_index]))
         self.output_steps = sorted({out.step for out in plan.outputs})
         replay_budget = group_budget if self.fused else None
-        self.kinds = [_kind(plan, group[0].name, FLOAT_DTYPES[accum_dtype], replay_budget=replay_budget) for group in self.groups]
+        kinds = {info.name: _kind(plan, info.name, FLOAT_DTYPES[accum_dtype], replay_budget=replay_budget) for info in plan.tensors}
+        self.kinds = [kinds[group[0].name] for group in self.groups]  # (one object per tensor, not per group)
         self.last_slice = {}
         for group in self.groups:
             for piece in group:

@@ -27,6 +27,9 @@ METHOD_TAGS = (
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
+# a model card's metadata block: a first line of ---, YAML, a line of --- (as the Hub reads it)
+_FRONT_MATTER = re.compile(r"\A\s*---[\r\n]+(.*?)[\r\n]+---(?:\r?\n|\Z)", re.DOTALL)
+
 @dataclass(frozen=True)
 class TrainingInfo:
     """What was learned about a run.
@@ -79,15 +82,18 @@ def detect_training(run_dir: Path, checkpoint_folders: Sequence[Path]) -> Traini
 
 
 def _read_card_metadata(folders: Sequence[Path]) -> dict:
-    from huggingface_hub import metadata_load
-
+    """The YAML metadata at the top of the first model card found; {} when there is none."""
     for folder in folders:
         path = folder / "README.md"
         if path.is_file():
+            import yaml  # PyYAML, which huggingface_hub needs too; imported only where a card exists
+
             try:
-                return metadata_load(path) or {}
+                match = _FRONT_MATTER.match(path.read_text(encoding="utf-8"))
+                metadata = yaml.safe_load(match.group(1)) if match else {}
             except Exception:  # a malformed card says nothing; it must not stop an average
                 return {}
+            return metadata if isinstance(metadata, dict) else {}
     return {}
 
 

@@ -228,6 +228,8 @@ def section_main(args, scratch: Path) -> list[dict]:
              input_bytes=nbytes, cleanup=[out], slow=True),
         Case("main", f"previous engine ({args.previous} = {commit})", bema(run_dir, base_dir, out), input_bytes=nbytes,
              env=env_with(previous), cleanup=[out], slow=True),
+        Case("main", "raw write of the 1 GiB output, fsynced (dd)",
+             ["dd", "if=/dev/zero", f"of={out}.dd", "bs=1M", "count=1024", "conv=fsync"], input_bytes=0, cleanup=[Path(f"{out}.dd")]),
         Case("main", "bema-average", bema(run_dir, base_dir, out), input_bytes=nbytes, env=here, cleanup=[out]),
         Case("main", "bema-average, output on tmpfs", bema(run_dir, base_dir, shm), input_bytes=nbytes, env=here, cleanup=[shm]),
         Case("main", "bema-average, C kernel off (BEMA_OFFLINE_KERNEL=0: torch's ops)", bema(run_dir, base_dir, out),
@@ -458,8 +460,9 @@ NOTES = {
     "budget": "The engine's groups take at most 8 MiB per worker thread (2 here) even when --max-memory allows more "
               "(see the group-size section); a smaller budget makes them smaller. Peak RSS is the Python baseline "
               "plus the arenas (torch is not imported for a bf16 run).",
-    "main": "`bema-average` writes a 1 GiB output and fsyncs it before publishing; the naive baseline writes without "
-            "fsync; `cat` writes nothing.",
+    "main": "`bema-average` writes a 1 GiB output and fsyncs it before publishing (the dd row: the same bytes written "
+            "and fsynced, nothing else; this machine's disk is shared, and its speed varies by the minute); the naive "
+            "baseline writes without fsync; `cat` writes nothing.",
     "sweep": "Each config writes its own output folder (1 or 0.5 GiB): on disk the sweep also measures the disk's "
              "write speed (the dd row: the same bytes written and fsynced, nothing else); on tmpfs, writing 8 outputs costs the "
              "kernel's page allocation and copy (its dd row), and the rest is the engine. Configs that differ only in "

@@ -115,3 +115,17 @@ def test_method_from_trainer_state_metrics(tmp_path: Path, metrics: set[str], me
 def test_a_malformed_run_card_is_ignored(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text("---\n: : not yaml [\n---\n")
     assert detect_training(tmp_path, []).method is None
+
+
+def test_card_metadata_round_trips_through_yaml_whatever_the_strings() -> None:
+    """The front matter is written without a YAML library: tags that YAML would misread unquoted (a colon, `yes`,
+    `null`, a number, quotes, unicode) come back as the same strings, and the Hub's own parser agrees."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    from bema_offline.card import metadata_yaml
+
+    metadata = {"base_model": "org/model: v2", "library_name": "transformers",
+                "tags": ["bema", "yes", "null", "1e3", 'say "hi"', "ünï", "- dash", "#hash"]}  # fmt: skip
+    assert yaml.safe_load(metadata_yaml(metadata)) == metadata
+    assert ModelCard(f"---\n{metadata_yaml(metadata)}\n---\nbody").data.to_dict() == metadata
