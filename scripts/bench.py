@@ -287,7 +287,7 @@ def section_budget(args, scratch: Path) -> list[dict]:
     out = scratch / "out"
     rows = [Case("budget", "--dry-run (baseline: Python, headers)", bema(run_dir, base_dir, out, "--dry-run"),
                  input_bytes=0, env=env_with(REPO), params={"max_memory": 0}).run(args.repeat, files)]
-    for budget in ("16MiB", "64MiB", "256MiB", "512MiB", "2GiB"):
+    for budget in ("4MiB", "8MiB", "16MiB", "64MiB", "256MiB", "512MiB", "2GiB"):
         rows.append(Case("budget", f"--max-memory {budget}", bema(run_dir, base_dir, out, "--max-memory", budget),
                          input_bytes=nbytes, env=env_with(REPO), cleanup=[out],
                          params={"max_memory": _size(budget)}).run(args.repeat, files))
