@@ -20,7 +20,6 @@ Set `BEMA_OFFLINE_KERNEL=0` to run torch's ops even where the kernel is built (t
 
 from __future__ import annotations
 
-import ctypes
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass

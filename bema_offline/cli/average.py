@@ -68,7 +68,7 @@ def _kinds(ctx, param, value: str) -> list[str]:
 @option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, show_default=True, section="Output", help="Largest safetensors shard.")
 @option("--overwrite", is_flag=True, section="Output", help="Replace an existing output folder.")
 @option("--resume", is_flag=True, section="Output", help="Reuse the shards an interrupted run with the same plan finished (checked by a hash of inputs, parameters and version).")
-@option("--max-memory", default=DEFAULT_MAX_MEMORY, show_default=True, section="Performance", help="Upper bound on the working memory for tensor data, above the Python and torch baseline. The engine takes at most 8 MiB per thread even when allowed more: larger groups fall out of the CPU cache and run slower.")
+@option("--max-memory", default=DEFAULT_MAX_MEMORY, show_default=True, section="Performance", help="Upper bound on the working memory for tensor data, above the Python baseline (and torch's, for the dtypes the C kernel does not cover). The engine takes at most 8 MiB per thread even when allowed more: larger groups fall out of the CPU cache and run slower.")
 @option("--threads", type=int, section="Performance", help="Worker threads. Default: one per core. Results do not depend on it.")
 @option("--device", default="cpu", show_default=True, section="Performance", help="Where the arithmetic runs: cpu, cuda or cuda:N (under torchrun, cuda is each rank's local GPU). Same bits on the CPU whatever --threads; a GPU's are not checked against TRL's here.")
 @option("--accum-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True, section="Performance", help="Accumulation dtype.")
