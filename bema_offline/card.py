@@ -7,7 +7,6 @@ repo it pushes to (the load snippet names the repo) without the checkpoints at h
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import re
 from pathlib import Path
@@ -168,11 +167,17 @@ def card_metadata(record: dict) -> dict:
 def metadata_yaml(metadata: dict) -> str:
     """The card's YAML front matter, written without a YAML library (huggingface_hub's card classes would cost a
     quarter of a second of imports in every run): lists one item per line, and strings plain where YAML reads them
-    back as the same string (`dpo`, `org/model`), else quoted as JSON, which YAML reads as it is."""
+    back as the same string (`dpo`, `org/model`), else double-quoted with every character outside printable ASCII
+    escaped (`\\uXXXX`, or `\\UXXXXXXXX` beyond the BMP: YAML reads JSON's surrogate pairs as two characters)."""
 
     def scalar(text: str) -> str:
-        plain = _PLAIN.fullmatch(text) and text.lower() not in _YAML_WORDS
-        return text if plain else json.dumps(text)
+        if _PLAIN.fullmatch(text) and text.lower() not in _YAML_WORDS:
+            return text
+        escaped = (
+            "\\" + c if c in '"\\' else c if " " <= c <= "~" else f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
+            for c in text
+        )
+        return '"' + "".join(escaped) + '"'
 
     lines = []
     for key, value in metadata.items():
@@ -183,7 +188,7 @@ def metadata_yaml(metadata: dict) -> str:
     return "\n".join(lines)
 
 
-_PLAIN = re.compile(r"[A-Za-z_][\w./-]*")
+_PLAIN = re.compile(r"[A-Za-z_][\w./-]*", re.ASCII)
 _YAML_WORDS = {"y", "n", "yes", "no", "true", "false", "on", "off", "null"}  # (YAML 1.1 reads these as booleans or null)
 
 

@@ -126,6 +126,6 @@ def test_card_metadata_round_trips_through_yaml_whatever_the_strings() -> None:
     from bema_offline.card import metadata_yaml
 
     metadata = {"base_model": "org/model: v2", "library_name": "transformers",
-                "tags": ["bema", "yes", "null", "1e3", 'say "hi"', "ünï", "- dash", "#hash"]}  # fmt: skip
+                "tags": ["bema", "yes", "null", "1e3", 'say "hi"', "back\\slash", "ünï", "0x/\U00020000", "- dash", "#hash"]}  # fmt: skip
     assert yaml.safe_load(metadata_yaml(metadata)) == metadata
     assert ModelCard(f"---\n{metadata_yaml(metadata)}\n---\nbody").data.to_dict() == metadata
