@@ -15,6 +15,7 @@ Every problem raises a `DataError` whose one line names the folder, file or tens
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
 import random
@@ -22,12 +23,14 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from . import kernels
 from .card import PROVENANCE_FILE
 from .checkpoints import BASE_STEP, INDEX_FILE, SINGLE_FILE, WeightSource, load_source
 from .engine import Engine, Sink, Slice
 from .errors import BemaError, DataError
+from .kernels import KERNEL_DTYPES, kernel_name
 from .plan import OutputSpec, Plan, ScheduleRun
-from .safetensors_io import DTYPES, FLOAT_DTYPES, OpenFiles, TensorInfo, all_finite, parse_json, writable_view
+from .safetensors_io import DTYPES, FLOAT_DTYPES, OpenFiles, TensorInfo, all_finite, parse_json
 from .schedule import KINDS, BEMASchedule, effective_weights
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
@@ -243,9 +246,10 @@ def _int_field(config: dict, keys: Sequence[str]) -> int | None:
 
 
 def check_finite(tensors: dict[str, TensorInfo], *, max_memory: int = DEFAULT_CHUNK_BYTES) -> None:
-    """Every float value is finite; each tensor is read in chunks of at most `max_memory` bytes."""
-    import torch
-
+    """Every float value is finite; each tensor is read in chunks of at most `max_memory` bytes into one buffer.
+    float32 and bf16 are checked by the C kernel where it is built (no torch import), other dtypes by torch."""
+    buffer = bytearray(min(max_memory, max((info.nbytes for info in tensors.values() if info.is_float), default=0)) + 8)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
     with OpenFiles() as files:
         for info in tensors.values():
             if not info.is_float:
@@ -253,10 +257,18 @@ def check_finite(tensors: dict[str, TensorInfo], *, max_memory: int = DEFAULT_CH
             per_chunk = max(1, max_memory // info.itemsize)
             for first in range(0, info.numel, per_chunk):
                 count = min(per_chunk, info.numel - first)
-                buffer = torch.empty(count * info.itemsize, dtype=torch.uint8)
-                files.read_into(info.path, info.start + first * info.itemsize, writable_view(buffer))
-                if not all_finite(buffer.view(info.torch_dtype)):
+                view = memoryview(buffer)[: count * info.itemsize]
+                files.read_into(info.path, info.start + first * info.itemsize, view)
+                if not _chunk_finite(info.dtype, view, address, count):
                     raise DataError(f"{info.path}: tensor {info.name!r} holds NaN or Inf values; do not use this model")
+
+
+def _chunk_finite(dtype: str, view: memoryview, address: int, count: int) -> bool:
+    if dtype in KERNEL_DTYPES and kernel_name() is not None:
+        return kernels.all_finite(kernels.Floats(address, count, bf16=dtype == "BF16"))
+    import torch
+
+    return all_finite(torch.frombuffer(view, dtype=torch.uint8).view(DTYPES[dtype].torch))
 
 
 # --- the provenance record and the sources it names -----------------------------------------------------------

@@ -206,8 +206,10 @@ def test_config_that_agrees_and_one_that_is_malformed(made):
 # --- values -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kernel", ["1", "0"])  # float32 values: checked by the C kernel, or by torch without it
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_values_are_found_in_any_chunk(made, value):
+def test_non_finite_values_are_found_in_any_chunk(made, value, kernel, monkeypatch):
+    monkeypatch.setenv("BEMA_OFFLINE_KERNEL", kernel)
     _, _, output = made
     path = shard_of(output, UP)
     poke(path, UP, 127, value)  # the last element, in the last chunk of 64 bytes

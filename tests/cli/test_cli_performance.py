@@ -47,19 +47,21 @@ def test_bad_performance_options_are_one_line_usage_errors(common, tmp_path, cap
 @pytest.mark.parametrize("dtype, imports_torch", [(torch.bfloat16, False), (torch.float32, False), (torch.float16, True)])
 def test_bema_average_imports_torch_only_where_the_kernel_does_not_cover_the_run(tmp_path, dtype, imports_torch):
     """Importing torch takes seconds, more than averaging a 1 GiB model: a bf16 or float32 run (the kernel's) never
-    loads it, from the command line to the published folder; an fp16 run does (torch's ops), and both publish."""
+    loads it, from the command line to the published folder, nor does `verify` of that folder with recomputed
+    tensors; an fp16 run does (torch's ops), and both publish."""
     run_dir, base_dir, _ = make_run(tmp_path, [2, 4], dtype=dtype, extra={"position_ids": torch.arange(9)})
     out = tmp_path / "out"
     code = f"""
 import sys
-from bema_offline.cli import _run, average_command
+from bema_offline.cli import _run, average_command, cli
 try:
     _run(average_command, [{str(run_dir)!r}, "--base-model", {str(base_dir)!r}, "--update-freq", "2", "-o", {str(out)!r}, "-q"])
+    _run(cli, ["verify", {str(out)!r}, "--recompute", "3"])
 except SystemExit as e:
     print("exit", e.code)
 print("torch imported:", "torch" in sys.modules)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "exit" not in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0 and "exit" not in result.stdout and f"ok {out}" in result.stdout, result.stdout + result.stderr
     assert f"torch imported: {imports_torch}" in result.stdout
     assert (out / "model.safetensors").is_file()
