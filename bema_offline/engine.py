@@ -135,7 +135,7 @@ def default_threads() -> int:
     return max(1, min(cores, 8))
 
 
-def _kind(plan: Plan, name: str, accum_dtype: str, *, replay_budget: int | None) -> _Kind:
+def _kind(plan: Plan, name: str, accum_dtype: str, counts: _Counts, *, replay_budget: int | None) -> _Kind:
     """A tensor's kind. With a `replay_budget` (the C kernel runs; a group's budget in bytes), a float32 or bf16
     tensor averaged in float32 and written as float32 or bf16 is replayed, if a group of one kernel block of it
     fits the budget with every step's bytes (else, with thousands of checkpoints or a tiny budget, it goes step
@@ -148,7 +148,7 @@ def _kind(plan: Plan, name: str, accum_dtype: str, *, replay_budget: int | None)
     steps = tuple(plan.sources[step].tensors[name].dtype for step in plan.read_steps)
     replayed = _Kind(accum, out, steps)
     if replay_budget is not None and accum == "F32" and out in KERNEL_DTYPES and set(steps) <= set(KERNEL_DTYPES):
-        per_element, slack = _element_cost(replayed, _Counts.of(plan), read_size=0)
+        per_element, slack = _element_cost(replayed, counts, read_size=0)
         if per_element * REPLAY_BLOCK + slack <= replay_budget:
             return replayed
     return _Kind(accum, out)
@@ -214,15 +214,20 @@ def group_slices(
     Returns:
         `list[list[Slice]]`: groups in file order; the slices of a group share a kind (float or not, and dtypes).
     """
+    return [group for _, group in _pack(plan, max_memory=max_memory, accum_dtype=accum_dtype, cache_bytes=cache_bytes, replay=replay)]
+
+
+def _pack(plan: Plan, *, max_memory: int, accum_dtype: str, cache_bytes: int | None, replay: bool) -> list[tuple[_Kind, list[Slice]]]:
+    """`group_slices`, each group with its kind."""
     if max_memory < MIN_MEMORY:
         raise DataError(f"--max-memory {max_memory} bytes is too small; give at least {MIN_MEMORY} bytes")
     accum_dtype = FLOAT_DTYPES[accum_dtype]
     budget = max_memory if cache_bytes is None else min(max_memory, cache_bytes)
     counts = _Counts.of(plan)
-    groups: list[list[Slice]] = []
+    groups: list[tuple[_Kind, list[Slice]]] = []
     open_groups: dict[_Kind, tuple[list[Slice], int, int]] = {}  # kind -> (slices, read bytes, elements)
     for info in plan.tensors:
-        kind = _kind(plan, info.name, accum_dtype, replay_budget=budget if replay else None)
+        kind = _kind(plan, info.name, accum_dtype, counts, replay_budget=budget if replay else None)
         # copied tensors are packed as if averaged, so that every group's buffers fit the same arena
         packing = kind if kind.accum is not None else _Kind(accum_dtype, kind.out)
         read_size = max(source.tensors[info.name].itemsize for source in plan.sources.values())
@@ -238,13 +243,13 @@ def group_slices(
             piece = Slice(info.name, start, min(start + per_slice, info.numel))
             need = _arena_bytes(packing, counts, read=read + piece.numel * read_size, numel=numel + piece.numel, slices=len(group) + 1)
             if group and need > budget:
-                groups.append(group)
+                groups.append((kind, group))
                 group, read, numel = [], 0, 0
             group.append(piece)
             read += piece.numel * read_size
             numel += piece.numel
         open_groups[kind] = (group, read, numel)
-    groups.extend(group for group, _, _ in open_groups.values() if group)
+    groups.extend((kind, group) for kind, (group, _, _) in open_groups.items() if group)
     return groups
 
 
@@ -416,10 +421,9 @@ class Engine:
         # a GPU has no CPU cache to fit, and wants large ops: groups then use the whole budget
         cache_bytes = None if self.staged else CACHE_BYTES
         self.fused = fused and not self.staged and kernel_name() is not None
-        self.groups = group_slices(
-            plan, max_memory=max_memory // self.threads, accum_dtype=accum_dtype, cache_bytes=cache_bytes, replay=self.fused
-        )
-        group_budget = max_memory // self.threads if cache_bytes is None else min(max_memory // self.threads, cache_bytes)
+        packed = _pack(plan, max_memory=max_memory // self.threads, accum_dtype=accum_dtype, cache_bytes=cache_bytes, replay=self.fused)
+        self.kinds = [kind for kind, _ in packed]
+        self.groups = [group for _, group in packed]
         self.threads = max(1, min(self.threads, len(self.groups)))
         self._on_progress = on_progress
         self._progress_lock = threading.Lock()  # progress callbacks, one at a time; a worker writing its outputs does not stall the others
@@ -448,9 +452,6 @@ class Engine:
             by_theta0 = self.outputs_at.setdefault(out.step, {}).setdefault(schedule.theta0_step, [])
             by_theta0.append((index, out.kind, schedule.alpha(out.step), self.slots[out.schedule_index]))
         self.output_steps = sorted({out.step for out in plan.outputs})
-        replay_budget = group_budget if self.fused else None
-        kinds = {info.name: _kind(plan, info.name, FLOAT_DTYPES[accum_dtype], replay_budget=replay_budget) for info in plan.tensors}
-        self.kinds = [kinds[group[0].name] for group in self.groups]  # (one object per tensor, not per group)
         self.last_slice = {}
         for group in self.groups:
             for piece in group:
@@ -565,7 +566,7 @@ class Engine:
         index_of = {step: i for i, step in enumerate(self.plan.read_steps)}
         program = kernels.Program([thetas[step] for step in self.plan.read_steps], slots=len(self.slot_theta0))
         unchanged = [list(range(len(group))) for _ in self.slot_theta0]  # per EMA: slices equal to θ0 so far
-        written = []  # (output index, EMA's θ0, slices still equal to it)
+        written = []  # (output index, its values, EMA's θ0, slices still equal to it)
         for step in self.plan.read_steps:
             for slot in self.starts_at.get(step, ()):
                 program.start(slot, theta0[step])
@@ -577,14 +578,13 @@ class Engine:
                 for output_index, output_kind, alpha, slot in outputs:
                     out = worker.floats(outs[output_index], numel, bf16=kind.out == "BF16")
                     program.output(slot, index_of[step], theta0[tau_step], alpha if output_kind == "bema" else None, out)
-                    written.append((output_index, theta0[tau_step], unchanged[slot]))
-        for (output_index, tau, frozen), finite in zip(written, program.run(), strict=True):
-            out = worker.floats(outs[output_index], numel, bf16=kind.out == "BF16")
+                    written.append((output_index, out, theta0[tau_step], unchanged[slot]))
+        for (output_index, out, tau, frozen), finite in zip(written, program.run(), strict=True):
             for i in frozen:
                 finite = kernels.store(tau.part(*bounds[i]), out.part(*bounds[i])) and finite
             if not finite:
                 self._raise_non_finite(group, lambda i: kernels.all_finite(out.part(*bounds[i])), worker)
-            self._emit(output_index, group, bounds, worker.view(outs[output_index], out_bytes), kind.out)
+            self._emit(output_index, self._split(group, bounds, worker.view(outs[output_index], out_bytes), kind.out))
 
     def _average_on_torch(self, group: list[Slice], kind: _Kind, worker: _Worker) -> None:
         """A group on torch's ops, TRL's op for op: any float dtypes, mixed groups, and GPUs."""
@@ -621,10 +621,8 @@ class Engine:
                     theta0[step].copy_(x)
                 for slot in self.starts_at.get(step, ()):
                     ema[slot].copy_(theta0[step])
-            updates = self.updates.get(step, ())
-            for update in updates:
+            for update in self.updates.get(step, ()):
                 ema[update.slot].mul_(1 - update.beta).add_(x, alpha=update.beta)
-            for update in updates:
                 tau = theta0[self.slot_theta0[update.slot]]
                 unchanged[update.slot] = [i for i in unchanged[update.slot] if torch.equal(x[slice(*bounds[i])], tau[slice(*bounds[i])])]
             for tau_step, outputs in self.outputs_at.get(step, {}).items():
@@ -636,15 +634,13 @@ class Engine:
                         out.copy_(ema[slot])
                     else:  # ema + alpha * (x - theta0), op for op
                         out.copy_(torch.mul(diff, alpha, out=scratch).add_(ema[slot]))
-                    finite = _all_finite(out)
                     for i in unchanged[slot]:
                         out[slice(*bounds[i])].copy_(tau[slice(*bounds[i])])
-                        finite = finite and _all_finite(out[slice(*bounds[i])])
-                    if not finite:
+                    if not _all_finite(out):
                         self._raise_non_finite(group, lambda i: _all_finite(out[slice(*bounds[i])]), worker)
                     if worker.staged:
                         worker.tensor(out_host_offset, out_bytes, kind.out, host=True).copy_(out)
-                    self._emit(output_index, group, bounds, worker.view(out_host_offset, out_bytes), kind.out)
+                    self._emit(output_index, self._split(group, bounds, worker.view(out_host_offset, out_bytes), kind.out))
 
     def _copy_group(self, group: list[Slice], worker: _Worker) -> None:
         """Non-float tensors: each output gets them as they are at its step."""
@@ -652,34 +648,41 @@ class Engine:
         read = worker.take_host(max(layout.nbytes for layout in layouts.values()))
         for step in self.output_steps:
             layout = layouts[step]
-            for path, start, buffer_offset, nbytes in layout.ranges:
-                worker.files.read_into(path, start, worker.view(read + buffer_offset, nbytes))
+            self._fill(layout, read, worker)
+            pieces = [
+                (piece, worker.view(read + offset, piece.numel * DTYPES[dtype].itemsize))
+                for piece, offset, dtype in zip(group, layout.offsets, layout.dtypes)
+            ]
             for output_index, out in enumerate(self.plan.outputs):
                 if out.step == step:
-                    with self._output_lock(output_index):
-                        for piece, offset, dtype in zip(group, layout.offsets, layout.dtypes):
-                            self.sink.write(output_index, piece, worker.view(read + offset, piece.numel * DTYPES[dtype].itemsize))
+                    self._emit(output_index, pieces)
         # counted as read at every step, so that progress adds up to the plan's total
         self._progress(sum(layout.nbytes for layout in layouts.values()), 0)
 
-    def _emit(self, output_index: int, group: list[Slice], bounds: list[tuple[int, int]], data: memoryview, dtype: str) -> None:
-        """Hand a group's output (`data`, the bytes of every slice back to back) to the sink, slice by slice."""
-        itemsize = DTYPES[dtype].itemsize
-        with self._output_lock(output_index):
-            for piece, (start, stop) in zip(group, bounds):
-                self.sink.write(output_index, piece, data[start * itemsize : stop * itemsize])
+    def _emit(self, output_index: int, pieces: list[tuple[Slice, memoryview]]) -> None:
+        """Hand output slices (each with its bytes) to the sink: one worker per output at a time, unless the sink is
+        concurrent."""
+        with contextlib.nullcontext() if self._concurrent_sink else self._output_locks[output_index]:
+            for piece, data in pieces:
+                self.sink.write(output_index, piece, data)
 
-    def _output_lock(self, output_index: int) -> contextlib.AbstractContextManager:
-        """One worker per output at a time, unless the sink is concurrent."""
-        return contextlib.nullcontext() if self._concurrent_sink else self._output_locks[output_index]
+    @staticmethod
+    def _split(group: list[Slice], bounds: list[tuple[int, int]], data: memoryview, dtype: str) -> list[tuple[Slice, memoryview]]:
+        """A group's output (`data`, the bytes of every slice back to back), slice by slice."""
+        itemsize = DTYPES[dtype].itemsize
+        return [(piece, data[start * itemsize : stop * itemsize]) for piece, (start, stop) in zip(group, bounds)]
 
     # --- reading ---------------------------------------------------------------------------------------------
 
     def _read(self, layout: _Layout, read: int, worker: _Worker) -> None:
-        """Read a group's bytes at one step into the host arena at offset `read`."""
+        """Read a group's bytes at one step into the host arena at offset `read`, and count them as read."""
+        self._fill(layout, read, worker)
+        self._progress(layout.nbytes, 0)
+
+    @staticmethod
+    def _fill(layout: _Layout, read: int, worker: _Worker) -> None:
         for path, start, buffer_offset, size in layout.ranges:
             worker.files.read_into(path, start, worker.view(read + buffer_offset, size))
-        self._progress(layout.nbytes, 0)
 
     @staticmethod
     def _upcast(layout: _Layout, raw: int, worker: _Worker, *, into: torch.Tensor) -> torch.Tensor:
