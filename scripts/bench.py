@@ -202,6 +202,12 @@ def bema(run_dir: Path, base_dir: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "bema_offline", "average", str(run_dir), "--base-model", str(base_dir), "-o", str(out), *extra]
 
 
+def raw_write(section: str, label: str, out: Path, nbytes: int, params: dict | None = None) -> Case:
+    """The floor that the output's file system sets: `nbytes` written beside `out` and fsynced (dd), nothing else."""
+    command = ["dd", "if=/dev/zero", f"of={out}.dd", "bs=1M", f"count={nbytes // 2**20}", "conv=fsync"]
+    return Case(section, label, command, input_bytes=0, cleanup=[Path(f"{out}.dd")], params=params)
+
+
 def main_run(args) -> tuple[Path, Path, list[Path], int]:
     """The main case, 8 checkpoints + base of about 1 GiB of bf16 each: run folder, base folder, the files read
     and their bytes."""
@@ -228,8 +234,7 @@ def section_main(args, scratch: Path) -> list[dict]:
              input_bytes=nbytes, cleanup=[out], slow=True),
         Case("main", f"previous engine ({args.previous} = {commit})", bema(run_dir, base_dir, out), input_bytes=nbytes,
              env=env_with(previous), cleanup=[out], slow=True),
-        Case("main", "raw write of the 1 GiB output, fsynced (dd)",
-             ["dd", "if=/dev/zero", f"of={out}.dd", "bs=1M", "count=1024", "conv=fsync"], input_bytes=0, cleanup=[Path(f"{out}.dd")]),
+        raw_write("main", "raw write of the 1 GiB output, fsynced (dd)", out, GIB),
         Case("main", "bema-average", bema(run_dir, base_dir, out), input_bytes=nbytes, env=here, cleanup=[out]),
         Case("main", "bema-average, output on tmpfs", bema(run_dir, base_dir, shm), input_bytes=nbytes, env=here, cleanup=[shm]),
         Case("main", "bema-average, C kernel off (BEMA_OFFLINE_KERNEL=0: torch's ops)", bema(run_dir, base_dir, out),
@@ -261,9 +266,8 @@ def section_sweep(args, scratch: Path) -> list[dict]:
                          cleanup=[out], params={"configs": 1, "output": where}).run(args.repeat, files))
         # the floor that the output's file system sets: writing (and fsyncing) 8 outputs' bytes, nothing else
         out.parent.mkdir(parents=True, exist_ok=True)
-        rows.append(Case("sweep", f"raw write of 8 outputs' bytes, fsynced (dd; {tag})",
-                         ["dd", "if=/dev/zero", f"of={out}.dd", "bs=1M", f"count={8 * size // 2**20}", "conv=fsync"],
-                         input_bytes=0, cleanup=[Path(f"{out}.dd")], params={"configs": 8, "output": where}).run(args.repeat, files))
+        rows.append(raw_write("sweep", f"raw write of 8 outputs' bytes, fsynced (dd; {tag})", out, 8 * size,
+                              params={"configs": 8, "output": where}).run(args.repeat, files))
         for label, grid in grids:
             rows.append(Case("sweep", f"8 configs in one pass, {label} ({tag})", bema(run_dir, base_dir, out, *narrow, "--grid", *grid),
                              input_bytes=nbytes, env=here, cleanup=[out], params={"configs": 8, "output": where}).run(args.repeat, files))
