@@ -6,12 +6,11 @@
 ```
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .api import AveragedModel, AverageResult, average  # noqa: E402
 from .errors import BemaError, DataError, UsageError  # noqa: E402
-from .hub import push_to_hub  # noqa: E402
-from .schedule import BEMASchedule, effective_weights  # noqa: E402
+from .methods.schedule import BEMASchedule, effective_weights  # noqa: E402
+from .output.hub import push_to_hub  # noqa: E402
 
 __all__ = [
     "AverageResult",

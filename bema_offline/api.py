@@ -14,19 +14,17 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .card import PROVENANCE_FILE, provenance, run_training, write_card
-from .checkpoints import BASE_STEP, resolve_base_model
-from .distributed import Share, assign_shards, join, plan_digest
-from .engine import Engine, check_device
+from .engine.distributed import Share, assign_shards, join, plan_digest
+from .engine.engine import Engine, check_device
+from .engine.plan import Plan, make_plan
 from .errors import DataError, UsageError
 from .faults import fault_point
-from .plan import Plan, make_plan
-from .publish import OutputLock, check_output, discard, interrupts_deferred, publish, staging_path
-from .resume import Staging, plan_fingerprint, prepare_staging
-from .safetensors_io import OpenFiles
-from .schedule import BEMASchedule
-from .verify import check_folder, output_files
-from .writer import (
+from .methods.schedule import BEMASchedule
+from .output.card import PROVENANCE_FILE, provenance, run_training, write_card
+from .output.publish import OutputLock, check_output, discard, interrupts_deferred, publish, staging_path
+from .output.resume import Staging, plan_fingerprint, prepare_staging
+from .output.verify import check_folder, output_files
+from .output.writer import (
     FolderSink,
     ModelFolderWriter,
     ShardFlusher,
@@ -36,6 +34,8 @@ from .writer import (
     parse_size,
     shard_layout,
 )
+from .sources.run import BASE_STEP, resolve_base_model
+from .sources.safetensors_io import OpenFiles
 
 DEFAULT_MAX_MEMORY = "512MiB"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -116,7 +116,7 @@ def average(
             writes stay on the CPU). In a distributed run, "cuda" means each rank's local GPU.
         distributed (`bool`, defaults to False): join the torch.distributed run this process is one rank of
             (started by torchrun): each rank writes its own shards, rank 0 publishes. The output is byte-identical
-            to a single-process run's. See `bema_offline.distributed`.
+            to a single-process run's. See `bema_offline.engine.distributed`.
 
     Returns:
         `AverageResult`: the plan and the output folders.

@@ -170,7 +170,7 @@ def previous_engine(ref: str, into: Path) -> tuple[Path, str]:
                              capture_output=True, check=True).stdout
     into.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    if (into / "bema_offline" / "_kernel.c").is_file():
+    if any((into / "bema_offline" / where / "_kernel.c").is_file() for where in (".", "engine")):
         subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=into, capture_output=True, check=True)
     check_import(into)
     return into, commit
@@ -186,7 +186,8 @@ def code_version() -> str:
 def check_import(pythonpath: Path) -> None:
     """Make sure that `python -m bema_offline` with this PYTHONPATH runs the code in that folder."""
     probe = ("import bema_offline; print(bema_offline.__file__)\n"
-             "try:\n    import bema_offline._kernel as k; print(k.__file__)\nexcept ImportError:\n    pass")
+             "for name in ('bema_offline.engine._kernel', 'bema_offline._kernel'):\n"
+             "    try:\n        k = __import__(name, fromlist=['_']); print(k.__file__); break\n    except ImportError:\n        pass")
     found = subprocess.run([sys.executable, "-c", probe], env=env_with(pythonpath), capture_output=True, text=True, check=True).stdout.split()
     for path in found:
         if not Path(path).resolve().is_relative_to(pythonpath.resolve()):
@@ -343,8 +344,9 @@ def section_linearity(args, scratch: Path) -> list[dict]:
 GROUPS_PROBE = """
 import sys, time
 from pathlib import Path
-from bema_offline import BEMASchedule, engine
-from bema_offline.plan import make_plan
+from bema_offline import BEMASchedule
+from bema_offline.engine import engine
+from bema_offline.engine.plan import make_plan
 cache = None if sys.argv[3] == "whole" else int(sys.argv[3]) * 2**20
 engine.CACHE_BYTES = cache
 plan = make_plan(sys.argv[1], [("", BEMASchedule())], base_model_dir=Path(sys.argv[2]))

@@ -24,9 +24,9 @@ import torch  # imported before instrumenting, so that only this project's code 
 from safetensors.torch import save, save_file
 
 with atheris.instrument_imports(include=["bema_offline"]):
-    from bema_offline.checkpoints import load_source
+    from bema_offline.sources.run import load_source
     from bema_offline.errors import DataError
-    from bema_offline.safetensors_io import read_header
+    from bema_offline.sources.safetensors_io import read_header
 
 # libFuzzer ends the process with exit(), which skips Python's clean-up: a run removes its predecessors' folders.
 TMP = Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())

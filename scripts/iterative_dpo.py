@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 
 from bema_offline import BEMASchedule, BemaError, UsageError, __version__, average
-from bema_offline.dpo import parse_config_overrides, require_dpo_extra, train_dpo
-from bema_offline.fingerprint import folder_fingerprint
+from bema_offline.train.dpo import parse_config_overrides, require_dpo_extra, train_dpo
+from bema_offline.output.fingerprint import folder_fingerprint
 
 ROUNDS_FILE = "rounds.json"
 

@@ -34,7 +34,7 @@ from synthetic import make_run  # noqa: E402
 
 from bema_offline import faults  # noqa: E402
 from bema_offline.cli import _run, average_command  # noqa: E402
-from bema_offline.verify import verify  # noqa: E402
+from bema_offline.output.verify import verify  # noqa: E402
 
 SIDE_NAMES = ("bema-partial", "bema-lock", "bema-old")
 PUBLISH_POINTS = ("lock", "shard-done", "publish", "renamed", "unlock")

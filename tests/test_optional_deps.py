@@ -22,7 +22,7 @@ def test_core_commands_without_optional_dependencies(tmp_path: Path) -> None:
     run_dir, base_dir, _ = make_run(tmp_path, [2, 4])
     out = tmp_path / "out"
     code = f"""
-import bema_offline, bema_offline.hub, bema_offline.dpo, bema_offline.fingerprint
+import bema_offline, bema_offline.output.hub, bema_offline.train.dpo, bema_offline.output.fingerprint
 from bema_offline.cli import _run, average_command, cli
 try:
     _run(average_command, [{str(run_dir)!r}, "--base-model", {str(base_dir)!r}, "--update-freq", "2", "-o", {str(out)!r}, "-q"])

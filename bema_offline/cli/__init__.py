@@ -12,9 +12,9 @@ import traceback
 
 import click
 
-from .. import __version__
+from .._version import __version__
+from ..engine.kernels import kernel_name
 from ..errors import BemaError, one_line
-from ..kernels import kernel_name
 from ._help import CONTEXT
 from .average import average_command
 from .demo import demo_command

@@ -10,10 +10,10 @@ from typing import Any
 import click
 
 from ..api import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, average
-from ..distributed import launched
-from ..report import plan_report
-from ..schedule import BEMASchedule
-from ..sweep import load_sweep, parse_grid
+from ..engine.distributed import launched
+from ..methods.schedule import BEMASchedule
+from ..methods.sweep import load_sweep, parse_grid
+from ..output.report import plan_report
 from ._help import CONTEXT, GreedyOption, SectionedCommand, debug_option, option
 from .push import AveragePush, push_to_hub_options
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from ..api import average
-from ..card import weights_bar_chart
 from ..errors import UsageError
-from ..schedule import BEMASchedule
+from ..methods.schedule import BEMASchedule
+from ..output.card import weights_bar_chart
 from ._help import CONTEXT, SectionedCommand, debug_option, option
 
 MARKER = ".bema-demo"
@@ -28,7 +28,7 @@ MARKER = ".bema-demo"
 def demo_command(workdir: Path, steps: int, save_every: int, seed: int, quiet: bool, debug: bool) -> None:
     """Pretrain a tiny Llama-shaped causal LM, fine-tune it for a few seconds saving Trainer-style checkpoints,
     then average them with BEMA and EMA and compare held-out losses."""
-    from ..demo import heldout_loss, make_demo_run
+    from ..train.demo import heldout_loss, make_demo_run
 
     if workdir.exists():
         if not (workdir / MARKER).exists():

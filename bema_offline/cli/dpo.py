@@ -59,7 +59,7 @@ def dpo_command(
     folder's safetensors before and after training. Checkpoints land in --output-dir as checkpoint-N/, where the
     next bema-average reads them; set --save-steps to that average's --update-freq.
     """
-    from ..dpo import parse_config_overrides, require_dpo_extra, train_dpo
+    from ..train.dpo import parse_config_overrides, require_dpo_extra, train_dpo
 
     require_dpo_extra()
     overrides = parse_config_overrides(config_set)

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..errors import BemaError
-from ..hub import LAYOUTS, check_repo_id, find_outputs, find_token, push_targets, push_to_hub
+from ..output.hub import LAYOUTS, check_repo_id, find_outputs, find_token, push_targets, push_to_hub
 from ._help import CONTEXT, SectionedCommand, debug_option, option
 
 EPILOG = """\b

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from ..publish import leftovers
-from ..verify import verify
-from ..writer import parse_size
+from ..output.publish import leftovers
+from ..output.verify import verify
+from ..output.writer import parse_size
 from ._help import CONTEXT, SectionedCommand, debug_option, option
 
 EPILOG = """\b

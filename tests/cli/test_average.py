@@ -250,7 +250,7 @@ def test_output_may_not_replace_or_enter_an_input(run, capsys):
 
 def test_failure_during_the_run_leaves_nothing(run, tmp_path, capsys, monkeypatch):
     run_dir, base_dir = run
-    from bema_offline import engine
+    from bema_offline.engine import engine
 
     def explode(self, *args):
         raise OSError(28, "No space left on device", "somefile")

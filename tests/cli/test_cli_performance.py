@@ -7,7 +7,7 @@ import pytest
 import torch
 from synthetic import make_run
 
-from bema_offline import kernels
+from bema_offline.engine import kernels
 
 from cli.test_average import run_cli
 

@@ -12,7 +12,7 @@ from run_entry import run_cli
 from tiny_dpo import make_preference_dataset, make_tiny_llama, make_tokenizer
 
 from bema_offline.cli import cli
-from bema_offline.fingerprint import folder_fingerprint
+from bema_offline.output.fingerprint import folder_fingerprint
 
 FAST = ["gradient_checkpointing=false", "use_cpu=true", "max_length=32", "report_to=none", "disable_tqdm=true"]
 

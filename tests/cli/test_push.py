@@ -9,7 +9,8 @@ import pytest
 from hub_fake import FakeApi
 from synthetic import make_run
 
-from bema_offline import BEMASchedule, average, hub
+from bema_offline import BEMASchedule, average
+from bema_offline.output import hub
 from bema_offline.cli import average_command, cli
 from run_entry import run_cli
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_dpo import make_preference_dataset, make_tiny_llama, make_tokenizer
 
-from bema_offline.fingerprint import folder_fingerprint
+from bema_offline.output.fingerprint import folder_fingerprint
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "iterative_dpo.py"
 FAST = ["gradient_checkpointing=false", "use_cpu=true", "max_length=32", "report_to=none", "disable_tqdm=true", "seed=0"]

@@ -1,0 +1,191 @@
+"""The BEMA schedule: parameters with TRL's names, update steps, the factors β and α, and effective weights.
+
+Everything here is scalar arithmetic on Python floats, done exactly as TRL's `BEMACallback` does it, so that
+the tensor engine can replay the recurrence bit for bit.
+
+Step 0 stands for the weights before training (the base model); `checkpoint-N` is step N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ..errors import UsageError
+
+CONVENTIONS = ("trl", "paper")
+
+
+@dataclass(frozen=True)
+class BEMASchedule:
+    """Parameters of Bias-Corrected EMA, with the names and defaults of TRL's `BEMACallback`.
+
+    Args:
+        update_freq (`int`, defaults to 400): update the average every this many steps (φ).
+        ema_power (`float`, defaults to 0.5): power of the EMA factor β (κ). 0 makes the EMA the last iterate.
+        bias_power (`float`, defaults to 0.2): power of the bias-correction factor α (η). 0 gives α = 1, the
+            *full* correction; to turn the correction off, save the plain EMA instead.
+        lag (`float`, defaults to 10): virtual starting age of the schedule (ρ).
+        update_after (`int`, defaults to 0): burn-in (τ). θ0 is the base model when 0, else the weights at step τ.
+        multiplier (`float`, defaults to 1.0): time multiplier (γ).
+        min_ema_multiplier (`float`, defaults to 0.0): lower clamp on β.
+        convention (`str`, defaults to "trl"): "trl" replays TRL's `BEMACallback`; "paper" replays the authors'
+            offline code (abblock/bema), which updates at every checkpoint and uses its own clock (with θ0
+            taken at step τ, which their code gets wrong when τ > 0).
+
+    Example:
+
+    ```python
+    >>> s = BEMASchedule()
+    >>> round(s.beta(400), 6), round(s.alpha(400), 6)
+    (0.049386, 0.300222)
+    ```
+    """
+
+    update_freq: int = 400
+    ema_power: float = 0.5
+    bias_power: float = 0.2
+    lag: float = 10
+    update_after: int = 0
+    multiplier: float = 1.0
+    min_ema_multiplier: float = 0.0
+    convention: str = "trl"
+
+    def __post_init__(self) -> None:
+        if self.convention not in CONVENTIONS:
+            raise UsageError(f"convention must be one of {', '.join(CONVENTIONS)}, got {self.convention!r}")
+        if isinstance(self.update_freq, bool) or not isinstance(self.update_freq, int) or self.update_freq < 1:
+            raise UsageError(f"update_freq must be an integer >= 1, got {self.update_freq!r}")
+        if isinstance(self.update_after, bool) or not isinstance(self.update_after, int) or self.update_after < 0:
+            raise UsageError(f"update_after must be an integer >= 0, got {self.update_after!r}")
+        for name in ("ema_power", "bias_power", "lag", "multiplier", "min_ema_multiplier"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise UsageError(f"{name} must be a finite number, got {value!r}")
+        if self.ema_power < 0 or self.bias_power < 0:
+            raise UsageError(
+                f"ema_power and bias_power must be >= 0, got {self.ema_power} and {self.bias_power}; "
+                "to turn the bias correction off, save the plain EMA (--no-bias-correction)"
+            )
+        if not 0.0 <= self.min_ema_multiplier <= 1.0:
+            raise UsageError(f"min_ema_multiplier must lie in [0, 1], got {self.min_ema_multiplier}")
+
+    @property
+    def theta0_step(self) -> int:
+        """The step whose weights are θ0 (0 means the base model)."""
+        return self.update_after
+
+    def replace(self, **changes) -> BEMASchedule:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # --- which steps update the average -------------------------------------------------------------------
+
+    def is_update_step(self, step: int) -> bool:
+        """TRL: steps t > τ with (t − τ) divisible by φ. Paper: every checkpoint after τ."""
+        if step <= self.update_after:
+            return False
+        return self.convention == "paper" or (step - self.update_after) % self.update_freq == 0
+
+    def update_steps(self, available_steps: Iterable[int]) -> list[int]:
+        """The update steps up to the last available step.
+
+        For TRL's convention these are τ + φ, τ + 2φ, ... whether or not a checkpoint exists for them (a missing
+        one makes an exact replay impossible). For the paper's convention they are the available steps after τ.
+        """
+        available = sorted(set(available_steps))
+        if not available:
+            return []
+        if self.convention == "paper":
+            return [s for s in available if s > self.update_after]
+        last = available[-1]
+        return list(range(self.update_after + self.update_freq, last + 1, self.update_freq))
+
+    # --- the factors ----------------------------------------------------------------------------------------
+
+    def _clock(self, step: int) -> tuple[float, float]:
+        """The bases of β and α at `step`, as each convention computes them."""
+        if self.convention == "trl":
+            x = self.lag + self.multiplier * step
+            return x, x
+        time = max(step - self.update_after + self.lag, 1)
+        return 1 + self.multiplier * time, 1 + time
+
+    def check_steps(self, steps: Iterable[int]) -> None:
+        """Raise a `UsageError` if β or α is undefined at one of `steps` (a non-positive base)."""
+        for step in steps:
+            beta_base, alpha_base = self._clock(step)
+            if beta_base <= 0 or alpha_base <= 0:
+                raise UsageError(
+                    f"at step {step} the schedule base lag + multiplier*step is {min(beta_base, alpha_base):g} <= 0; "
+                    "choose lag and multiplier so that it stays positive"
+                )
+
+    def beta(self, step: int) -> float:
+        """EMA factor β_t = max(x^(−κ), min_ema_multiplier), in TRL's float arithmetic."""
+        beta_base, _ = self._clock(step)
+        return max(beta_base ** (-self.ema_power), self.min_ema_multiplier)
+
+    def alpha(self, step: int) -> float:
+        """Bias-correction factor α_t = x^(−η)."""
+        _, alpha_base = self._clock(step)
+        return alpha_base ** (-self.bias_power)
+
+    def beta_is_clamped(self, step: int) -> bool:
+        beta_base, _ = self._clock(step)
+        return beta_base ** (-self.ema_power) < self.min_ema_multiplier
+
+
+KINDS = ("bema", "ema")
+
+
+def effective_weights(
+    schedule: BEMASchedule, update_steps: Sequence[int], output_steps: Iterable[int], kind: str = "bema"
+) -> dict[int, dict[int, float]]:
+    """Each output's weight on θ0 and on every checkpoint, from the recurrence run on coefficient vectors.
+
+    Every output is an affine combination of θ0 (key `schedule.theta0_step`, 0 for the base) and the checkpoints
+    at `update_steps`; the weights sum to 1.
+
+    Args:
+        schedule (`BEMASchedule`): the parameters.
+        update_steps (`Sequence[int]`): the update steps replayed, in order (missing ones already removed).
+        output_steps (`Iterable[int]`): update steps at which an output is taken.
+        kind (`str`, defaults to "bema"): "bema" or "ema".
+
+    Returns:
+        `dict[int, dict[int, float]]`: for each output step, a mapping from source step to weight.
+
+    Example:
+
+    ```python
+    >>> w = effective_weights(BEMASchedule(), [400, 800], [800])
+    >>> round(w[800][0], 6), round(w[800][400], 6), round(w[800][800], 6)
+    (0.655211, 0.047651, 0.297137)
+    ```
+    """
+    if kind not in KINDS:
+        raise UsageError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    wanted = set(output_steps)
+    theta0 = schedule.theta0_step
+    sources = [theta0, *update_steps]
+    ema = {source: 0.0 for source in sources}
+    ema[theta0] = 1.0
+    weights: dict[int, dict[int, float]] = {}
+    for step in update_steps:
+        beta = schedule.beta(step)
+        for source in sources:
+            ema[source] *= 1 - beta
+        ema[step] += beta
+        if step in wanted:
+            out = dict(ema)
+            if kind == "bema":
+                alpha = schedule.alpha(step)
+                out[step] += alpha
+                out[theta0] -= alpha
+            weights[step] = {source: w for source, w in out.items() if source == theta0 or source <= step}
+    return weights

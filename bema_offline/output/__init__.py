@@ -1,0 +1,1 @@
+"""Output folders: writing, atomic publishing, resume, verification, model card and Hub push."""

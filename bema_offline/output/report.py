@@ -1,0 +1,44 @@
+"""Plain-text reports of a plan (for `--dry-run`) and of a finished run."""
+
+from __future__ import annotations
+
+from ..engine.plan import Plan
+from ..sources.run import _steps_text
+from .card import source_name, weights_bar_chart
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def plan_report(plan: Plan, output_paths: list[str]) -> str:
+    lines = [f"run: {plan.run_dir}"]
+    lines.append(f"checkpoints found: {len(plan.found_steps)} (steps {_steps_text(plan.found_steps)})")
+    state = plan.trainer_state
+    if state:
+        facts = ", ".join(f"{k} {v}" for k, v in state.items() if v is not None)
+        lines.append(f"trainer_state.json of the newest checkpoint: {facts}")
+    lines.append(f"read: {', '.join(source_name(s) for s in plan.read_steps)} ({_size(plan.bytes_to_read)})")
+    if plan.ignored_steps:
+        lines.append(f"ignored (not update steps): {_steps_text(plan.ignored_steps)}")
+    lines.append(f"tensors: {len(plan.tensors)}")
+    lines.extend(f"note: {note}" for note in plan.notes)
+    for run in plan.schedules:
+        s = run.schedule
+        title = f"schedule {run.name}" if run.name else "schedule"
+        params = ", ".join(f"{k}={v}" for k, v in s.to_dict().items())
+        lines += ["", f"{title}: {params}", f"  θ0: {source_name(s.theta0_step)}"]
+        if run.missing_steps:
+            lines.append(f"  skipped update steps (no checkpoint): {_steps_text(run.missing_steps)}")
+        lines.append(f"  {'step':>8}  {'beta':>10}  {'alpha':>10}")
+        for step in run.update_steps:
+            clamp = "  (clamped)" if s.beta_is_clamped(step) else ""
+            lines.append(f"  {step:>8}  {s.beta(step):>10.6f}  {s.alpha(step):>10.6f}{clamp}")
+    for spec, path in zip(plan.outputs, output_paths):
+        lines += ["", f"output {path}: {spec.kind} at step {spec.step}, effective weights (sum {sum(spec.weights.values()):.6f}):"]
+        lines.append(weights_bar_chart(spec.weights))
+    return "\n".join(lines)

@@ -1,0 +1,426 @@
+"""Check an output folder, from its files to its values, so that a wrong or half-written model never goes unseen.
+
+Two depths share one implementation:
+
+- `check_folder` (light, headers only; `average` runs it before it publishes): the weights are single-file or
+  sharded with an index that agrees with the shards, no stray shard lies beside them, every shard holds exactly
+  the bytes its header describes, and, when given, the tensors are the planned ones.
+- `verify` (the `bema-offline verify` command): the light check, then `config.json` against the tensor shapes,
+  every value finite (streamed in bounded memory), `bema_offline.json` against the folder, the tensors against the
+  source checkpoints named there, and with `recompute=K`, K random tensors recomputed from those sources and
+  compared bit for bit.
+
+Every problem raises a `DataError` whose one line names the folder, file or tensor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import math
+import random
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from ..engine import kernels
+from ..engine.engine import Engine, Sink, Slice
+from ..engine.kernels import KERNEL_DTYPES, kernel_name
+from ..engine.plan import OutputSpec, Plan, ScheduleRun
+from ..errors import BemaError, DataError
+from ..methods.schedule import KINDS, BEMASchedule, effective_weights
+from ..sources.run import BASE_STEP, INDEX_FILE, SINGLE_FILE, WeightSource, load_source
+from ..sources.safetensors_io import DTYPES, FLOAT_DTYPES, OpenFiles, TensorInfo, all_finite, parse_json
+from .card import PROVENANCE_FILE
+
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+# Tensors whose first dimension is the vocabulary and second the hidden size, in common architectures.
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "embed_out.weight", "lm_head.weight")
+_LAYER_INDEX = re.compile(r"^(?:model\.|transformer\.|gpt_neox\.|model\.decoder\.)?(?:layers|h)\.(\d+)\.")
+_HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+# Config keys that mean the embedding's rows or columns are not simply vocab_size x hidden size (OLMo's padded
+# `embedding_size`, ALBERT's factorized `embedding_size`, OPT's `word_embed_proj_dim`, ChatGLM's padding).
+_EMBEDDING_EXCEPTIONS = ("embedding_size", "word_embed_proj_dim", "padded_vocab_size")
+
+
+@dataclasses.dataclass
+class FolderReport:
+    """What `verify` found in one model folder."""
+
+    folder: Path
+    tensors: int
+    shards: int
+    has_provenance: bool
+    sources_checked: list[int] = dataclasses.field(default_factory=list)
+    recomputed: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+# --- light: the files agree with each other ------------------------------------------------------------------
+
+
+def check_folder(folder: Path, *, expected: Mapping[str, tuple[str, tuple[int, ...]]] | None = None) -> dict[str, TensorInfo]:
+    """The light check: index, shards and headers agree, and every shard is exactly as long as its header says.
+
+    Args:
+        folder (`Path`): a model folder.
+        expected (`Mapping[str, tuple[str, tuple[int, ...]]]`, *optional*): the planned tensors, name to
+            (safetensors dtype, shape); when given, the folder must hold exactly these.
+
+    Returns:
+        `dict[str, TensorInfo]`: the folder's tensors by name.
+    """
+    single, index = folder / SINGLE_FILE, folder / INDEX_FILE
+    if single.exists() and index.exists():
+        raise DataError(f"{folder}: holds both {SINGLE_FILE} and {INDEX_FILE}; loaders would ignore the shards")
+    tensors = load_source(folder, BASE_STEP).tensors
+    shard_files = sorted({info.path.name for info in tensors.values()})
+    stray = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in shard_files)
+    if stray:
+        raise DataError(f"{folder / stray[0]}: a safetensors file that the index does not name; remove it or re-save")
+    if index.exists():
+        total = sum(info.nbytes for info in tensors.values())
+        recorded = _index_total_size(index)
+        if recorded is not None and recorded != total:
+            raise DataError(f"{index}: metadata.total_size is {recorded} but the shards hold {total} bytes of tensors")
+    for name in shard_files:
+        _check_packed(folder / name, [info for info in tensors.values() if info.path.name == name])
+    if expected is not None:
+        _check_expected(folder, tensors, expected)
+    return tensors
+
+
+def _index_total_size(index: Path) -> int | None:
+    metadata = parse_json(index.read_bytes(), what=f"{index}: malformed index", hint="re-save it").get("metadata")
+    total = metadata.get("total_size") if isinstance(metadata, dict) else None
+    return total if isinstance(total, int) and not isinstance(total, bool) else None
+
+
+def _check_packed(path: Path, tensors: list[TensorInfo]) -> None:
+    """The tensors of one shard lie end to end from the end of the header to the end of the file."""
+    with open(path, "rb") as f:
+        position = 8 + int.from_bytes(f.read(8), "little")
+    for info in sorted(tensors, key=lambda t: t.start):
+        if info.start != position:
+            raise DataError(f"{path}: tensor {info.name!r} starts at byte {info.start}, expected {position}; the shard has gaps")
+        position += info.nbytes
+    size = path.stat().st_size
+    if size != position:
+        raise DataError(f"{path}: {size} bytes, but its header describes {position}; the shard was not written completely")
+
+
+def _check_expected(folder: Path, tensors: dict[str, TensorInfo], expected: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
+    for name, (dtype, shape) in expected.items():
+        info = tensors.get(name)
+        if info is None:
+            raise DataError(f"{folder}: tensor {name!r} is missing from the written shards; nothing was published")
+        if (info.dtype, info.shape) != (dtype, tuple(shape)):
+            raise DataError(
+                f"{info.path}: tensor {name!r} is {info.dtype} {list(info.shape)}, expected {dtype} {list(shape)}"
+            )
+    extra = [name for name in tensors if name not in expected]
+    if extra:
+        raise DataError(f"{tensors[extra[0]].path}: tensor {extra[0]!r} was not planned; the output is inconsistent")
+
+
+def output_files(folder: Path) -> list[dict]:
+    """The weight files of a model folder (shards and index), by name and size, for the provenance record."""
+    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".safetensors") or p.name == INDEX_FILE)
+    return [{"name": name, "size": (folder / name).stat().st_size} for name in names]
+
+
+# --- full: everything a user can check before trusting the folder -------------------------------------------
+
+
+def find_model_folders(output: Path) -> list[Path]:
+    """The model folders of an output: the folder itself, or every subfolder holding a `bema_offline.json`."""
+    if not output.is_dir():
+        raise DataError(f"{output}: no such folder")
+    if (output / PROVENANCE_FILE).is_file() or (output / SINGLE_FILE).exists() or (output / INDEX_FILE).exists():
+        return [output]
+    folders = sorted(p.parent for p in output.rglob(PROVENANCE_FILE))
+    if not folders:
+        raise DataError(f"{output}: no model weights and no {PROVENANCE_FILE} in it or its subfolders; is this a model folder?")
+    return folders
+
+
+def verify(
+    output: str | Path,
+    *,
+    recompute: int = 0,
+    seed: int | None = None,
+    max_memory: int = DEFAULT_CHUNK_BYTES,
+) -> list[FolderReport]:
+    """Check every model folder of a `bema-average` output (or any safetensors model folder).
+
+    Args:
+        output (`str | Path`): an output folder; with several outputs, their parent.
+        recompute (`int`, defaults to 0): recompute this many random tensors of each folder from the sources named
+            in its `bema_offline.json`, and compare them bit for bit.
+        seed (`int`, *optional*): seed of the random choice of tensors to recompute.
+        max_memory (`int`, defaults to 64 MiB): bytes of tensor data held at once while reading values.
+
+    Returns:
+        `list[FolderReport]`: one report per model folder.
+
+    Raises:
+        `DataError`: the first problem found, in one line.
+
+    Example:
+
+    ```python
+    >>> [report.tensors for report in verify("runs/sft-bema", recompute=3)]
+    [291]
+    ```
+    """
+    reports = []
+    for folder in find_model_folders(Path(output)):
+        tensors = check_folder(folder)
+        report = FolderReport(folder, len(tensors), len({t.path for t in tensors.values()}), (folder / PROVENANCE_FILE).is_file())
+        report.notes += check_config(folder, tensors)
+        check_finite(tensors, max_memory=max_memory)
+        if report.has_provenance:
+            record = read_provenance(folder)
+            check_provenance(folder, record, tensors)
+            sources, notes = load_recorded_sources(record, folder)
+            report.notes += notes
+            check_against_sources(folder, record, tensors, sources)
+            report.sources_checked = sorted(sources)
+            if recompute > 0:
+                if len(sources) < len(record["inputs"]):
+                    raise DataError(f"{folder}: cannot recompute, some source checkpoints named in {PROVENANCE_FILE} are gone")
+                names = random.Random(seed).sample(sorted(tensors), min(recompute, len(tensors)))
+                recompute_tensors(record, tensors, sources, names, max_memory=max_memory)
+                report.recomputed = names
+        elif recompute > 0:
+            raise DataError(f"{folder}: no {PROVENANCE_FILE}, so the sources to recompute from are unknown")
+        reports.append(report)
+    return reports
+
+
+def check_config(folder: Path, tensors: dict[str, TensorInfo]) -> list[str]:
+    """`config.json` parses and agrees with the embedding shapes and the layer count; returns notes."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return [f"{folder}: no config.json; transformers cannot load the folder without one"]
+    config = parse_json(path.read_bytes(), what=f"{path}: malformed JSON", hint="fix or re-copy it from a checkpoint")
+    if not isinstance(config, dict):
+        raise DataError(f"{path}: not a JSON object; fix or re-copy it from a checkpoint")
+    notes = []
+    if isinstance(config.get("text_config"), dict):  # multimodal: the sizes live in sub-configs; check nothing
+        return [f"{path}: a multimodal config; embedding and layer counts were not compared"]
+    vocab = _int_field(config, ("vocab_size",))
+    hidden = _int_field(config, _HIDDEN_KEYS)
+    compare_embeddings = not any(key in config for key in _EMBEDDING_EXCEPTIONS)
+    for name, info in tensors.items():
+        if not compare_embeddings or not name.endswith(EMBEDDING_SUFFIXES) or len(info.shape) != 2:
+            continue
+        if vocab is not None and info.shape[0] != vocab:
+            raise DataError(f"{info.path}: tensor {name!r} has {info.shape[0]} rows but {path} says vocab_size {vocab}")
+        if hidden is not None and info.shape[1] != hidden:
+            raise DataError(f"{info.path}: tensor {name!r} has {info.shape[1]} columns but {path} says hidden size {hidden}")
+    layers = _int_field(config, _LAYER_KEYS)
+    if layers is not None:
+        layers += _int_field(config, ("num_nextn_predict_layers",)) or 0  # multi-token-prediction layers follow
+    found = {int(m.group(1)) for name in tensors if (m := _LAYER_INDEX.match(name))}
+    if layers is not None and found and found != set(range(layers)):
+        missing = sorted(set(range(layers)) - found)
+        detail = f"layers {missing[:5]} have no tensors" if missing else f"tensors for layer {max(found)} beyond them"
+        raise DataError(f"{folder}: {path.name} says {layers} layers but {detail}; the weights and the config disagree")
+    float_dtypes = {info.dtype for info in tensors.values() if info.is_float}
+    declared = config.get("torch_dtype", config.get("dtype"))
+    if isinstance(declared, str) and len(float_dtypes) == 1:
+        (actual,) = float_dtypes
+        if DTYPES[actual].torch_name != declared:
+            notes.append(f"{path}: says dtype {declared} but the float tensors are {actual} (harmless for loading)")
+    return notes
+
+
+def _int_field(config: dict, keys: Sequence[str]) -> int | None:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def check_finite(tensors: dict[str, TensorInfo], *, max_memory: int = DEFAULT_CHUNK_BYTES) -> None:
+    """Every float value is finite; each tensor is read in chunks of at most `max_memory` bytes into one buffer.
+    float32 and bf16 are checked by the C kernel where it is built (no torch import), other dtypes by torch."""
+    buffer = bytearray(min(max_memory, max((info.nbytes for info in tensors.values() if info.is_float), default=0)) + 8)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    with OpenFiles() as files:
+        for info in tensors.values():
+            if not info.is_float:
+                continue
+            per_chunk = max(1, max_memory // info.itemsize)
+            for first in range(0, info.numel, per_chunk):
+                count = min(per_chunk, info.numel - first)
+                view = memoryview(buffer)[: count * info.itemsize]
+                files.read_into(info.path, info.start + first * info.itemsize, view)
+                if not _chunk_finite(info.dtype, view, address, count):
+                    raise DataError(f"{info.path}: tensor {info.name!r} holds NaN or Inf values; do not use this model")
+
+
+def _chunk_finite(dtype: str, view: memoryview, address: int, count: int) -> bool:
+    if dtype in KERNEL_DTYPES and kernel_name() is not None:
+        return kernels.all_finite(kernels.Floats(address, count, bf16=dtype == "BF16"))
+    import torch
+
+    return all_finite(torch.frombuffer(view, dtype=torch.uint8).view(DTYPES[dtype].torch))
+
+
+# --- the provenance record and the sources it names -----------------------------------------------------------
+
+
+def read_provenance(folder: Path) -> dict:
+    """Parse `bema_offline.json` and check that it has the fields verify relies on."""
+    path = folder / PROVENANCE_FILE
+    record = parse_json(path.read_bytes(), what=f"{path}: malformed JSON", hint="it was edited or damaged")
+    required = {"tool": str, "kind": str, "step": int, "schedule": dict, "settings": dict, "steps": dict,
+                "effective_weights": list, "inputs": list, "tensors": int}  # fmt: skip
+    if not isinstance(record, dict) or any(not isinstance(record.get(k), t) for k, t in required.items()):
+        raise DataError(f"{path}: lacks fields of a bema-offline provenance record; it was edited or damaged")
+    if record["tool"] != "bema-offline" or record["kind"] not in KINDS:
+        raise DataError(f"{path}: not a bema-offline provenance record (tool {record['tool']!r}, kind {record['kind']!r})")
+    try:
+        record["_schedule"] = BEMASchedule(**record["schedule"])
+        record["_weights"] = {int(e["step"]): float(e["weight"]) for e in record["effective_weights"]}
+        record["_inputs"] = {
+            int(e["step"]): (Path(e["folder"]), [(str(f["name"]), f["size"], f["mtime_ns"]) for f in e["files"]])
+            for e in record["inputs"]
+        }
+        record["_update_steps"] = [int(s) for s in record["steps"]["update_steps_used"]]
+    except (BemaError, TypeError, KeyError, ValueError, AttributeError) as e:
+        raise DataError(f"{path}: malformed provenance record ({e}); it was edited or damaged") from e
+    return record
+
+
+def check_provenance(folder: Path, record: dict, tensors: dict[str, TensorInfo]) -> None:
+    """`bema_offline.json` describes this folder: tensor count, files, dtype, shard size, and the weights."""
+    path = folder / PROVENANCE_FILE
+    if record["tensors"] != len(tensors):
+        raise DataError(f"{path}: records {record['tensors']} tensors but the folder holds {len(tensors)}")
+    recorded_files = record.get("output_files")
+    if recorded_files is not None and recorded_files != output_files(folder):
+        raise DataError(f"{path}: the weight files it records differ from the folder's (names or sizes); a file was replaced")
+    dtype = record["settings"].get("dtype")
+    if dtype is not None:
+        want = FLOAT_DTYPES.get(dtype)
+        wrong = next((i for i in tensors.values() if i.is_float and i.dtype != want), None)
+        if wrong is not None:
+            raise DataError(f"{wrong.path}: tensor {wrong.name!r} is {wrong.dtype} but {path.name} says --dtype {dtype}")
+    max_shard = record["settings"].get("max_shard_size")
+    if isinstance(max_shard, int):
+        for shard in {info.path for info in tensors.values()}:
+            held = [i for i in tensors.values() if i.path == shard]
+            if len(held) > 1 and sum(i.nbytes for i in held) > max_shard:
+                raise DataError(f"{shard}: holds more than the recorded max_shard_size {max_shard} bytes")
+    schedule, update_steps, step = record["_schedule"], record["_update_steps"], record["step"]
+    if not update_steps or update_steps[-1] != step:
+        raise DataError(f"{path}: step {step} is not the last of the update steps used {update_steps}")
+    expected = effective_weights(schedule, update_steps, [step], record["kind"])[step]
+    weights = record["_weights"]
+    if set(weights) != set(expected) or any(not math.isclose(weights[s], w, rel_tol=1e-9, abs_tol=1e-12) for s, w in expected.items()):
+        raise DataError(f"{path}: the effective weights do not follow from the recorded schedule; it was edited or damaged")
+    if set(record["_inputs"]) != set(weights):
+        raise DataError(f"{path}: the inputs listed are not the steps with a weight")
+
+
+def load_recorded_sources(record: dict, folder: Path) -> tuple[dict[int, WeightSource], list[str]]:
+    """The source checkpoints named in the provenance that still exist, and notes on those gone or changed."""
+    sources, gone, changed = {}, [], []
+    for step, (source_folder, files) in sorted(record["_inputs"].items()):
+        if not source_folder.is_dir():
+            gone.append(str(source_folder))
+            continue
+        sources[step] = load_source(source_folder, step)
+        for name, size, mtime_ns in files:
+            path = source_folder / name
+            stat = path.stat() if path.is_file() else None
+            if stat is None or (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns):
+                changed.append(str(path))
+    notes = []
+    if gone:
+        notes.append(f"{folder}: {len(gone)} source folders are gone (e.g. {gone[0]}); they were not compared")
+    if changed:
+        notes.append(f"{folder}: {len(changed)} source files changed since the output was made (e.g. {changed[0]})")
+    return sources, notes
+
+
+def _planned_dtype(record: dict, source_info: TensorInfo) -> str:
+    dtype = record["settings"].get("dtype")
+    if dtype in FLOAT_DTYPES and source_info.is_float:
+        return FLOAT_DTYPES[dtype]
+    return source_info.dtype
+
+
+def check_against_sources(folder: Path, record: dict, tensors: dict[str, TensorInfo], sources: dict[int, WeightSource]) -> None:
+    """Every output tensor exists in every source with the same shape, and the dtype the settings imply."""
+    for step, source in sorted(sources.items()):
+        for name, info in tensors.items():
+            origin = source.tensors.get(name)
+            if origin is None:
+                raise DataError(f"{info.path}: tensor {name!r} is not in the source {source.label}")
+            if origin.shape != info.shape:
+                raise DataError(f"{info.path}: tensor {name!r} is {list(info.shape)} but {list(origin.shape)} in {source.label}")
+            if step != BASE_STEP and _planned_dtype(record, origin) != info.dtype:
+                raise DataError(f"{info.path}: tensor {name!r} is {info.dtype} but {origin.dtype} in {source.label}")
+        if step != BASE_STEP:
+            extra = next((name for name in source.tensors if name not in tensors), None)
+            if extra is not None:
+                raise DataError(f"{folder}: tensor {extra!r} of {source.label} is missing from the output")
+
+
+# --- recompute ---------------------------------------------------------------------------------------------------
+
+
+class _CompareSink(Sink):
+    """Compares each recomputed slice with the bytes already in the output folder."""
+
+    def __init__(self, tensors: dict[str, TensorInfo]) -> None:
+        self.tensors = tensors
+        self.files = OpenFiles()
+        self.compared: dict[str, int] = {}
+
+    def write(self, output_index: int, piece: Slice, data: memoryview) -> None:
+        info = self.tensors[piece.name]
+        fresh = bytes(data)
+        stored = bytearray(len(fresh))
+        self.files.read_into(info.path, info.start + piece.start * info.itemsize, memoryview(stored))
+        if fresh != stored:
+            element = piece.start + next(i for i, (a, b) in enumerate(zip(fresh, stored)) if a != b) // info.itemsize
+            raise DataError(
+                f"{info.path}: tensor {piece.name!r} differs from its recomputation at element {element}; "
+                "the output is wrong or its sources changed: do not use it"
+            )
+        self.compared[piece.name] = self.compared.get(piece.name, 0) + piece.numel
+
+
+def recompute_tensors(
+    record: dict, tensors: dict[str, TensorInfo], sources: dict[int, WeightSource], names: Sequence[str], *, max_memory: int
+) -> None:
+    """Replay the recorded schedule on `names` only, with the same engine, and compare every slice bit for bit."""
+    reference = sources[max(sources)]
+    schedule, step, kind = record["_schedule"], record["step"], record["kind"]
+    run = ScheduleRun("", schedule, record["_update_steps"], [])
+    plan = Plan(
+        run_dir=Path(record.get("run_dir", ".")),
+        found_steps=sorted(s for s in sources if s != BASE_STEP),
+        schedules=[run],
+        outputs=[OutputSpec(0, kind, step, "", record["_weights"])],
+        sources=sources,
+        tensors=[reference.tensors[name] for name in names],
+        output_dtypes={name: _planned_dtype(record, reference.tensors[name]) for name in names},
+    )
+    accum = record["settings"].get("accum_dtype")
+    accum = accum if accum in ("float32", "float64") else "float32"
+    sink = _CompareSink(tensors)
+    try:
+        Engine(plan, sink, accum_dtype=accum, max_memory=max(max_memory, 2**20)).run()
+    finally:
+        sink.files.close()
+    short = [name for name in names if sink.compared.get(name, 0) != tensors[name].numel]
+    if short:
+        raise DataError(f"{tensors[short[0]].path}: tensor {short[0]!r} was not fully recomputed; report this bug")

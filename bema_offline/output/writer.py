@@ -1,0 +1,324 @@
+"""Write Hugging Face model folders: safetensors shards written in place, the index, and the sidecar files.
+
+Every tensor's place is known from the headers before any data is computed, so each shard is created at its
+final size with its header, and slices are written at their offsets (`pwrite`) as soon as the engine emits
+them. Nothing is buffered beyond the slice in hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import re
+import shutil
+import threading
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..engine.engine import Sink, Slice
+from ..errors import DataError, UsageError
+from ..faults import fault_point
+from ..sources.safetensors_io import DTYPES, OpenFiles, parse_json, preallocate
+
+INDEX_FILE = "model.safetensors.index.json"
+WRITEBACK_BYTES = 64 * 2**20
+SIDECAR_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str | int, *, option: str = "size") -> int:
+    """Bytes from `5GB` (decimal, as huggingface_hub counts), `512MiB` (binary), or a plain integer."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.fullmatch(text)
+    if not match:
+        raise UsageError(f"{option} {text!r}: not a size; write e.g. 5GB, 512MiB or 1000000")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    scale = _UNITS[unit[:1] if unit[:1] in "KMGT" else ""]
+    if "I" in unit:
+        scale = 1024 ** ("KMGT".index(unit[0]) + 1)
+    return int(number * scale)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+@dataclass(frozen=True)
+class _Placement:
+    path: Path
+    data_start: int  # absolute offset of the tensor's first byte
+    itemsize: int
+
+
+def shard_tensors(tensors: Sequence[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most `max_shard_size` bytes (a bigger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in tensors:
+        if shards[-1] and size + spec.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def _shard_header(specs: Sequence[TensorSpec]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for spec in specs:
+        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes, as the safetensors library does
+    return len(raw).to_bytes(8, "little") + raw
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """One output shard: its file name, its tensors in order, and its header bytes."""
+
+    name: str
+    tensors: list[TensorSpec]
+    header: bytes
+
+    @property
+    def file_size(self) -> int:
+        return len(self.header) + sum(spec.nbytes for spec in self.tensors)
+
+
+def shard_layout(tensors: Sequence[TensorSpec], max_shard_size: int) -> list[ShardLayout]:
+    """The shards a folder of these tensors is written as, named as `save_pretrained` names them."""
+    shards = shard_tensors(tensors, max_shard_size)
+    count = len(shards)
+    names = ["model.safetensors"] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    return [ShardLayout(name, specs, _shard_header(specs)) for name, specs in zip(names, shards)]
+
+
+class ModelFolderWriter:
+    """Creates a folder's safetensors shards at their final size; `write` fills them slice by slice.
+
+    The writer counts the bytes written to each shard. When a shard is full it is flushed to disk and
+    `on_shard_done(path)` is called (the run records it, so that `--resume` can reuse it). Shards named in
+    `keep_shards` are already complete from an interrupted run: they are left as they are and not written. With
+    `shards`, only the shards so named are created and written (a rank's share of a distributed run); the index
+    still covers them all.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        tensors: Sequence[TensorSpec],
+        *,
+        max_shard_size: int,
+        files: OpenFiles,
+        keep_shards: Collection[str] = (),
+        on_shard_done: Callable[[Path], None] | None = None,
+        shards: Collection[str] | None = None,
+        flusher: ShardFlusher | None = None,
+    ) -> None:
+        self.folder = folder
+        self.files = files
+        self.on_shard_done = on_shard_done
+        self.flusher = flusher
+        self._lock = threading.Lock()  # the byte counts below, updated by concurrent writes
+        self.unflushed = 0  # bytes written since the last start_writeback
+        layout = shard_layout(tensors, max_shard_size)
+        self.shard_names = [shard.name for shard in layout]
+        skip = set(keep_shards) | (set() if shards is None else set(self.shard_names) - set(shards))
+        self.placements: dict[str, _Placement] = {}
+        self.weight_map: dict[str, str] = {}
+        self.total_size = sum(spec.nbytes for spec in tensors)
+        self.unwritten: dict[Path, int] = {}  # bytes still to write, per shard being written
+        folder.mkdir(parents=True, exist_ok=True)
+        for shard in layout:
+            path = folder / shard.name
+            if shard.name not in skip:
+                try:
+                    with open(path, "wb") as f:
+                        f.write(shard.header)
+                        f.truncate(shard.file_size)
+                        preallocate(f.fileno(), shard.file_size)
+                except OSError as e:
+                    raise DataError(f"{path}: cannot create the shard ({e.strerror or e}); free some disk space or choose another --output") from e
+                fault_point("shard-created")
+                self.unwritten[path] = shard.file_size - len(shard.header)
+            offset = len(shard.header)
+            for spec in shard.tensors:
+                self.placements[spec.name] = _Placement(path, offset, DTYPES[spec.dtype].itemsize)
+                self.weight_map[spec.name] = shard.name
+                offset += spec.nbytes
+        for path, size in list(self.unwritten.items()):
+            if size == 0:  # a shard of empty tensors is complete as created
+                del self.unwritten[path]
+                self._shard_done(path)
+
+    def write(self, name: str, start: int, data: memoryview) -> None:
+        """Write the bytes of a slice of tensor `name` (its elements from `start` on) in place. Threads may call
+        this at once for different slices; `files` must then never close a file by itself (`max_open=None`)."""
+        place = self.placements[name]
+        nbytes = data.nbytes
+        if nbytes == 0:
+            return
+        if place.path not in self.unwritten:
+            raise DataError(f"{place.path}: tensor {name!r} written to a shard that is already complete; report this bug")
+        self.files.write_at(place.path, place.data_start + start * place.itemsize, data)
+        with self._lock:  # counted after the write: the shard is complete only once every write has returned
+            self.unwritten[place.path] -= nbytes
+            done = self.unwritten[place.path] == 0
+            if done:
+                del self.unwritten[place.path]
+            else:
+                self.unflushed += nbytes
+                writeback = self.unflushed >= WRITEBACK_BYTES
+                if writeback:
+                    self.unflushed = 0
+        if done:
+            self.files.close_file(place.path)
+            self._shard_done(place.path)
+        elif writeback:  # keep the disk busy during the run, not only at the final fsync
+            self.files.start_writeback(place.path)
+
+    def _shard_done(self, path: Path) -> None:
+        if self.flusher is not None:
+            self.flusher.submit(path, self._flushed)
+        else:
+            fsync_path(path)
+            self._flushed(path)
+
+    def _flushed(self, path: Path) -> None:
+        if self.on_shard_done is not None:
+            self.on_shard_done(path)
+            fault_point("shard-done")
+
+    def finish(self, *, index: bool = True) -> None:
+        """Check that every shard was written completely, and write the index of a sharded folder (unless `index`
+        is False: in a distributed run rank 0 writes it)."""
+        if self.unwritten:
+            path, missing = next(iter(self.unwritten.items()))
+            raise DataError(f"{path}: {missing} bytes were never written; the output is incomplete and was not published")
+        if index and len(self.shard_names) > 1:
+            index_data = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index_data, indent=2) + "\n")
+        fault_point("index")
+
+
+class ShardFlusher:
+    """Flushes finished shards to disk on a background thread, in the order they finish, so that no engine worker
+    waits for the disk: each shard is fsynced, then `then(path)` runs (the run records the shard for `--resume`).
+
+    Leaving the context waits for every flush, and raises the first error (a failed fsync, say) unless the block
+    itself raised.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="bema-flusher", daemon=True)
+        self._thread.start()
+
+    def submit(self, path: Path, then: Callable[[Path], None]) -> None:
+        self._queue.put((path, then))
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            path, then = item
+            if self._error is not None:
+                continue
+            try:
+                fsync_path(path)
+                then(path)
+            except BaseException as e:  # re-raised in the thread that waits
+                self._error = e
+
+    def wait(self) -> None:
+        """Wait until every shard submitted is flushed; raise the first error."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> ShardFlusher:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.wait()
+        else:  # stop, without masking the error in flight
+            self._queue.put(None)
+            self._thread.join()
+
+
+class FolderSink(Sink):
+    """Sends each output's slices to its `ModelFolderWriter`, from several threads at once."""
+
+    concurrent = True
+
+    def __init__(self, writers: Sequence[ModelFolderWriter]) -> None:
+        self.writers = writers
+
+    def write(self, output_index: int, piece: Slice, data: memoryview) -> None:
+        self.writers[output_index].write(piece.name, piece.start, data)
+
+
+def copy_sidecar_files(sources: Sequence[Path], folder: Path, *, dtype: str | None = None) -> list[str]:
+    """Copy config, generation config and tokenizer files from the first source folder that has each.
+
+    When the output dtype differs from the inputs', `config.json` says so (`torch_dtype` and `dtype`).
+    Returns the names copied.
+    """
+    origins = {}
+    for name in SIDECAR_FILES:
+        origin = next((source / name for source in sources if (source / name).is_file()), None)
+        if origin is None:
+            continue
+        shutil.copyfile(origin, folder / name)
+        origins[name] = origin
+    copied = list(origins)
+    if dtype is not None and "config.json" in copied:
+        config_path = folder / "config.json"
+        hint = "fix it, or leave out --dtype"
+        config = parse_json(config_path.read_bytes(), what=f"{origins['config.json']}: malformed JSON", hint=hint)
+        if not isinstance(config, dict):
+            raise DataError(f"{origins['config.json']}: not a JSON object; {hint}")
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = dtype
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return copied
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Training around the averages: DPO rounds, preference data, and the demo run."""

@@ -1,0 +1,109 @@
+"""Preference data for DPO: JSON, JSONL or Parquet files, or a `save_to_disk` folder, in TRL's format.
+
+TRL's standard preference format has `prompt`, `chosen` and `rejected` columns, all strings ("standard") or all
+lists of `{"role", "content"}` messages ("conversational"). `prompt` may be left out when `chosen` and `rejected`
+hold whole conversations: TRL then extracts the shared start as the prompt. A wrong schema is one error line that
+lists the columns found and the ones expected. `datasets` is imported only when data is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError, UsageError
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+DATASET_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def load_preference_dataset(path: str | Path):
+    """Load a preference dataset in TRL's format and check its columns.
+
+    Args:
+        path (`str | Path`): a `.json` / `.jsonl` / `.parquet` file, or a folder saved with `save_to_disk`
+            (a `DatasetDict` must have a "train" split).
+
+    Returns:
+        `(datasets.Dataset, str)`: the dataset and its format, "standard" (strings) or "conversational" (lists
+        of `{"role", "content"}` messages).
+
+    Raises:
+        `DataError`: unreadable, empty, or not prompt/chosen/rejected.
+    """
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    path = Path(path)
+    if path.is_dir():
+        try:
+            loaded = load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"--dataset {path}: not a folder written by datasets' save_to_disk ({_first_line(e)})") from e
+        if isinstance(loaded, DatasetDict):
+            if "train" not in loaded:
+                raise DataError(f"--dataset {path}: splits {', '.join(loaded)} and no 'train'; save the training split alone")
+            loaded = loaded["train"]
+    elif not path.is_file():
+        raise DataError(f"--dataset {path}: no such file or folder")
+    elif path.suffix.lower() not in DATASET_SUFFIXES:
+        raise UsageError(f"--dataset {path}: use a .json, .jsonl or .parquet file, or a folder saved with save_to_disk")
+    else:
+        reader = Dataset.from_parquet if path.suffix.lower() == ".parquet" else Dataset.from_json
+        try:
+            loaded = reader(str(path))
+        except Exception as e:  # pyarrow and datasets raise many kinds for a malformed file
+            raise DataError(f"--dataset {path}: cannot read it ({_first_line(e)})") from e
+    return loaded, check_preference_schema(loaded, path)
+
+
+def check_preference_schema(dataset, source: str | Path) -> str:
+    """Check that a dataset has TRL's preference columns, all strings or all conversations.
+
+    `prompt` may be left out when `chosen` and `rejected` are whole conversations (TRL then extracts the prompt).
+
+    Returns:
+        `str`: "standard" or "conversational".
+    """
+    columns = list(dataset.column_names)
+    if "chosen" not in columns or "rejected" not in columns:
+        raise DataError(
+            f"--dataset {source}: found columns {', '.join(columns) or 'none'}; expected prompt, chosen, rejected "
+            "(TRL's preference format: strings, or lists of {role, content} messages)"
+        )
+    if len(dataset) == 0:
+        raise DataError(f"--dataset {source}: no rows")
+    first = dataset[0]
+    kinds = {column: _value_kind(first[column]) for column in PREFERENCE_COLUMNS if column in columns}
+    for column, kind in kinds.items():
+        if kind is None:
+            raise DataError(
+                f"--dataset {source}: column {column!r} holds {type(first[column]).__name__} values; expected strings "
+                "or lists of {role, content} messages"
+            )
+    if len(set(kinds.values())) > 1:
+        text = [c for c, k in kinds.items() if k == "standard"]
+        chats = [c for c, k in kinds.items() if k == "conversational"]
+        raise DataError(
+            f"--dataset {source}: {', '.join(text)} hold plain text but {', '.join(chats)} hold conversations; "
+            "use one format for all columns"
+        )
+    kind = next(iter(kinds.values()))
+    if "prompt" not in columns and kind == "standard":
+        raise DataError(
+            f"--dataset {source}: found columns {', '.join(columns)}; plain-text data needs a prompt column "
+            "(expected prompt, chosen, rejected)"
+        )
+    return kind
+
+
+def _value_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "standard"
+    if isinstance(value, list) and value and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in value):
+        return "conversational"
+    return None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,107 @@
+"""Publishing under faults: the atomic exchange and its fallback, leftovers of killed runs, and Ctrl-C while renaming."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from bema_offline.output import publish as publish_module
+from bema_offline.errors import OutputExistsError
+from bema_offline.output.publish import (
+    OutputLock,
+    check_output,
+    fresh_staging,
+    interrupts_deferred,
+    leftovers,
+    lock_path,
+    publish,
+    staging_path,
+    trash_path,
+)
+
+
+def staged(output, name, text):
+    staging, _ = fresh_staging(output)
+    (staging / name).write_text(text)
+    return staging
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_overwrite_replaces_the_old_output_and_leaves_nothing(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(publish_module, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    publish(staged(out, "a", "old"), out, overwrite=False)
+    publish(staged(out, "b", "new"), out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_overwrite_replaces_a_link_and_a_file(tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "elsewhere").mkdir()
+    out.symlink_to(tmp_path / "elsewhere")
+    publish(staged(out, "b", "new"), out, overwrite=True)
+    assert out.is_dir() and not out.is_symlink() and (tmp_path / "elsewhere").is_dir()
+    out2 = tmp_path / "out2"
+    out2.write_text("a file")
+    publish(staged(out2, "c", "new"), out2, overwrite=True)
+    assert (out2 / "c").read_text() == "new"
+
+
+def test_the_exchange_is_atomic_where_the_system_has_it(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.write_text("b")
+    if not publish_module._exchange(a, b):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available here")
+    assert a.read_text() == "b" and b.is_dir()
+
+
+def test_leftovers_of_a_killed_run_are_named_when_the_output_exists(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    staging_path(out).mkdir()
+    lock_path(out).write_text("4242")  # a dead run's lock: nobody holds it
+    assert leftovers(out) == [staging_path(out), lock_path(out)]
+    with pytest.raises(OutputExistsError, match=f"a killed run also left {staging_path(out)} {lock_path(out)}: delete them"):
+        check_output(out, overwrite=False, run_dir=tmp_path / "run", source_folders=[])
+
+
+def test_a_running_runs_files_are_not_leftovers(tmp_path):
+    out = tmp_path / "out"
+    with OutputLock(out):
+        staging_path(out).mkdir()
+        assert leftovers(out) == []
+    assert leftovers(out) == [staging_path(out)]
+
+
+def test_a_stale_lock_is_taken_over_and_removed(tmp_path):
+    out = tmp_path / "out"
+    lock_path(out).write_text("4242")
+    with OutputLock(out):
+        assert lock_path(out).read_text() == str(os.getpid())
+    assert not lock_path(out).exists()
+
+
+def test_the_old_output_moved_aside_by_a_killed_overwrite_is_removed(tmp_path):
+    from bema_offline.output.resume import prepare_staging
+
+    out = tmp_path / "out"
+    trash_path(out).mkdir()
+    staging = prepare_staging(out, {"tool": "x"}, resume=False)
+    assert staging.removed_leftovers and not trash_path(out).exists()
+
+
+def test_ctrl_c_while_publishing_is_held_off(tmp_path):
+    out = tmp_path / "out"
+    staging = staged(out, "a", "1")
+    with interrupts_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        publish(staging, out, overwrite=False)
+    assert (out / "a").read_text() == "1"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):  # and afterwards Ctrl-C works again
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)

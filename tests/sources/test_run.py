@@ -1,0 +1,105 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from synthetic import make_run, save_weights
+
+from bema_offline import DataError, UsageError
+from bema_offline.sources import run as checkpoints
+from bema_offline.sources.run import find_checkpoints, load_source, read_trainer_state, resolve_base_model
+
+
+def make_dirs(root: Path, names):
+    for name in names:
+        (root / name).mkdir(parents=True)
+
+
+def test_steps_sorted_numerically_and_narrowed(tmp_path):
+    make_dirs(tmp_path, ["checkpoint-10", "checkpoint-9", "checkpoint-100", "runs", "bema"])
+    assert list(find_checkpoints(tmp_path)) == [9, 10, 100]
+    assert list(find_checkpoints(tmp_path, min_step=10)) == [10, 100]
+    assert list(find_checkpoints(tmp_path, max_step=10)) == [9, 10]
+    with pytest.raises(DataError, match="no checkpoint between --min-step 11 and --max-step 99"):
+        find_checkpoints(tmp_path, min_step=11, max_step=99)
+
+
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        ([], "no checkpoint-N folders"),
+        (["checkpoint-400", "checkpoint-0400"], "are both step 400"),
+        (["checkpoint-400", "checkpoint-final"], "without a step number"),
+    ],
+)
+def test_bad_run_folders(tmp_path, names, message):
+    make_dirs(tmp_path, names)
+    with pytest.raises(DataError, match=message):
+        find_checkpoints(tmp_path)
+
+
+def test_missing_folder_and_link_loop(tmp_path):
+    with pytest.raises(DataError, match="no such folder"):
+        find_checkpoints(tmp_path / "nope")
+    (tmp_path / "checkpoint-5").symlink_to(tmp_path / "checkpoint-5")
+    with pytest.raises(DataError, match="link loop"):
+        find_checkpoints(tmp_path)
+
+
+def test_sharded_source_reads_the_index(tmp_path):
+    tensors = {"a": torch.zeros(3), "b": torch.ones(2, 2), "c": torch.arange(4)}
+    save_weights(tmp_path / "m", tensors, shards=2)
+    source = load_source(tmp_path / "m", 7)
+    assert sorted(source.tensors) == ["a", "b", "c"]
+    assert source.tensors["b"].shape == (2, 2) and source.tensors["c"].dtype == "I64"
+    assert len(source.files) == 2 and source.label.startswith("step 7")
+
+
+def test_index_naming_a_missing_shard(tmp_path):
+    save_weights(tmp_path / "m", {"a": torch.zeros(3), "b": torch.zeros(3)}, shards=2)
+    (tmp_path / "m" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(DataError, match="model-00002-of-00002.safetensors.*missing"):
+        load_source(tmp_path / "m", 1)
+
+
+def test_bin_only_and_adapter_folders(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(DataError, match="save_safetensors=True"):
+        load_source(tmp_path / "bin", 1)
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "adapter_model.safetensors").write_bytes(b"x")
+    with pytest.raises(DataError, match="PEFT adapter"):
+        load_source(tmp_path / "lora", 1)
+
+
+def test_trainer_state(tmp_path):
+    run_dir, _, _ = make_run(tmp_path, [5, 10])
+    assert read_trainer_state(run_dir / "checkpoint-10") == {"global_step": 10, "max_steps": 10, "save_steps": 5, "num_train_epochs": None}
+    (run_dir / "checkpoint-5" / "trainer_state.json").write_text("{nope")
+    assert read_trainer_state(run_dir / "checkpoint-5") is None
+
+
+def test_base_model_local_or_hub(tmp_path, monkeypatch):
+    (tmp_path / "base").mkdir()
+    assert resolve_base_model(tmp_path / "base") == tmp_path / "base"
+    with pytest.raises(UsageError, match="no such local folder"):
+        resolve_base_model(str(tmp_path / "missing"))
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return str(tmp_path / "base")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert resolve_base_model("Qwen/Qwen2.5-0.5B") == tmp_path / "base"
+    assert calls[0][0] == "Qwen/Qwen2.5-0.5B" and "*.safetensors" in calls[0][1]
+
+    def offline(repo_id, allow_patterns):
+        raise OSError("We couldn't connect to the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(DataError, match="--base-model org/model: cannot fetch it from the Hub.*local folder"):
+        resolve_base_model("org/model")
