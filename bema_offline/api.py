@@ -19,6 +19,7 @@ from .engine.engine import Engine, check_device
 from .engine.plan import Plan, make_plan
 from .errors import DataError, UsageError
 from .faults import fault_point
+from .files import OpenFiles
 from .methods.schedule import BEMASchedule
 from .output.card import PROVENANCE_FILE, provenance, run_training, write_card
 from .output.publish import OutputLock, check_output, discard, interrupts_deferred, publish, staging_path
@@ -35,7 +36,6 @@ from .output.writer import (
     shard_layout,
 )
 from .sources.run import BASE_STEP, resolve_base_model
-from .sources.safetensors_io import OpenFiles
 
 DEFAULT_MAX_MEMORY = "512MiB"
 DEFAULT_MAX_SHARD_SIZE = "5GB"

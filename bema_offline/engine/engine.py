@@ -46,9 +46,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..dtypes import DTYPES, FLOAT_DTYPES
 from ..errors import DataError, UsageError
+from ..files import OpenFiles, writable_view
 from ..sources.run import BASE_STEP, WeightSource
-from ..sources.safetensors_io import DTYPES, FLOAT_DTYPES, OpenFiles, writable_view
 from . import kernels
 from .kernels import KERNEL_DTYPES, Floats, kernel_name
 from .plan import Plan
@@ -372,14 +373,14 @@ class _Layout:
         for piece, info in zip(group, infos):
             if mixed:
                 offset = -(-offset // 8) * 8
-            start, nbytes = info.start + piece.start * info.itemsize, piece.numel * info.itemsize
-            last = ranges[-1] if ranges else None
-            if last and last[0] == info.path and last[1] + last[3] == start and last[2] + last[3] == offset:
-                ranges[-1] = (last[0], last[1], last[2], last[3] + nbytes)
-            else:
-                ranges.append((info.path, start, offset, nbytes))
             offsets.append(offset)
-            offset += nbytes
+            for path, start, nbytes in info.ranges(piece.start, piece.stop):
+                last = ranges[-1] if ranges else None
+                if last and last[0] == path and last[1] + last[3] == start and last[2] + last[3] == offset:
+                    ranges[-1] = (last[0], last[1], last[2], last[3] + nbytes)
+                else:
+                    ranges.append((path, start, offset, nbytes))
+                offset += nbytes
         return cls(ranges, offset, offsets, dtypes, [p.numel for p in group], None if mixed else dtypes[0])
 
 
@@ -636,8 +637,8 @@ class Engine:
                         out.copy_(torch.mul(diff, alpha, out=scratch).add_(ema[slot]))
                     for i in unchanged[slot]:
                         out[slice(*bounds[i])].copy_(tau[slice(*bounds[i])])
-                    if not _all_finite(out):
-                        self._raise_non_finite(group, lambda i: _all_finite(out[slice(*bounds[i])]), worker)
+                    if not all_finite(out):
+                        self._raise_non_finite(group, lambda i: all_finite(out[slice(*bounds[i])]), worker)
                     if worker.staged:
                         worker.tensor(out_host_offset, out_bytes, kind.out, host=True).copy_(out)
                     self._emit(output_index, self._split(group, bounds, worker.view(out_host_offset, out_bytes), kind.out))
@@ -713,8 +714,11 @@ class Engine:
         for step in self.plan.read_steps:
             info = self.plan.sources[step].tensors[piece.name]
             buffer = torch.empty(piece.numel * info.itemsize, dtype=torch.uint8)
-            files.read_into(info.path, info.start + piece.start * info.itemsize, writable_view(buffer))
-            if info.is_float and not _all_finite(buffer.view(info.torch_dtype)):
+            view, done = writable_view(buffer), 0
+            for path, start, nbytes in info.ranges(piece.start, piece.stop):
+                files.read_into(path, start, view[done : done + nbytes])
+                done += nbytes
+            if info.is_float and not all_finite(buffer.view(info.torch_dtype)):
                 at = "in the base model" if step == BASE_STEP else f"at step {step}"
                 raise DataError(
                     f"tensor {piece.name!r} has NaN or Inf values {at} ({info.path}); "
@@ -725,7 +729,7 @@ class Engine:
         )
 
 
-def _all_finite(values: torch.Tensor) -> bool:
+def all_finite(values: torch.Tensor) -> bool:
     """Whether every value is finite, in one pass without allocating: any Inf or NaN makes the sum non-finite, so a
     finite sum proves it; a non-finite sum may be an overflow of the sum itself, so it is checked exactly."""
     import torch

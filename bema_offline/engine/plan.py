@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..dtypes import FLOAT_DTYPES
 from ..errors import DataError, UsageError
 from ..methods.schedule import KINDS, BEMASchedule, effective_weights
 from ..sources.run import BASE_STEP, WeightSource, _steps_text, find_checkpoints, load_source, read_trainer_state
-from ..sources.safetensors_io import FLOAT_DTYPES, TensorInfo
+from ..sources.tensors import TensorInfo
 
 
 @dataclass(frozen=True)
