@@ -19,7 +19,7 @@ from .engine.engine import Engine, check_device
 from .engine.plan import Plan, make_plan
 from .errors import DataError, UsageError
 from .faults import fault_point
-from .files import OpenFiles
+from .files import OpenFiles, check_unchanged
 from .methods.schedule import BEMASchedule
 from .output.card import PROVENANCE_FILE, provenance, run_training, write_card
 from .output.publish import OutputLock, check_output, discard, interrupts_deferred, publish, staging_path
@@ -331,6 +331,7 @@ def _write_shards(
                 device=device,
                 on_progress=on_progress,
             ).run()
+        check_unchanged(plan.identities)  # a checkpoint rewritten during the run would mix two versions
         for writer in writers:
             writer.finish(index=index)
     return writers

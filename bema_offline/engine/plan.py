@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..dtypes import FLOAT_DTYPES
 from ..errors import DataError, UsageError
+from ..files import FileIdentity
 from ..methods.schedule import KINDS, BEMASchedule, effective_weights
 from ..sources.run import BASE_STEP, WeightSource, _steps_text, find_checkpoints, load_source, read_trainer_state
 from ..sources.tensors import TensorInfo
@@ -58,6 +59,11 @@ class Plan:
     @property
     def ignored_steps(self) -> list[int]:
         return [s for s in self.found_steps if s not in self.sources]
+
+    @property
+    def identities(self) -> dict[Path, FileIdentity]:
+        """Every input file, as it was when planned (the engine refuses a file that changed since)."""
+        return {path: identity for source in self.sources.values() for path, identity in source.identities.items()}
 
     @property
     def bytes_to_read(self) -> int:
