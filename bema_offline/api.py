@@ -364,8 +364,9 @@ class _progress_bars:
     def __enter__(self):
         if not self.enabled:
             return None
-        self.bytes_bar = tqdm(total=self.plan.bytes_to_read, unit="B", unit_scale=True, unit_divisor=1024, desc="read")
-        self.tensor_bar = tqdm(total=len(self.plan.tensors), unit="tensor", desc="tensors")
+        # disable=None: no bars (and no escape codes) when stderr is not a terminal
+        self.bytes_bar = tqdm(total=self.plan.bytes_to_read, unit="B", unit_scale=True, unit_divisor=1024, desc="read", disable=None)
+        self.tensor_bar = tqdm(total=len(self.plan.tensors), unit="tensor", desc="tensors", disable=None)
 
         def on_progress(nbytes: int, ntensors: int) -> None:
             if nbytes:

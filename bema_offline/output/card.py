@@ -52,7 +52,8 @@ def provenance(plan: Plan, output: OutputSpec, *, settings: dict, training: Trai
         "steps": {
             "found": plan.found_steps,
             "update_steps_used": [s for s in run.update_steps if s <= output.step],
-            "update_steps_missing_skipped": run.missing_steps,
+            "update_steps_missing_skipped": run.missing_steps,  # the first ones; all are counted below
+            "update_steps_missing_count": run.missing_count,
             "ignored": [s for s in plan.found_steps if s not in plan.sources],
             "theta0": run.schedule.theta0_step,
         },

@@ -122,6 +122,32 @@ def resolve_base_model(base_model: str | Path) -> Path:
         ) from e
 
 
+DEFAULT_UPDATE_FREQ = 400  # TRL's
+
+
+def run_cadence(run_dir: str | Path, *, min_step: int | None = None, max_step: int | None = None) -> tuple[int, str]:
+    """The run's own checkpoint cadence, for `--update-freq` when none is given, and where it was read.
+
+    The newest checkpoint's `trainer_state.json` gives the Trainer's `save_steps`; else the checkpoints' spacing,
+    when it is even; else TRL's default (400).
+
+    Raises:
+        `DataError`: the run has no checkpoints (as `find_checkpoints`).
+    """
+    found = find_checkpoints(run_dir, min_step=min_step, max_step=max_step)
+    newest = max(found)
+    state = read_trainer_state(found[newest])
+    save_steps = state.get("save_steps") if state else None
+    if isinstance(save_steps, (int, float)) and not isinstance(save_steps, bool) and save_steps >= 1 and float(save_steps).is_integer():
+        return int(save_steps), f"the run's save_steps (trainer_state.json of checkpoint-{newest})"
+    steps = sorted(found)
+    gaps = {b - a for a, b in zip(steps, steps[1:])}
+    if len(gaps) == 1:
+        (gap,) = gaps
+        return gap, f"the spacing of the {len(steps)} checkpoints (no save_steps in trainer_state.json)"
+    return DEFAULT_UPDATE_FREQ, "TRL's default: the run states no save_steps and its checkpoints are not evenly spaced"
+
+
 def read_trainer_state(folder: Path) -> dict | None:
     """The few facts worth reporting from a checkpoint's `trainer_state.json`, or None if there is none."""
     path = folder / "trainer_state.json"
@@ -136,7 +162,9 @@ def read_trainer_state(folder: Path) -> dict | None:
     return {key: state.get(key) for key in ("global_step", "max_steps", "save_steps", "num_train_epochs")}
 
 
-def _steps_text(steps, limit: int = 12) -> str:
+def _steps_text(steps, limit: int = 12, *, total: int | None = None) -> str:
+    """Steps for a message: the first `limit`, and how many there are in all (`total`, when more exist than given)."""
     steps = sorted(steps)
+    total = len(steps) if total is None else total
     shown = ", ".join(str(s) for s in steps[:limit])
-    return shown + (f", ... ({len(steps)} in all)" if len(steps) > limit else "")
+    return shown + (f", ... ({total} in all)" if total > limit else "")
