@@ -14,7 +14,8 @@ import click
 
 from .._version import __version__
 from ..engine.kernels import kernel_name
-from ..errors import BemaError, one_line
+from ..errors import BemaError, UsageError, one_line
+from ..faults import environment_error
 from ._help import CONTEXT
 from .average import average_command
 from .demo import demo_command
@@ -42,6 +43,8 @@ def _run(command: click.Command, args: list[str] | None = None, prog_name: str |
     args = sys.argv[1:] if args is None else args
     debug = "--debug" in args
     try:
+        if environment_error() is not None:
+            raise UsageError(environment_error())
         command.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

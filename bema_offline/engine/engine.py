@@ -228,7 +228,7 @@ def _pack(
 ) -> list[tuple[_Kind, list[Slice]]]:
     """`group_slices`, each group with its kind."""
     if max_memory < MIN_MEMORY:
-        raise DataError(f"--max-memory {max_memory} bytes is too small; give at least {MIN_MEMORY} bytes")
+        raise UsageError(f"--max-memory {max_memory} bytes is too small; give at least {MIN_MEMORY} bytes")
     accum_dtype = FLOAT_DTYPES[accum_dtype]
     budget = max_memory if cache_bytes is None else min(max_memory, cache_bytes)
     counts = _Counts.of(plan)
@@ -242,7 +242,7 @@ def _pack(
         per_element, slack = _element_cost(packing, counts, read_size=read_size)  # (one slice always fits the slack)
         per_slice = (budget - slack) // per_element
         if per_slice < 1:
-            raise DataError(
+            raise UsageError(
                 f"--max-memory {max_memory} bytes is too small for {len(plan.schedules)} configs; "
                 f"give at least {slack + per_element} bytes per worker"
             )

@@ -14,7 +14,7 @@ from ..dtypes import FLOAT_DTYPES
 from ..errors import DataError, UsageError
 from ..files import FileIdentity
 from ..methods.schedule import KINDS, BEMASchedule, effective_weights
-from ..sources.run import BASE_STEP, WeightSource, _steps_text, find_checkpoints, load_source, read_trainer_state
+from ..sources.run import BASE_STEP, WeightSource, _steps_text, find_checkpoints, load_source, read_trainer_state, sidecar_origins
 from ..sources.tensors import TensorInfo
 
 
@@ -52,6 +52,7 @@ class Plan:
     base_model: str | None = None
     trainer_state: dict | None = None
     notes: list[str] = field(default_factory=list)
+    sidecars: dict[int, dict[str, Path]] = field(default_factory=dict)  # output step -> sidecar file -> where from
 
     @property
     def read_steps(self) -> list[int]:
@@ -144,7 +145,15 @@ def make_plan(
         base_model=base_model if base_model is not None else (str(base_model_dir) if base_model_dir else None),
         trainer_state=read_trainer_state(newest),
         notes=notes,
+        sidecars={step: _sidecars(sources, step, Path(run_dir)) for step in sorted({out.step for out in outputs})},
     )
+
+
+def _sidecars(sources: dict[int, WeightSource], step: int, run_dir: Path) -> dict[str, Path]:
+    """An output's config and tokenizer files: from the newest source at or before its step, then older ones, the
+    base model (a sharded FSDP checkpoint has none) and the run folder."""
+    newest_first = [sources[s].folder for s in sorted(sources, reverse=True) if s <= step]
+    return sidecar_origins(newest_first + [run_dir])
 
 
 def _load_checkpoint(found: dict[int, Path], step: int) -> WeightSource:

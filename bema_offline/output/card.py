@@ -7,15 +7,19 @@ repo it pushes to (the load snippet names the repo) without the checkpoints at h
 from __future__ import annotations
 
 import datetime
+import io
+import os
 import re
 from pathlib import Path
 
 from .._version import __version__
 from ..engine.plan import OutputSpec, Plan
+from ..files import replace_file
 from ..sources.run import BASE_STEP
 from ..sources.runinfo import TrainingInfo, detect_training, is_hub_id
 
 PROVENANCE_FILE = "bema_offline.json"
+PROVENANCE_LIMIT = 64 * 2**20  # the record lists every input file and weight: a few KiB to a few MiB
 CARD_FILE = "README.md"
 CHART_FILE = "effective_weights.png"
 BEMA_PAPER = "https://arxiv.org/abs/2508.00180"
@@ -113,7 +117,9 @@ def weights_png(weights: dict[int, float], path: Path, *, title: str) -> bool:
     axes.set_title(title, fontsize=10)
     # fixed margins in inches (tight_layout doubles the cost)
     figure.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.3, top=0.88)
-    figure.savefig(path, format="png")
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    replace_file(path, png.getvalue())
     return True
 
 
@@ -136,8 +142,8 @@ def write_card(
     weights = {entry["step"]: entry["weight"] for entry in record["effective_weights"]}
     path = folder / CHART_FILE
     drawn = chart and weights_png(weights, path, title=f"{_what(record)} at step {record['step']}: effective weights")
-    if not drawn and path.exists():
-        path.unlink()  # a stale chart from an earlier render would contradict the card
+    if not drawn and os.path.lexists(path):
+        os.unlink(path)  # a stale chart from an earlier render would contradict the card
     if drawn:
         note = None
     elif chart:
@@ -151,7 +157,8 @@ def write_card(
             "(with matplotlib: `pip install 'bema-offline[plot]'`)."
         )
     card = model_card(record, repo_id=repo_id, revision=revision, chart_file=CHART_FILE if drawn else None, chart_note=note)
-    (folder / CARD_FILE).write_text(card, encoding="utf-8")
+    # a path that is not valid UTF-8 (a byte the file system allows) is shown escaped, never fails the write
+    replace_file(folder / CARD_FILE, card.encode("utf-8", errors="backslashreplace"))
     return folder / CARD_FILE
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 from ..errors import DataError, UsageError
 from ..files import read_json_file
+from .runinfo import TRAINER_STATE_LIMIT
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, load_safetensors
 from .tensors import BASE_STEP, TensorInfo, WeightSource
 
 __all__ = ["BASE_STEP", "INDEX_FILE", "SINGLE_FILE", "TensorInfo", "WeightSource", "find_checkpoints", "load_source"]
 
-TRAINER_STATE_LIMIT = 64 * 2**20  # a trainer_state.json logs every step; a long run's is a few MiB
-_CHECKPOINT_NAME = re.compile(r"checkpoint-(.*)", re.DOTALL)
+CHECKPOINT_NAME = re.compile(r"checkpoint-(.*)", re.DOTALL)
 _STEP_NUMBER = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
 
 
@@ -38,7 +38,7 @@ def find_checkpoints(run_dir: str | Path, *, min_step: int | None = None, max_st
         raise DataError(f"{run_dir}: cannot list the folder ({e.strerror or e})") from e
     found: dict[int, Path] = {}
     for entry in entries:
-        match = _CHECKPOINT_NAME.fullmatch(entry)
+        match = CHECKPOINT_NAME.fullmatch(entry)
         if not match:
             continue
         path = run_dir / entry
@@ -120,6 +120,35 @@ def resolve_base_model(base_model: str | Path) -> Path:
         raise DataError(
             f"--base-model {text}: cannot fetch it from the Hub ({first_line}); pass a local folder instead"
         ) from e
+
+
+SIDECAR_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+def sidecar_origins(folders: list[Path]) -> dict[str, Path]:
+    """Where each sidecar file (config, generation config, tokenizer) comes from: the first folder that has it."""
+    origins = {}
+    for name in SIDECAR_FILES:
+        origin = next((folder / name for folder in folders if (folder / name).is_file()), None)
+        if origin is not None:
+            origins[name] = origin
+    return origins
 
 
 DEFAULT_UPDATE_FREQ = 400  # TRL's

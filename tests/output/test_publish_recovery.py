@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from bema_offline.output import publish as publish_module
 from bema_offline.errors import OutputExistsError
+from bema_offline.output import publish as publish_module
 from bema_offline.output.publish import (
     OutputLock,
     check_output,
