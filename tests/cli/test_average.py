@@ -279,3 +279,19 @@ def test_group_and_version(capsys):
     assert code == 0 and "bema-offline" in out
     code, out, _ = run_cli(["average", "--help"], capsys, group=True)
     assert code == 0 and "Schedule (TRL's BEMACallback):" in out and "Performance:" in out
+
+
+def test_a_path_that_is_not_utf8_gets_a_card_and_verifies(tmp_path, capsys):
+    """A folder name holding a byte that is not UTF-8 (Linux allows it): the run writes its card and provenance
+    (the card shows the byte escaped) and the output verifies against its sources."""
+    import os
+
+    from bema_offline.output.verify import verify
+
+    root = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/r\xffun"))
+    run_dir, base_dir, _ = make_run(root, [1, 2])
+    code, _, err = run_cli([run_dir, "--base-model", base_dir, "--update-freq", "1", "-q"], capsys)
+    assert code == 0, err
+    out = run_dir / "bema-offline"
+    assert "\\udcff" in (out / "README.md").read_text(encoding="utf-8")
+    assert verify(out, recompute=5, seed=0)[0].recomputed
