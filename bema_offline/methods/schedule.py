@@ -189,3 +189,87 @@ def effective_weights(
                 out[theta0] -= alpha
             weights[step] = {source: w for source, w in out.items() if source == theta0 or source <= step}
     return weights
+
+
+def checked_update_steps(
+    schedule: BEMASchedule, steps: Sequence[int], *, base: bool, allow_missing: bool = False, where: str = ""
+) -> list[int]:
+    """The update steps that have a checkpoint, after checking that the schedule can be replayed from `steps`.
+
+    Works in O(checkpoints) whatever the steps' values (a stray `checkpoint-1000000000000` costs nothing).
+
+    Args:
+        schedule (`BEMASchedule`): the parameters.
+        steps (`Sequence[int]`): the checkpoints' steps, ascending.
+        base (`bool`): whether the model before training (step 0) is available.
+        allow_missing (`bool`, defaults to False): skip update steps without a checkpoint instead of failing.
+        where (`str`, defaults to ""): appended to messages, e.g. " (config slow)".
+
+    Returns:
+        `list[int]`: the update steps present in `steps`, in order; the last one is the output's step.
+
+    Raises:
+        `UsageError`: θ0 is the base model (update_after 0) and none is given, or β or α is undefined.
+        `DataError`: θ0's checkpoint is missing, update steps have no checkpoint (unless `allow_missing`), or no
+            checkpoint falls on an update step.
+    """
+    from ..errors import DataError
+
+    steps = sorted(set(steps))
+    tau = schedule.theta0_step
+    if tau == 0 and not base:
+        raise UsageError(
+            f"update_after is 0{where}, so θ0 is the model before training: pass --base-model "
+            "(a local folder or a Hub repo id), or set --update-after to a saved step"
+        )
+    if tau != 0 and tau not in steps:
+        raise DataError(
+            f"update_after is {tau}{where}, so θ0 is checkpoint-{tau}, which is not among the checkpoints "
+            f"(steps {_steps_text(steps)}); choose --update-after from those steps"
+        )
+    present = [s for s in steps if schedule.is_update_step(s)]
+    if schedule.convention == "trl" and steps and steps[-1] > tau:
+        expected = (steps[-1] - tau) // schedule.update_freq
+        if expected > len(present) and not allow_missing:
+            missing = _first_missing(schedule, set(present), steps[-1])
+            count = expected - len(present)
+            gaps = {b - a for a, b in zip(steps, steps[1:])}
+            cadence = gaps.pop() if len(gaps) == 1 else None
+            hint = f"; checkpoints are {cadence} steps apart, so try --update-freq {cadence}" if cadence else ""
+            shown = ", ".join(map(str, missing)) + (f", ... ({count} in all)" if count > len(missing) else "")
+            raise DataError(
+                f"update steps {shown} have no checkpoint{where}, so an exact replay is impossible{hint}, "
+                "or pass --allow-missing to skip them"
+            )
+    if not present:
+        raise DataError(
+            f"no checkpoint falls on an update step{where} (update_after {tau}, update_freq {schedule.update_freq}; "
+            f"found steps {_steps_text(steps)})"
+        )
+    try:
+        schedule.check_steps(present)
+        for step in present:
+            schedule.beta(step), schedule.alpha(step)
+    except (OverflowError, ZeroDivisionError):
+        raise UsageError(
+            f"the schedule's factors overflow at step {step}{where} (lag {schedule.lag:g}, multiplier "
+            f"{schedule.multiplier:g}, ema_power {schedule.ema_power:g}, bias_power {schedule.bias_power:g}); "
+            "choose smaller powers or a larger lag"
+        ) from None
+    return present
+
+
+def _first_missing(schedule: BEMASchedule, present: set[int], last: int, limit: int = 12) -> list[int]:
+    """The first `limit` update steps up to `last` that have no checkpoint (present ones are skipped in O(1))."""
+    missing: list[int] = []
+    step = schedule.update_after + schedule.update_freq
+    while step <= last and len(missing) < limit:
+        if step not in present:
+            missing.append(step)
+        step += schedule.update_freq
+    return missing
+
+
+def _steps_text(steps: Sequence[int], limit: int = 12) -> str:
+    shown = ", ".join(str(s) for s in steps[:limit])
+    return shown + (f", ... ({len(steps)} in all)" if len(steps) > limit else "")
