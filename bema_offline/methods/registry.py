@@ -65,6 +65,8 @@ def uses_schedule(name: str, params: Mapping[str, object] = {}) -> bool:
 
 def applicable_fields(name: str, params: Mapping[str, object] = {}) -> tuple[str, ...]:
     """The parameters that method `name` takes (`ema` takes `half_life` and nothing else, or the schedule's)."""
+    if name not in METHODS:
+        raise UsageError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     if name == "ema":
         return ("half_life",) if params.get("half_life") is not None else ("half_life", *SCHEDULE_FIELDS)
     return (*_OWN_FIELDS[name], *(SCHEDULE_FIELDS if uses_schedule(name) else ()))
@@ -145,7 +147,10 @@ def parse_value(field: str, value: object, where: str) -> object:
                 return int(value)
             if not isinstance(value, str):
                 raise ValueError
-            return parse_window(value)
+            try:
+                return parse_window(value)
+            except UsageError as e:
+                raise UsageError(f"{where}: {e}, or N for the N newest checkpoints") from None
         if field in _INT_FIELDS:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..errors import DataError, UsageError
 from .base import Method
-from .registry import FIELDS, SCHEDULE_FIELDS, applicable_fields, make_method, parse_value, uses_schedule
+from .registry import FIELDS, METHODS, SCHEDULE_FIELDS, applicable_fields, make_method, parse_value, uses_schedule
 from .replay import BEMA
 from .schedule import BEMASchedule
 
@@ -113,7 +113,7 @@ def grid_configs(specs: Iterable[str], options: MethodOptions = MethodOptions())
     used: set[str] = set()
     for combination in itertools.product(*axes.values()):
         chosen = dict(zip(axes, combination))
-        method = str(chosen.pop("method", options.method))
+        method = _known(str(chosen.pop("method", options.method)), "--grid method")
         own = {key: value for key, value in chosen.items() if key in applicable_fields(method, {**options.given(), **chosen})}
         used |= own.keys() | ({"method"} if "method" in axes else set())
         name, config = _config(method, own, options, where=f"--grid {_params_text(chosen, method)}", named="method" in axes)
@@ -157,7 +157,7 @@ def sweep_configs(path: str | Path, options: MethodOptions = MethodOptions()) ->
             raise DataError(f"{where}: expected a mapping of fields, got {_short(entry)}")
         fields = {_field_name(str(key)): value for key, value in entry.items() if key != "name"}
         params = {key: parse_value(key, value, where) for key, value in fields.items() if value is not None}
-        method = str(params.pop("method", options.method))
+        method = _known(str(params.pop("method", options.method)), where)
         name, config = _config(method, params, options, where=where, named="method" in fields)
         if entry.get("name") is not None:
             name = _name_text(entry["name"], where)
@@ -249,6 +249,12 @@ def _checked(configs: dict[str, Method], options: MethodOptions, *, source: str)
     return check_names(_check_options_used(list(configs.items()), options, source=source), source=source)
 
 
+def _known(method: str, where: str) -> str:
+    if method not in METHODS:
+        raise UsageError(f"{where}: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return method
+
+
 def _methods(configs) -> list[str]:
     items = configs.values() if isinstance(configs, dict) else (config for _, config in configs)
     return list(dict.fromkeys(config.name for config in items))
@@ -295,12 +301,12 @@ def _name_problem(name: object) -> str | None:
         return "cannot be a folder name (it is empty)"
     if "/" in name or "\\" in name or name.startswith("."):
         return "cannot be a folder name (no '/', no leading '.')"
-    if any(not c.isprintable() for c in name):
-        return "cannot be a folder name (it holds a control character such as NUL or a line break)"
     try:
         size = len(name.encode("utf-8"))
     except UnicodeEncodeError:
         return "cannot be a folder name (it is not valid Unicode: a lone surrogate)"
+    if any(not c.isprintable() for c in name):
+        return "cannot be a folder name (it holds a control character such as NUL or a line break)"
     if size > MAX_NAME_BYTES:
         return f"is too long for a folder name ({size} bytes; at most {MAX_NAME_BYTES})"
     lowered = name.lower()
