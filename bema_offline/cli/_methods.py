@@ -24,6 +24,7 @@ from pathlib import Path
 
 import click
 
+from ..methods.base import Method
 from ..methods.registry import METHODS, parse_value
 from ..methods.schedule import BEMASchedule
 from ..methods.sweep import MethodOptions, method_configs
@@ -130,7 +131,7 @@ def schedule_from_options(**options) -> BEMASchedule:
 
 def method_configs_from_options(
     *, grid: tuple[str, ...] = (), sweep_file: Path | None = None, schedule: BEMASchedule | None = None, **options
-) -> list[tuple[str, "object"]]:
+) -> list[tuple[str, Method]]:
     """The named configs that the parsed options describe.
 
     Args:

@@ -252,7 +252,7 @@ def checked_update_steps(
             schedule.beta(step), schedule.alpha(step)
     except (OverflowError, ZeroDivisionError):
         raise UsageError(
-            f"the schedule's factors overflow at step {step}{where} (lag {schedule.lag:g}, multiplier "
+            f"at step {step}{where} the schedule's factors overflow (lag {schedule.lag:g}, multiplier "
             f"{schedule.multiplier:g}, ema_power {schedule.ema_power:g}, bias_power {schedule.bias_power:g}); "
             "choose smaller powers or a larger lag"
         ) from None

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..errors import DataError, UsageError
 from .base import Method
-from .registry import FIELDS, METHODS, SCHEDULE_FIELDS, applicable_fields, make_method, parse_value, uses_schedule
+from .registry import FIELDS, METHODS, SCHEDULE_FIELDS, applicable_fields, make_method, parse_value
 from .replay import BEMA
 from .schedule import BEMASchedule
 
@@ -403,5 +403,4 @@ __all__ = [
     "method_configs",
     "parse_grid",
     "sweep_configs",
-    "uses_schedule",
 ]

@@ -148,7 +148,7 @@ def test_schedule_methods_say_why_they_cannot_be_computed(method):
     assert max(method(s).weights([10, 30], base=True, allow_missing=True)) == 30
     with pytest.raises(DataError, match="no checkpoint falls on an update step"):
         method(s.replace(update_freq=100)).weights([10, 30], base=True)
-    with pytest.raises(UsageError, match="overflow at step 10"):
+    with pytest.raises(UsageError, match="at step 10 .*overflow"):
         method(BEMASchedule(update_freq=10, lag=0.5, multiplier=0, bias_power=2000)).weights([10], base=True)
 
 

@@ -1,9 +1,27 @@
-"""Sweep specs: grids and sweep files become named `BEMASchedule`s."""
+"""Sweep specs: grids and sweep files become named methods (`BEMASchedule`s for the schedule-only interface), and
+hostile sweep files are refused with one line."""
+
+import json
+import os
+import re
+import time
 
 import pytest
 
 from bema_offline import BEMASchedule, UsageError
-from bema_offline.methods.sweep import config_name, load_sweep, parse_grid
+from bema_offline.errors import DataError
+from bema_offline.methods.registry import make_method
+from bema_offline.methods.sweep import (
+    MAX_NAME_BYTES,
+    MethodOptions,
+    check_names,
+    config_name,
+    grid_configs,
+    load_sweep,
+    method_configs,
+    parse_grid,
+    sweep_configs,
+)
 
 
 def test_grid_is_the_cartesian_product_first_field_slowest():
@@ -50,15 +68,6 @@ def test_unnamed_config_without_fields_is_the_base(tmp_path):
 
 
 # --- methods in grids and sweep files -------------------------------------------------------------------------------
-
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-
-from bema_offline.errors import DataError  # noqa: E402
-from bema_offline.methods.registry import make_method  # noqa: E402
-from bema_offline.methods.sweep import MAX_NAME_BYTES, MethodOptions, check_names, grid_configs, method_configs, sweep_configs  # noqa: E402
 
 BASE = MethodOptions(schedule=BEMASchedule(update_freq=100))
 
@@ -141,23 +150,26 @@ def test_method_configs_without_a_sweep_is_the_one_method():
 
 # --- hostile sweep files (issue 10) --------------------------------------------------------------------------------
 
+# The classic "billion laughs": nine levels of nine aliases each, 9^9 strings once expanded.
 BILLION_LAUGHS = "\n".join(
     ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
-    + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]" for i in range(8)]
-    + ["- {name: *i}"]
+    + [f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    + ["slow: {lag: *i}"]
 )
 
 
 def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
     path = tmp_path / "laughs.yaml"
-    path.write_text("x: &x {ema_power: 0.3}\n" + BILLION_LAUGHS.split("\n- ")[0].split("\n", 1)[1] + "\ny: *i\n")
+    path.write_text(BILLION_LAUGHS)
     started = time.perf_counter()
-    with pytest.raises(DataError, match=r"laughs.yaml: line \d+ uses a YAML alias \(\*a\); write each config out in full"):
+    with pytest.raises(DataError, match=r"laughs.yaml: line 2 uses a YAML alias \(\*a\); write each config out in full"):
         sweep_configs(path)
     assert time.perf_counter() - started < 1
     path.write_text("base: &base {ema_power: 0.3}\nfast:\n  <<: *base\n  lag: 5\n")  # merge keys are aliases too
     with pytest.raises(DataError, match=r"line 3 uses a YAML alias \(\*base\)"):
         sweep_configs(path)
+    path.write_text("fast: &anchor {ema_power: 0.3}\n")  # an anchor alone expands nothing: fine
+    assert names(sweep_configs(path)) == ["fast"]
 
 
 @pytest.mark.parametrize("text", ["- {update_freq: yes}\n", "- {update_freq: on}\n", "- {ema_power: true}\n", "- {last: no, method: uniform}\n"])
