@@ -19,6 +19,7 @@ from .engine.engine import Engine, check_device
 from .engine.plan import Plan, make_plan
 from .errors import DataError, UsageError
 from .faults import fault_point
+from .files import OpenFiles, check_unchanged
 from .methods.schedule import BEMASchedule
 from .output.card import PROVENANCE_FILE, provenance, run_training, write_card
 from .output.publish import OutputLock, check_output, discard, interrupts_deferred, publish, staging_path
@@ -35,7 +36,6 @@ from .output.writer import (
     shard_layout,
 )
 from .sources.run import BASE_STEP, resolve_base_model
-from .sources.safetensors_io import OpenFiles
 
 DEFAULT_MAX_MEMORY = "512MiB"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -331,6 +331,7 @@ def _write_shards(
                 device=device,
                 on_progress=on_progress,
             ).run()
+        check_unchanged(plan.identities)  # a checkpoint rewritten during the run would mix two versions
         for writer in writers:
             writer.finish(index=index)
     return writers
@@ -363,8 +364,9 @@ class _progress_bars:
     def __enter__(self):
         if not self.enabled:
             return None
-        self.bytes_bar = tqdm(total=self.plan.bytes_to_read, unit="B", unit_scale=True, unit_divisor=1024, desc="read")
-        self.tensor_bar = tqdm(total=len(self.plan.tensors), unit="tensor", desc="tensors")
+        # disable=None: no bars (and no escape codes) when stderr is not a terminal
+        self.bytes_bar = tqdm(total=self.plan.bytes_to_read, unit="B", unit_scale=True, unit_divisor=1024, desc="read", disable=None)
+        self.tensor_bar = tqdm(total=len(self.plan.tensors), unit="tensor", desc="tensors", disable=None)
 
         def on_progress(nbytes: int, ntensors: int) -> None:
             if nbytes:

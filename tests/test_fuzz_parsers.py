@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 from safetensors.torch import save, save_file
 
 from bema_offline.sources.run import find_checkpoints, load_source
+from bema_offline.dtypes import DTYPES
 from bema_offline.errors import DataError, UsageError
 from bema_offline.methods.sweep import FIELDS, check_names, sweep_configs
-from bema_offline.sources.safetensors_io import DTYPES, read_header
+from bema_offline.sources.safetensors_io import read_header
 
 EXAMPLES = int(os.environ.get("BEMA_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(

@@ -32,6 +32,9 @@ def test_faults_at_every_point(tmp_path):
     assert all(r["inputs_unchanged"] for r in records)
     resumed = [x for r in records if r["action"] == "SIGKILL" for x in r["recovery"] if x["resume"]]
     assert resumed and any(x["reused_shards"] > 0 for x in resumed)
+    # killed once the last shard was recorded: --resume reuses every shard (not a matter of timing)
+    last = [r for r in records if r["action"] == "SIGKILL" and r["point"] == "shard-done" and r["hit"] == r["hits"]]
+    assert last and all(x["reused_shards"] > 1 for r in last for x in r["recovery"] if x["resume"])
     assert {r["action"] for r in records} >= {"SIGKILL", "SIGINT", "ENOSPC", "EIO", "RLIMIT_FSIZE", "second run"}
 
 

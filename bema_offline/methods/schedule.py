@@ -116,13 +116,23 @@ class BEMASchedule:
         return 1 + self.multiplier * time, 1 + time
 
     def check_steps(self, steps: Iterable[int]) -> None:
-        """Raise a `UsageError` if β or α is undefined at one of `steps` (a non-positive base)."""
+        """Raise a `UsageError` if β or α is undefined at one of `steps`: a non-positive base, or a power that
+        overflows (a base below 1 with a large power)."""
         for step in steps:
             beta_base, alpha_base = self._clock(step)
             if beta_base <= 0 or alpha_base <= 0:
                 raise UsageError(
                     f"at step {step} the schedule base lag + multiplier*step is {min(beta_base, alpha_base):g} <= 0; "
                     "choose lag and multiplier so that it stays positive"
+                )
+            try:
+                factors = (self.beta(step), self.alpha(step))
+            except OverflowError:
+                factors = (math.inf,)
+            if not all(math.isfinite(f) for f in factors):
+                raise UsageError(
+                    f"at step {step} the schedule base is {min(beta_base, alpha_base):g}, so β = base^-{self.ema_power:g} "
+                    f"or α = base^-{self.bias_power:g} overflows; use a base of at least 1 (lag, multiplier) or smaller powers"
                 )
 
     def beta(self, step: int) -> float:

@@ -7,7 +7,6 @@ repo it pushes to (the load snippet names the repo) without the checkpoints at h
 from __future__ import annotations
 
 import datetime
-import os
 import re
 from pathlib import Path
 
@@ -53,7 +52,8 @@ def provenance(plan: Plan, output: OutputSpec, *, settings: dict, training: Trai
         "steps": {
             "found": plan.found_steps,
             "update_steps_used": [s for s in run.update_steps if s <= output.step],
-            "update_steps_missing_skipped": run.missing_steps,
+            "update_steps_missing_skipped": run.missing_steps,  # the first ones; all are counted below
+            "update_steps_missing_count": run.missing_count,
             "ignored": [s for s in plan.found_steps if s not in plan.sources],
             "theta0": run.schedule.theta0_step,
         },
@@ -64,18 +64,16 @@ def provenance(plan: Plan, output: OutputSpec, *, settings: dict, training: Trai
             {
                 "step": step,
                 "folder": str(source.folder.resolve()),
-                "files": [_file_record(path) for path in source.files],
+                "files": [
+                    {"name": path.name, "size": identity.size, "mtime_ns": identity.mtime_ns}
+                    for path, identity in sorted(source.identities.items())
+                ],
             }
             for step, source in sorted(plan.sources.items())
             if step in output.weights
         ],
         "tensors": len(plan.tensors),
     }
-
-
-def _file_record(path: Path) -> dict:
-    stat = os.stat(path)
-    return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def weights_bar_chart(weights: dict[int, float], *, width: int = 40) -> str:

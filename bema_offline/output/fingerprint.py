@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..dtypes import dtype_name
+from ..files import writable_view
 from ..sources.run import load_source
-from ..sources.safetensors_io import dtype_name, writable_view
 
 if TYPE_CHECKING:
     import torch

@@ -47,17 +47,15 @@ def plan_fingerprint(plan: Plan, settings: dict) -> dict:
             {
                 "step": step,
                 "folder": str(source.folder.resolve()),
-                "files": [[path.name, *_size_and_mtime(path)] for path in source.files],
-                "tensors": [[t.name, t.path.name, t.dtype, list(t.shape), t.start] for t in source.tensors.values()],
+                "files": [[path.name, identity.size, identity.mtime_ns] for path, identity in sorted(source.identities.items())],
+                "tensors": [
+                    [t.name, t.dtype, list(t.shape), [[e.path.name, e.offset, e.first, e.stop] for e in t.extents]]
+                    for t in source.tensors.values()
+                ],
             }
             for step, source in sorted(plan.sources.items())
         ],
     }
-
-
-def _size_and_mtime(path: Path) -> tuple[int, int]:
-    stat = os.stat(path)
-    return stat.st_size, stat.st_mtime_ns
 
 
 def fingerprint_hash(fingerprint: object) -> str:

@@ -23,14 +23,16 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..dtypes import DTYPES, FLOAT_DTYPES
 from ..engine import kernels
-from ..engine.engine import Engine, Sink, Slice
+from ..engine.engine import Engine, Sink, Slice, all_finite
 from ..engine.kernels import KERNEL_DTYPES, kernel_name
 from ..engine.plan import OutputSpec, Plan, ScheduleRun
 from ..errors import BemaError, DataError
+from ..files import OpenFiles, parse_json
 from ..methods.schedule import KINDS, BEMASchedule, effective_weights
 from ..sources.run import BASE_STEP, INDEX_FILE, SINGLE_FILE, WeightSource, load_source
-from ..sources.safetensors_io import DTYPES, FLOAT_DTYPES, OpenFiles, TensorInfo, all_finite, parse_json
+from ..sources.tensors import TensorInfo
 from .card import PROVENANCE_FILE
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20

@@ -18,10 +18,11 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..dtypes import DTYPES
 from ..engine.engine import Sink, Slice
 from ..errors import DataError, UsageError
 from ..faults import fault_point
-from ..sources.safetensors_io import DTYPES, OpenFiles, parse_json, preallocate
+from ..files import OpenFiles, parse_json, preallocate
 
 INDEX_FILE = "model.safetensors.index.json"
 WRITEBACK_BYTES = 64 * 2**20

@@ -5,37 +5,20 @@ Nothing here reads tensor data: a `WeightSource` maps each tensor name to where 
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError, UsageError
-from .safetensors_io import TensorInfo, parse_json, read_header
+from ..files import read_json_file
+from .safetensors_io import INDEX_FILE, SINGLE_FILE, load_safetensors
+from .tensors import BASE_STEP, TensorInfo, WeightSource
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-BASE_STEP = 0
+__all__ = ["BASE_STEP", "INDEX_FILE", "SINGLE_FILE", "TensorInfo", "WeightSource", "find_checkpoints", "load_source"]
+
+TRAINER_STATE_LIMIT = 64 * 2**20  # a trainer_state.json logs every step; a long run's is a few MiB
 _CHECKPOINT_NAME = re.compile(r"checkpoint-(.*)", re.DOTALL)
 _STEP_NUMBER = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
-
-
-@dataclass(frozen=True)
-class WeightSource:
-    """The weights at one step: a checkpoint folder, or the base model (step 0)."""
-
-    step: int
-    folder: Path
-    tensors: dict[str, TensorInfo]
-
-    @property
-    def label(self) -> str:
-        return f"base model {self.folder}" if self.step == BASE_STEP else f"step {self.step} ({self.folder})"
-
-    @property
-    def files(self) -> list[Path]:
-        return sorted({t.path for t in self.tensors.values()})
 
 
 def find_checkpoints(run_dir: str | Path, *, min_step: int | None = None, max_step: int | None = None) -> dict[int, Path]:
@@ -83,28 +66,19 @@ def find_checkpoints(run_dir: str | Path, *, min_step: int | None = None, max_st
 
 
 def load_source(folder: Path, step: int) -> WeightSource:
-    """Read the safetensors headers (single file or sharded with an index) of one model folder.
+    """Read the headers of one model folder, in whichever layout it was saved.
 
     Raises:
-        `DataError`: no safetensors weights, a missing shard, or a corrupt header.
+        `DataError`: no weights this tool can read (the message says what the folder holds and what to do), a
+            missing shard, or a corrupt header.
     """
-    index_path = folder / INDEX_FILE
-    single = folder / SINGLE_FILE
-    for path in (index_path, single):
-        if path.is_symlink() and not path.exists():
-            raise DataError(f"{path}: a broken link or a link loop; fix or remove it")
-        if path.exists() and not path.is_file():
-            raise DataError(f"{path}: not a regular file; replace it with the saved weights")
-    if index_path.is_file():
-        tensors = _read_sharded(index_path)
-    elif single.is_file():
-        tensors, _ = read_header(single)
-    else:
-        raise _no_weights_error(folder)
-    if not tensors:
-        where = index_path if index_path.is_file() else single
-        raise DataError(f"{where}: holds no tensors; the checkpoint is empty or was not saved completely")
-    return WeightSource(step, folder, tensors)
+    if (folder / SINGLE_FILE).exists() or (folder / SINGLE_FILE).is_symlink() or (folder / INDEX_FILE).exists():
+        return load_safetensors(folder, step)
+    raise _no_weights_error(folder)
+
+
+# Files every Trainer checkpoint may hold that are never model weights, whatever their extension.
+NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json")
 
 
 def _no_weights_error(folder: Path) -> DataError:
@@ -113,51 +87,16 @@ def _no_weights_error(folder: Path) -> DataError:
         names = os.listdir(folder) if folder.is_dir() else []
     except OSError as e:
         return DataError(f"{folder}: cannot list the folder ({e.strerror or e})")
-    if any(n.endswith(".bin") for n in names):
+    weights = [n for n in names if n not in NOT_WEIGHTS and not n.startswith("rng_state")]
+    if any(n.endswith(".bin") for n in weights):
         return DataError(
             f"{folder}: only PyTorch .bin weights; bema-average streams safetensors: re-save with "
             "save_safetensors=True (or model.save_pretrained(..., safe_serialization=True))"
         )
     if "adapter_model.safetensors" in names:
         return DataError(f"{folder}: a PEFT adapter checkpoint; merge the adapters into full weights first")
-    return DataError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; is this a model folder?")
-
-
-def _read_sharded(index_path: Path) -> dict[str, TensorInfo]:
-    try:
-        raw = index_path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{index_path}: cannot read ({e.strerror or e})") from e
-    index = parse_json(raw, what=f"{index_path}: malformed index", hint="re-save the checkpoint")
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise DataError(f"{index_path}: malformed index (no weight_map of tensor names to files); re-save the checkpoint")
-    headers: dict[str, dict[str, TensorInfo]] = {}
-    for shard in sorted(set(weight_map.values())):
-        shard_path = index_path.parent / shard
-        if Path(shard).name != shard or shard in ("", ".", ".."):
-            raise DataError(f"{index_path}: names shard {shard!r}, which is not a file name in its folder; the index is corrupt")
-        if not _is_file(shard_path):
-            raise DataError(f"{index_path}: names shard {shard!r}, which is missing; the checkpoint is incomplete")
-        headers[shard], _ = read_header(shard_path)
-    tensors: dict[str, TensorInfo] = {}
-    for name, shard in weight_map.items():
-        if name not in headers[shard]:
-            raise DataError(f"{index_path}: tensor {name!r} is mapped to {shard}, which does not contain it")
-        tensors[name] = headers[shard][name]
-    for shard, header in headers.items():
-        for name in header:
-            if name not in weight_map:
-                raise DataError(f"{index_path.parent / shard}: tensor {name!r} is not in the index {index_path.name}")
-    return dict(sorted(tensors.items(), key=lambda item: (str(item[1].path), item[1].start)))
-
-
-def _is_file(path: Path) -> bool:
-    """`path.is_file()`, False also for names the system refuses (too long, NUL bytes, unencodable)."""
-    try:
-        return path.is_file()
-    except (OSError, ValueError):
-        return False
+    held = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "") if names else "nothing"
+    return DataError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}, so no model weights; it holds {held}")
 
 
 def resolve_base_model(base_model: str | Path) -> Path:
@@ -183,19 +122,49 @@ def resolve_base_model(base_model: str | Path) -> Path:
         ) from e
 
 
+DEFAULT_UPDATE_FREQ = 400  # TRL's
+
+
+def run_cadence(run_dir: str | Path, *, min_step: int | None = None, max_step: int | None = None) -> tuple[int, str]:
+    """The run's own checkpoint cadence, for `--update-freq` when none is given, and where it was read.
+
+    The newest checkpoint's `trainer_state.json` gives the Trainer's `save_steps`; else the checkpoints' spacing,
+    when it is even; else TRL's default (400).
+
+    Raises:
+        `DataError`: the run has no checkpoints (as `find_checkpoints`).
+    """
+    found = find_checkpoints(run_dir, min_step=min_step, max_step=max_step)
+    newest = max(found)
+    state = read_trainer_state(found[newest])
+    save_steps = state.get("save_steps") if state else None
+    if isinstance(save_steps, (int, float)) and not isinstance(save_steps, bool) and save_steps >= 1 and float(save_steps).is_integer():
+        return int(save_steps), f"the run's save_steps (trainer_state.json of checkpoint-{newest})"
+    steps = sorted(found)
+    gaps = {b - a for a, b in zip(steps, steps[1:])}
+    if len(gaps) == 1:
+        (gap,) = gaps
+        return gap, f"the spacing of the {len(steps)} checkpoints (no save_steps in trainer_state.json)"
+    return DEFAULT_UPDATE_FREQ, "TRL's default: the run states no save_steps and its checkpoints are not evenly spaced"
+
+
 def read_trainer_state(folder: Path) -> dict | None:
     """The few facts worth reporting from a checkpoint's `trainer_state.json`, or None if there is none."""
     path = folder / "trainer_state.json"
+    if not path.exists():
+        return None
     try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
+        state = read_json_file(path, what="trainer state", hint="ignored", limit=TRAINER_STATE_LIMIT)
+    except DataError:
         return None
     if not isinstance(state, dict):
         return None
     return {key: state.get(key) for key in ("global_step", "max_steps", "save_steps", "num_train_epochs")}
 
 
-def _steps_text(steps, limit: int = 12) -> str:
+def _steps_text(steps, limit: int = 12, *, total: int | None = None) -> str:
+    """Steps for a message: the first `limit`, and how many there are in all (`total`, when more exist than given)."""
     steps = sorted(steps)
+    total = len(steps) if total is None else total
     shown = ", ".join(str(s) for s in steps[:limit])
-    return shown + (f", ... ({len(steps)} in all)" if len(steps) > limit else "")
+    return shown + (f", ... ({total} in all)" if total > limit else "")

@@ -1,113 +1,35 @@
-"""Just enough of the safetensors format to read tensors lazily with `pread` and to write shards in place.
+"""The safetensors reader: a model folder's `model.safetensors`, or its shards and index, headers only.
 
-Reading through `pread` into our own buffers, rather than through `safe_open`'s memory map, keeps the pages of
-the input files out of the process's resident set: peak RSS stays at what we allocate.
-
-Format: 8 bytes little-endian header length N, N bytes of JSON `{name: {dtype, shape, data_offsets}, ...}`
-(plus an optional `__metadata__` of strings), then the data; offsets are relative to the end of the header.
+Format: 8 bytes little-endian header length N, N bytes of JSON `{name: {dtype, shape, data_offsets}, ...}` (plus an
+optional `__metadata__` of strings), then the data; offsets are relative to the end of the header. Every header is
+validated as strictly as the safetensors library itself does, and a little more (tensor names must be valid
+UTF-8, shapes must have a size that a loader can hold), so that a file this tool accepts is one that loads.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import json
 import math
 import os
 import struct
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from ..dtypes import DTYPES
 from ..errors import DataError
-from ..faults import fault_point
+from ..files import FileIdentity, parse_json, read_json_file
+from .tensors import TensorInfo, WeightSource
 
-if TYPE_CHECKING:
-    import torch
-
-
-@dataclass(frozen=True)
-class Dtype:
-    """A safetensors dtype: its name in headers, its size, and torch's name for it (torch is imported only where a
-    tensor is made)."""
-
-    name: str
-    itemsize: int
-    is_float: bool
-    torch_name: str
-
-    @property
-    def torch(self) -> torch.dtype:
-        import torch
-
-        return getattr(torch, self.torch_name)
-
-
-DTYPES: dict[str, Dtype] = {
-    dtype.name: dtype
-    for dtype in (
-        Dtype("F64", 8, True, "float64"),
-        Dtype("F32", 4, True, "float32"),
-        Dtype("F16", 2, True, "float16"),
-        Dtype("BF16", 2, True, "bfloat16"),
-        Dtype("F8_E4M3", 1, True, "float8_e4m3fn"),
-        Dtype("F8_E5M2", 1, True, "float8_e5m2"),
-        Dtype("I64", 8, False, "int64"),
-        Dtype("I32", 4, False, "int32"),
-        Dtype("I16", 2, False, "int16"),
-        Dtype("I8", 1, False, "int8"),
-        Dtype("U64", 8, False, "uint64"),
-        Dtype("U32", 4, False, "uint32"),
-        Dtype("U16", 2, False, "uint16"),
-        Dtype("U8", 1, False, "uint8"),
-        Dtype("BOOL", 1, False, "bool"),
-    )
-}
-# the `--dtype` and `--accum-dtype` names, as torch and config.json spell them
-FLOAT_DTYPES = {"float32": "F32", "float64": "F64", "bfloat16": "BF16", "float16": "F16"}
-
-
-def dtype_name(torch_dtype: torch.dtype) -> str:
-    """The safetensors name of a torch dtype."""
-    wanted = str(torch_dtype).removeprefix("torch.")
-    return next(name for name, dtype in DTYPES.items() if dtype.torch_name == wanted)
-
-
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
+MAX_BYTES = 2**63 - 1  # the largest size a loader (torch, the safetensors library) can address
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor's bytes lie in a safetensors file."""
-
-    name: str
-    path: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in the file
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype].torch
-
-    @property
-    def itemsize(self) -> int:
-        return DTYPES[self.dtype].itemsize
-
-    @property
-    def is_float(self) -> bool:
-        return DTYPES[self.dtype].is_float
-
-
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def read_header(path: Path, identities: dict[Path, FileIdentity] | None = None) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate the header of a safetensors file.
+
+    Args:
+        path (`Path`): the file.
+        identities (`dict`, *optional*): receives the file's identity as it was when the header was read.
 
     Returns:
         `(tensors, metadata)`: the tensors by name, in file order, and the `__metadata__` strings.
@@ -117,7 +39,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+            status = os.fstat(f.fileno())
+            size = status.st_size
+            if identities is not None:
+                identities[path] = FileIdentity.of(status)
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise DataError(f"{path}: truncated safetensors file ({size} bytes); re-save or remove this checkpoint")
@@ -153,15 +78,32 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return {t.name: t for t in tensors}, {str(k): str(v) for k, v in metadata.items()}
 
 
+def check_tensor_name(name: str, where: str) -> None:
+    """A tensor name every loader can read back: valid UTF-8 (JSON lets a lone surrogate through)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: tensor name {name!r} is not valid UTF-8 (a lone surrogate); the file is corrupt") from None
+
+
+def check_shape(shape: object, itemsize: int, where: str) -> tuple[int, ...]:
+    """A shape of non-negative ints whose byte size a loader can hold (a zero dimension does not excuse a huge one)."""
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise DataError(f"{where}: malformed shape {shape!r}; the file is corrupt")
+    if math.prod(d for d in shape if d) * itemsize > MAX_BYTES:
+        raise DataError(f"{where}: shape {shape} is too large for any loader (over 2^63 bytes); the file is corrupt")
+    return tuple(shape)
+
+
 def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     where = f"{path}: tensor {name!r}"
+    check_tensor_name(name, str(path))
     if not isinstance(entry, dict):
         raise DataError(f"{where}: malformed header entry; the file is corrupt")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise DataError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise DataError(f"{where}: malformed shape {shape!r}; the file is corrupt")
+    shape = check_shape(shape, DTYPES[dtype].itemsize, where)
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -173,155 +115,70 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
     expected = math.prod(shape) * DTYPES[dtype].itemsize
     if nbytes != expected:
         raise DataError(
-            f"{where}: shape {shape} of {dtype} needs {expected} bytes but data_offsets span {nbytes}; the file is corrupt"
+            f"{where}: shape {list(shape)} of {dtype} needs {expected} bytes but data_offsets span {nbytes}; the file is corrupt"
         )
-    return TensorInfo(name=name, path=path, dtype=dtype, shape=tuple(shape), start=data_start + offsets[0], nbytes=nbytes)
+    return TensorInfo.contiguous(name, path, dtype, shape, data_start + offsets[0])
 
 
-def parse_json(raw: bytes | str, *, what: str, hint: str) -> object:
-    """`json.loads`, with every way it can fail on hostile bytes turned into one `DataError` line.
+def load_safetensors(folder: Path, step: int) -> WeightSource:
+    """Read the safetensors headers of one model folder: `model.safetensors`, else the shards its index names.
 
-    Besides malformed JSON, that covers invalid UTF-8, nesting deep enough to exhaust the recursion limit, and
-    integers too long for Python to convert.
-    """
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
-        raise DataError(f"{what} ({reason}); {hint}") from e
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether a float tensor holds no NaN or Inf (float8 tensors, which `isfinite` lacks, are upcast)."""
-    import torch
-
-    if tensor.dtype.itemsize == 1:
-        tensor = tensor.float()
-    return bool(torch.isfinite(tensor).all())
-
-
-def writable_view(buffer: torch.Tensor) -> memoryview:
-    """A writable memoryview over a contiguous CPU tensor's bytes, for `os.preadv` to read into."""
-    array = (ctypes.c_char * buffer.nbytes).from_address(buffer.data_ptr())
-    return memoryview(array).cast("B")
-
-
-def _load_libc_function(name: str, argtypes: list):
-    try:
-        function = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):  # not Linux
-        return None
-    function.argtypes = argtypes
-    return function
-
-
-_sync_file_range = _load_libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
-_SYNC_FILE_RANGE_WRITE = 2
-_fallocate = _load_libc_function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
-_fstatfs = _load_libc_function("fstatfs", [ctypes.c_int, ctypes.c_void_p])
-_NOT_SUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
-_MEMORY_FILE_SYSTEMS = {0x01021994, 0x858458F6}  # tmpfs, ramfs: fallocate would zero every page before it is written
-
-
-def _in_memory(fd: int) -> bool:
-    """Whether the file lives on tmpfs or ramfs (Linux `fstatfs`; its first field, `f_type`, is a C long)."""
-    if _fstatfs is None:
-        return False
-    buffer = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
-    if _fstatfs(fd, buffer) != 0:
-        return False
-    return ctypes.c_long.from_buffer(buffer).value in _MEMORY_FILE_SYSTEMS
-
-
-def preallocate(fd: int, size: int) -> None:
-    """Reserve the disk blocks of the first `size` bytes of a file (Linux `fallocate`), so that writing them later
-    allocates nothing: on ext4 that makes writing a new file about 5x cheaper in CPU, and a full disk fails here,
-    at once, rather than in the middle of a run. A no-op where the file system or the OS cannot do it, and on
-    tmpfs (where it would only add a pass zeroing the pages).
+    Where a folder holds both, `model.safetensors` is read, as transformers' `from_pretrained` does; a note says that
+    the shards were ignored.
 
     Raises:
-        `OSError`: no space (ENOSPC), quota (EDQUOT), file size limit (EFBIG) or an I/O error.
+        `DataError`: a missing shard, a corrupt header or index, or no tensors.
     """
-    if _fallocate is None or size == 0 or _in_memory(fd):
-        return
-    if _fallocate(fd, 0, 0, size) != 0:
-        code = ctypes.get_errno()
-        if code not in _NOT_SUPPORTED:
-            raise OSError(code, os.strerror(code))
+    index_path = folder / INDEX_FILE
+    single = folder / SINGLE_FILE
+    for path in (index_path, single):
+        if path.is_symlink() and not path.exists():
+            raise DataError(f"{path}: a broken link or a link loop; fix or remove it")
+        if path.exists() and not path.is_file():
+            raise DataError(f"{path}: not a regular file; replace it with the saved weights")
+    identities: dict[Path, FileIdentity] = {}
+    notes: tuple[str, ...] = ()
+    if single.is_file():
+        tensors, _ = read_header(single, identities)
+        where = single
+        if index_path.is_file():
+            notes = (f"{folder} holds both {SINGLE_FILE} and {INDEX_FILE}: read {SINGLE_FILE}, as transformers loads it; the shards were ignored",)
+    else:
+        tensors = _read_sharded(index_path, identities)
+        where = index_path
+    if not tensors:
+        raise DataError(f"{where}: holds no tensors; the checkpoint is empty or was not saved completely")
+    return WeightSource(step, folder, tensors, identities, layout="safetensors", notes=notes)
 
 
-class OpenFiles:
-    """Positioned reads or writes on many files, keeping at most `max_open` open (least recently used closed).
+def _read_sharded(index_path: Path, identities: dict[Path, FileIdentity]) -> dict[str, TensorInfo]:
+    index = read_json_file(index_path, what="index", hint="re-save the checkpoint")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise DataError(f"{index_path}: malformed index (no weight_map of tensor names to files); re-save the checkpoint")
+    headers: dict[str, dict[str, TensorInfo]] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_path.parent / shard
+        if Path(shard).name != shard or shard in ("", ".", ".."):
+            raise DataError(f"{index_path}: names shard {shard!r}, which is not a file name in its folder; the index is corrupt")
+        if not _is_file(shard_path):
+            raise DataError(f"{index_path}: names shard {shard!r}, which is missing; the checkpoint is incomplete")
+        headers[shard], _ = read_header(shard_path, identities)
+    tensors: dict[str, TensorInfo] = {}
+    for name, shard in weight_map.items():
+        if name not in headers[shard]:
+            raise DataError(f"{index_path}: tensor {name!r} is mapped to {shard}, which does not contain it")
+        tensors[name] = headers[shard][name]
+    for shard, header in headers.items():
+        for name in header:
+            if name not in weight_map:
+                raise DataError(f"{index_path.parent / shard}: tensor {name!r} is not in the index {index_path.name}")
+    return dict(sorted(tensors.items(), key=lambda item: (str(item[1].path), item[1].start)))
 
-    With `max_open=None` no file is closed before `close_file` or `close`: then several threads may read or write
-    at once (the file table is locked; positioned I/O needs no more).
-    """
 
-    def __init__(self, *, writable: bool = False, max_open: int | None = 64) -> None:
-        self.flags = os.O_WRONLY if writable else os.O_RDONLY
-        self.max_open = max_open
-        self._fds: OrderedDict[Path, int] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def _fd(self, path: Path) -> int:
-        with self._lock:
-            fd = self._fds.pop(path, None)
-            if fd is None:
-                try:
-                    fd = os.open(path, self.flags)
-                except OSError as e:
-                    raise DataError(f"{path}: cannot open ({e.strerror or e})") from e
-                while self.max_open is not None and len(self._fds) >= self.max_open:
-                    os.close(self._fds.popitem(last=False)[1])
-            self._fds[path] = fd
-            return fd
-
-    def close_file(self, path: Path) -> None:
-        """Close `path` if it is open (no thread may be using it)."""
-        with self._lock:
-            fd = self._fds.pop(path, None)
-        if fd is not None:
-            os.close(fd)
-
-    def read_into(self, path: Path, offset: int, view: memoryview) -> None:
-        """Fill `view` with the bytes of `path` starting at `offset`."""
-        fd = self._fd(path)
-        done = 0
-        while done < len(view):
-            try:
-                fault_point("read")
-                n = os.preadv(fd, [view[done:]], offset + done)
-            except OSError as e:
-                raise DataError(f"{path}: read error at byte {offset + done} ({e.strerror or e})") from e
-            if n == 0:
-                raise DataError(f"{path}: file ended at byte {offset + done} while reading; it was truncated during the run")
-            done += n
-
-    def write_at(self, path: Path, offset: int, view: memoryview) -> None:
-        """Write all of `view` into `path` at `offset`."""
-        fd = self._fd(path)
-        done = 0
-        while done < len(view):
-            try:
-                fault_point("write")
-                done += os.pwrite(fd, view[done:], offset + done)
-            except OSError as e:
-                raise DataError(f"{path}: write failed ({e.strerror or e}); free some disk space or choose another --output") from e
-
-    def start_writeback(self, path: Path) -> None:
-        """Ask the kernel to start writing `path`'s dirty pages to disk now, without waiting (Linux; elsewhere a
-        no-op). Writing back while the run goes on leaves little for the final fsync to wait for."""
-        if _sync_file_range is not None:
-            _sync_file_range(self._fd(path), 0, 0, _SYNC_FILE_RANGE_WRITE)
-
-    def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-
-    def __enter__(self) -> OpenFiles:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+def _is_file(path: Path) -> bool:
+    """`path.is_file()`, False also for names the system refuses (too long, NUL bytes, unencodable)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False

@@ -129,7 +129,7 @@ def test_allow_missing_skips_and_records(tmp_path, capsys):
     assert_clean_failure(code, err, 1, "update step", "6", "--allow-missing", output=out)
     code, _, err = run_cli([run_dir, "--base-model", base_dir, "--update-freq", "2", "-o", out, "--allow-missing"], capsys)
     assert code == 0
-    assert "skipped update steps without a checkpoint: 6" in err
+    assert "skipped 1 update step without a checkpoint: 6" in err
     assert json.loads((out / "bema_offline.json").read_text())["steps"]["update_steps_missing_skipped"] == [6]
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from bema_offline import UsageError
-from bema_offline.sources.safetensors_io import OpenFiles, writable_view
+from bema_offline.files import OpenFiles, writable_view
 from bema_offline.output.writer import ModelFolderWriter, TensorSpec, copy_sidecar_files, parse_size, shard_tensors
 
 
@@ -70,7 +70,7 @@ def test_sidecar_files_come_from_the_first_source_that_has_them(tmp_path):
 def _fallocate_works(folder: Path) -> bool:
     import os
 
-    from bema_offline.sources.safetensors_io import _fallocate
+    from bema_offline.files import _fallocate
 
     fd = os.open(folder / "probe", os.O_CREAT | os.O_WRONLY)
     try:
@@ -85,7 +85,7 @@ def test_shards_are_preallocated_on_disk_but_not_on_tmpfs(tmp_path):
     on tmpfs nothing is reserved, as that would only zero every page first."""
     import os
 
-    from bema_offline.sources.safetensors_io import _fallocate, _in_memory
+    from bema_offline.files import _fallocate, _in_memory
 
     specs = [TensorSpec("w", "F32", (1024, 1024))]
     folders = {"tmp_path": tmp_path}
