@@ -38,8 +38,9 @@ class ScheduleMethod(Method):
 
     def update_steps(self, steps: Sequence[int], *, base: bool, allow_missing: bool = False) -> list[int]:
         """The schedule's update steps that have a checkpoint, in order; the last is the output's step. Raises a
-        one-line error when the schedule cannot be computed from these sources (see `checked_update_steps`)."""
-        return checked_update_steps(self.schedule, steps, base=base, allow_missing=allow_missing)
+        one-line error when the schedule cannot be computed from these sources (see `checked_update_steps`, which
+        also says which update steps are missing)."""
+        return checked_update_steps(self.schedule, steps, base=base, allow_missing=allow_missing).present
 
     def _convention(self) -> str:
         return "TRL's BEMACallback" if self.schedule.convention == "trl" else "the paper's offline code"

@@ -143,7 +143,7 @@ def test_schedule_methods_say_why_they_cannot_be_computed(method):
         method(s).weights([10, 20], base=False)
     with pytest.raises(DataError, match="update_after is 15, so θ0 is checkpoint-15, which is not among"):
         method(s.replace(update_after=15)).weights([10, 20, 25], base=False)
-    with pytest.raises(DataError, match=r"update steps 20 have no checkpoint.*apart, so try --update-freq 20, or pass --allow-missing"):
+    with pytest.raises(DataError, match=r"update steps 20 have no checkpoint.*apart, so try --update-freq 20;.* or pass --allow-missing"):
         method(s).weights([10, 30], base=True)
     assert max(method(s).weights([10, 30], base=True, allow_missing=True)) == 30
     with pytest.raises(DataError, match="no checkpoint falls on an update step"):
@@ -158,8 +158,41 @@ def test_update_steps_are_found_in_o_checkpoints():
     started = time.perf_counter()
     with pytest.raises(DataError, match=r"update steps 30, 40, .* \(99999999997 in all\) have no checkpoint"):
         checked_update_steps(s, [10, 20, 10**12], base=True)
-    assert checked_update_steps(s, [10, 20, 10**12], base=True, allow_missing=True) == [10, 20, 10**12]
+    found = checked_update_steps(s, [10, 20, 10**12], base=True, allow_missing=True)
+    assert found.present == [10, 20, 10**12] and found.missing_count == 10**11 - 3 and found.missing[:2] == [30, 40]
+    assert len(found.missing) == 100  # listed for the provenance; all are counted
     assert time.perf_counter() - started < 1
+
+
+@pytest.mark.parametrize(
+    "schedule, steps",
+    [
+        (BEMASchedule(update_freq=10), [10, 30]),
+        (BEMASchedule(update_freq=10), [10, 20, 10**12]),
+        (BEMASchedule(update_freq=100), [150, 250, 350]),  # pruned by save_total_limit: replay from checkpoint-150
+        (BEMASchedule(update_freq=7), [10, 20, 30]),
+        (BEMASchedule(update_freq=10, update_after=15), [10, 20]),
+        (BEMASchedule(update_freq=100), [10, 20]),
+        (BEMASchedule(update_freq=10, convention="paper", update_after=10), [10, 20, 35]),
+        (BEMASchedule(update_freq=10, lag=0.5, multiplier=0, bias_power=2000), [10]),
+    ],
+)
+def test_the_same_checks_as_the_planner(tmp_path, schedule, steps):
+    """`checked_update_steps` is the scalar home of the planner's checks (`engine.plan._schedule_run`): the same
+    update steps, or the same one-line error, so that the planner can call it."""
+    from bema_offline.engine import plan
+
+    found = {step: tmp_path / f"checkpoint-{step}" for step in steps}
+    for allow_missing in (False, True):
+        try:
+            expected = plan._schedule_run("", schedule, found, allow_missing)
+        except (DataError, UsageError) as e:
+            with pytest.raises(type(e)) as caught:
+                checked_update_steps(schedule, steps, base=True, allow_missing=allow_missing)
+            assert str(caught.value) == str(e)
+            continue
+        got = checked_update_steps(schedule, steps, base=True, allow_missing=allow_missing)
+        assert (got.present, got.missing, got.missing_count) == (expected.update_steps, expected.missing_steps, expected.missing_count)
 
 
 def test_replayed_methods_are_marked_and_keep_their_kind():
