@@ -15,7 +15,7 @@
  * (start an EMA at theta0, update it at a step, write an output) is run block by block, so that each block of
  * every EMA lives in L1 from the first step to the last and the EMAs never exist in memory at all. Memory traffic
  * is then the checkpoints' bytes and the outputs'; a sweep of many EMAs costs arithmetic only. bf16 -> float32
- * is exact (a shift), so the bits are those of the torch ops; tests/test_kernel.py checks this against torch.
+ * is exact (a shift), so the bits are those of the torch ops; tests/engine/test_kernel*.py check this against torch.
  *
  * The same program also computes weighted sums, for the averages that are not TRL's recurrence (uniform windows,
  * post-hoc EMAs, DEMA, ExPO, ...): an output sum_i w_i * theta_i takes a slot of its own, started by SCALE

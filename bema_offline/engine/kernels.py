@@ -1,5 +1,5 @@
 """The C kernel (`_kernel.c`): BEMA's arithmetic on float32 or bf16 values in memory, with the bits of torch's ops
-(tests/test_kernel.py), and without torch:
+(tests/engine/test_kernel.py and test_kernel_ops.py), and without torch:
 
 - `Program`: a whole group replayed at once, from every step's values already in memory. The EMA updates
   (`ema.mul_(1 - beta).add_(theta, alpha=beta)`), the weighted sums of the other averages (`torch.mul(theta, w)`,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import stat
@@ -35,6 +36,7 @@ from .replay import BEMA
 from .schedule import BEMASchedule
 
 MAX_SWEEP_BYTES = 1 << 20  # a sweep file is a few lines; anything larger is refused before it is read
+MAX_CONFIGS = 1000  # configs in one sweep: each is an output folder, all computed in one pass
 MAX_NAME_BYTES = 200  # a config name is a folder name (most file systems allow 255 bytes; some room is kept)
 FILE_SUFFIXES = (".safetensors", ".json", ".md", ".png", ".svg", ".txt", ".model", ".jinja", ".bin", ".pt", ".pth")
 
@@ -109,6 +111,9 @@ def grid_configs(specs: Iterable[str], options: MethodOptions = MethodOptions())
         axes[key] = list(dict.fromkeys(parsed))
     if not axes:
         raise UsageError("--grid: give at least one FIELD=V1,V2,... item")
+    combinations = math.prod(len(values) for values in axes.values())
+    if combinations > MAX_CONFIGS:
+        raise UsageError(f"--grid: {combinations} combinations; one run takes at most {MAX_CONFIGS} configs")
     configs: dict[str, Method] = {}
     used: set[str] = set()
     for combination in itertools.product(*axes.values()):
@@ -150,12 +155,16 @@ def sweep_configs(path: str | Path, options: MethodOptions = MethodOptions()) ->
         raise DataError(f"--sweep {path}: expected a list of configs (or a mapping of names to configs)")
     if not entries:
         raise DataError(f"--sweep {path}: no configs in it")
+    if len(entries) > MAX_CONFIGS:
+        raise DataError(f"--sweep {path}: {len(entries)} configs; one run takes at most {MAX_CONFIGS}")
     configs: list[tuple[str, Method]] = []
     for number, entry in enumerate(entries, 1):
         where = f"--sweep {path}, config {number}"
         if not isinstance(entry, dict):
             raise DataError(f"{where}: expected a mapping of fields, got {_short(entry)}")
         fields = {_field_name(str(key)): value for key, value in entry.items() if key != "name"}
+        if len(fields) + ("name" in entry) < len(entry):
+            raise UsageError(f"{where}: a field is given twice (e.g. sigma-rel and sigma_rel)")
         params = {key: parse_value(key, value, where) for key, value in fields.items() if value is not None}
         method = _known(str(params.pop("method", options.method)), where)
         name, config = _config(method, params, options, where=where, named="method" in fields)

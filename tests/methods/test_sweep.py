@@ -106,6 +106,8 @@ def test_a_grid_inherits_the_command_lines_method_and_options():
         (["method=power-ema"], BASE, "power-ema needs --sigma-rel"),
         (["method=mean"], BASE, "unknown method 'mean'"),
         (["last=4,x"], MethodOptions("uniform"), "last must be an integer, got 'x'"),
+        ([f"lag={','.join(map(str, range(1, 41)))}", f"ema_power={','.join(str(i / 40) for i in range(40))}"], BASE,
+         "--grid: 1600 combinations; one run takes at most 1000 configs"),
     ],
 )
 def test_grid_errors(grid, options, message):
@@ -138,6 +140,16 @@ def test_a_sweep_file_refuses_fields_its_methods_do_not_take(tmp_path):
     path.write_text(json.dumps([{"method": "uniform", "ema_power": 0.3}]))
     with pytest.raises(UsageError, match=r"config 1: ema_power does not apply to uniform; uniform takes --last, --window"):
         sweep_configs(path, BASE)
+
+
+def test_sweep_files_refuse_repeated_fields_and_too_many_configs(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps([{"method": "power-ema", "sigma-rel": 0.1, "sigma_rel": 0.2}]))
+    with pytest.raises(UsageError, match="config 1: a field is given twice"):
+        sweep_configs(path)
+    path.write_text(json.dumps([{"lag": i} for i in range(1, 1002)]))
+    with pytest.raises(DataError, match="1001 configs; one run takes at most 1000"):
+        sweep_configs(path)
 
 
 def test_method_configs_without_a_sweep_is_the_one_method():
