@@ -65,8 +65,16 @@ class Method(ABC):
 
     def to_dict(self) -> dict[str, object]:
         """`{"method": name, **parameters}`: what a sweep file entry, the provenance record and `verify` hold;
-        `methods.registry.method_from_dict` reads it back."""
+        `from_dict` reads it back."""
         return {"method": self.name, **self.params()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object], *, where: str = "a method record") -> Method:
+        """The method a `to_dict()` describes (any method, whichever class this is called on; one-line UsageError
+        for a record no method can take)."""
+        from .registry import method_from_dict
+
+        return method_from_dict(data, where=where)
 
 
 # --- helpers shared by the methods ------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def test_every_method_round_trips_through_its_dict(name, params):
     method = make_method(name, params, schedule=SCHEDULE)
     record = json.loads(json.dumps(method.to_dict()))  # as a provenance file holds it
     assert record["method"] == name
-    assert method_from_dict(record) == method
+    assert method_from_dict(record) == method == Method.from_dict(record)
     assert method.label() and "/" not in method.label() and method.describe()
     weights = method.weights([10, 20, 30, 40, 50], base=True)
     assert math.fsum(weights.values()) == pytest.approx(1, abs=1e-12)
