@@ -22,6 +22,7 @@ from .demo import demo_command
 from .dpo import dpo_command
 from .push import push_command
 from .verify import verify_command
+from .weights import weights_command
 
 
 @click.group(context_settings=CONTEXT)
@@ -37,6 +38,7 @@ cli.add_command(demo_command, "demo")
 cli.add_command(push_command, "push")
 cli.add_command(dpo_command, "dpo")
 cli.add_command(verify_command, "verify")
+cli.add_command(weights_command, "weights")
 
 
 def _run(command: click.Command, args: list[str] | None = None, prog_name: str | None = None) -> None:
