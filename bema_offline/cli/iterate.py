@@ -150,7 +150,7 @@ def merge_config(ctx: click.Context, path: Path, options: dict[str, Any]) -> dic
         try:
             merged[name] = param.type_cast_value(ctx, value)
         except click.BadParameter as e:
-            raise UsageError(f"--config {path}: {key}: {e.format_message()}") from None
+            raise UsageError(f"--config {path}: {key}: {e.message}") from None
     return merged
 
 
