@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import datetime
 import fcntl
-import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,277 +37,18 @@ from typing import Any
 from .._version import __version__
 from ..api import average
 from ..errors import DataError, UsageError
-from ..methods.schedule import BEMASchedule
 from ..output import hub
 from ..output.fingerprint import folder_fingerprint
 from ..sources.run import find_checkpoints
+from .checkpoints import prepare_resume, prune_resume_state, resume_state_pruner
+from .dpo import RECORD_FILE, _first_line, require_dpo_extra, train_dpo, write_json_atomically
+from .rounds_plan import IteratePlan, data_fingerprint, plan_differences, plan_record
 from .rounds_report import TABLE_FILE, rounds_card, rounds_table, write_rounds_table
-from .dpo import RECORD_FILE, _first_line, _jsonable, dpo_config, require_dpo_extra, train_dpo, write_json_atomically
+
+__all__ = ["IteratePlan", "data_fingerprint", "run_rounds"]
 
 ROUNDS_FILE = "rounds.json"
 LOCK_FILE = ".bema-iterate.lock"
-REFERENCES = ("bema", "ema", "last", "base")
-AVERAGED_REFERENCES = ("bema", "ema")  # the reference kinds that are an average of the round before
-POLICY_INITS = ("reference", "last")
-# DPOConfig fields that would break resuming or the averages (on top of what `bema-offline dpo` refuses).
-ITERATE_REFUSED_FIELDS = {
-    "save_only_model": "iterate keeps the optimizer state of the newest checkpoint, to resume a killed round",
-    "save_total_limit": "the average of each round needs all its checkpoints",
-    "resume_from_checkpoint": "iterate resumes by itself: run the same command again",
-}
-# DPOConfig fields that change what a run prints, not what it computes: left out of the plan's fingerprint.
-PRESENTATION_FIELDS = {"disable_tqdm", "report_to", "run_name", "log_level", "logging_dir", "logging_steps", "logging_first_step", "logging_strategy"}
-# What the Trainer writes to resume (besides trainer_state.json): removed from all but the newest checkpoint.
-RESUME_STATE_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt")
-RESUME_STATE_PREFIX = "rng_state"
-
-
-@dataclass(frozen=True)
-class IteratePlan:
-    """Everything that decides what an iterative run computes, plus how it reports (eval data, Hub).
-
-    Args:
-        base_model (`Path`): round 1's policy and reference (a model folder).
-        datasets (`tuple[Path, ...]`): preference data, one for every round or one per round.
-        rounds (`int`): the number of rounds K.
-        workdir (`Path`): where the rounds, averages and `rounds.json` go.
-        save_steps (`int`): checkpoint cadence of each round, also the `update_freq` of its average.
-        reference (`str`, defaults to "bema"): "bema", "ema", "last" or "base" (see the module's docstring).
-        policy_init (`str`, *optional*): "reference" or "last"; defaults to "last" with reference "base" (else every
-            round would start from the base again), "reference" otherwise.
-        max_steps, beta, learning_rate, per_device_train_batch_size, bf16, precompute_ref_log_probs: each round's
-            DPO settings (TRL's defaults when None).
-        config_overrides (`dict`): any other DPOConfig fields.
-        schedule (`BEMASchedule`): the averages' schedule; `update_freq` is `save_steps`, `update_after` 0.
-        eval_data (`Path`, *optional*): held-out preference data scored after each round (not part of the plan's
-            fingerprint: it may change between runs, and the scores are then computed again).
-        push_to_hub (`str`, *optional*): ORG/NAME; each round's average goes to branch `round-K`.
-        private (`bool`, defaults to False): create the Hub repo private.
-    """
-
-    base_model: Path
-    datasets: tuple[Path, ...]
-    rounds: int
-    workdir: Path
-    save_steps: int
-    reference: str = "bema"
-    policy_init: str | None = None
-    max_steps: int | None = None
-    beta: float | None = None
-    learning_rate: float | None = None
-    per_device_train_batch_size: int | None = None
-    bf16: bool | None = None
-    precompute_ref_log_probs: bool = False
-    config_overrides: dict[str, Any] = field(default_factory=dict)
-    schedule: BEMASchedule | None = None
-    eval_data: Path | None = None
-    push_to_hub: str | None = None
-    private: bool = False
-
-    @property
-    def policy_start(self) -> str:
-        if self.policy_init is not None:
-            return self.policy_init
-        return "last" if self.reference == "base" else "reference"
-
-    @property
-    def average_kind(self) -> str:
-        """What each round's average is: the reference's kind when the reference is an average, else BEMA."""
-        return self.reference if self.reference in AVERAGED_REFERENCES else "bema"
-
-    @property
-    def bema_schedule(self) -> BEMASchedule:
-        return self.schedule if self.schedule is not None else BEMASchedule(update_freq=self.save_steps)
-
-    def dataset_for_round(self, k: int) -> Path:
-        return self.datasets[0] if len(self.datasets) == 1 else self.datasets[k - 1]
-
-    def check(self) -> None:
-        """Refuse inconsistent settings, with one line each."""
-        if self.rounds < 1:
-            raise UsageError(f"--rounds must be at least 1, got {self.rounds}")
-        if len(self.datasets) not in (1, self.rounds):
-            raise UsageError(f"--dataset given {len(self.datasets)} times; give it once, or once per round ({self.rounds})")
-        if self.save_steps < 1:
-            raise UsageError(f"--save-steps must be at least 1, got {self.save_steps}")
-        if self.reference not in REFERENCES:
-            raise UsageError(f"--reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
-        if self.policy_init not in (None, *POLICY_INITS):
-            raise UsageError(f"--policy-init must be reference or last, got {self.policy_init!r}")
-        if self.reference == "base" and self.policy_init == "reference":
-            raise UsageError("--reference base with --policy-init reference would start every round from the base again; use --policy-init last")
-        schedule = self.bema_schedule
-        if schedule.update_freq != self.save_steps or schedule.update_after != 0:
-            raise UsageError(
-                f"the averages update at every checkpoint from the round's start: update_freq must be --save-steps "
-                f"({self.save_steps}) and update_after 0, got {schedule.update_freq} and {schedule.update_after}"
-            )
-        for key in self.config_overrides:
-            if key in ITERATE_REFUSED_FIELDS:
-                raise UsageError(f"--config-set {key}: not allowed, {ITERATE_REFUSED_FIELDS[key]}")
-
-
-# --- the plan's fingerprint --------------------------------------------------------------------------------------
-
-
-def data_fingerprint(path: str | Path) -> str:
-    """sha256 of a data file's bytes, or of every file (relative path and bytes) of a `save_to_disk` folder.
-
-    Raises:
-        `DataError`: no such file or folder.
-    """
-    path = Path(path)
-    digest = hashlib.sha256()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-    elif path.is_file():
-        files = [path]
-    else:
-        raise DataError(f"--dataset {path}: no such file or folder")
-    for file in files:
-        if path.is_dir():
-            digest.update((file.relative_to(path).as_posix() + "\n").encode())
-        with open(file, "rb") as f:
-            while chunk := f.read(2**24):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def plan_record(plan: IteratePlan, base_fingerprint: str) -> dict:
-    """What `rounds.json` keeps of the plan: the settings that decide every round's weights, resolved (TRL's
-    defaults filled in), so that leaving an option out and giving its default value are the same plan. The number
-    of rounds and the data are checked per round instead, so that a finished run can be extended."""
-    config = dpo_config(
-        plan.workdir / "round-1",
-        beta=plan.beta,
-        learning_rate=plan.learning_rate,
-        max_steps=plan.max_steps,
-        per_device_train_batch_size=plan.per_device_train_batch_size,
-        save_steps=plan.save_steps,
-        bf16=plan.bf16,
-        precompute_ref_log_probs=plan.precompute_ref_log_probs,
-        overrides=plan.config_overrides,
-    )
-    return {
-        "base_model": {"path": str(plan.base_model), "fingerprint": base_fingerprint},
-        "reference": plan.reference,
-        "policy_init": plan.policy_start,
-        "average": plan.average_kind,
-        "dpo": {
-            "save_steps": plan.save_steps,
-            "max_steps": config.max_steps,
-            "beta": config.beta,
-            "learning_rate": config.learning_rate,
-            "per_device_train_batch_size": config.per_device_train_batch_size,
-            "bf16": config.bf16,
-            "precompute_ref_log_probs": config.precompute_ref_log_probs,
-            "max_length": config.max_length,
-            "overrides": {
-                key: _jsonable(value) for key, value in sorted(plan.config_overrides.items()) if key not in PRESENTATION_FIELDS
-            },
-        },
-        "schedule": plan.bema_schedule.to_dict(),
-        "lora": None,  # LoRA rounds: the LoraConfig fields, once they land
-    }
-
-
-_OPTION_NAMES = {"base_model.fingerprint": "--base-model (its weights)", "policy_init": "--policy-init"}
-
-
-def plan_differences(old: dict, new: dict) -> list[str]:
-    """The settings that differ between two plan records, each as `--option was X, now Y`."""
-    flat_old, flat_new = _flatten(old), _flatten(new)
-    found = []
-    for key in sorted(set(flat_old) | set(flat_new)):
-        if key in ("base_model.path", "average") or flat_old.get(key) == flat_new.get(key):  # (average follows reference)
-            continue
-        if key in _OPTION_NAMES:
-            name = _OPTION_NAMES[key]
-        elif key.startswith("dpo.overrides."):
-            name = f"--config-set {key.removeprefix('dpo.overrides.')}"
-        else:
-            last = key.rsplit(".", 1)[-1]
-            name = "--config-set max_length" if last == "max_length" else f"--{last.replace('_', '-')}"
-        was, now = (_shown(flat.get(key, "not set")) for flat in (flat_old, flat_new))
-        found.append(f"{name} was {was}, now {now}")
-    return found
-
-
-def _flatten(record: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in record.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _shown(value: Any) -> str:
-    text = str(value)
-    return text[:16] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text  # a sha256
-
-
-# --- checkpoints ------------------------------------------------------------------------------------------------
-
-
-def is_complete_checkpoint(folder: Path) -> bool:
-    """Whether the Trainer finished writing a checkpoint: `trainer_state.json`, written last, reads back whole."""
-    try:
-        state = json.loads((folder / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    has_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
-    return isinstance(state, dict) and "global_step" in state and has_weights
-
-
-def has_resume_state(folder: Path) -> bool:
-    return (folder / "optimizer.pt").is_file() and (folder / "scheduler.pt").is_file() and any(folder.glob(f"{RESUME_STATE_PREFIX}*"))
-
-
-def prepare_resume(run_dir: Path) -> Path | None:
-    """Where a killed round goes on from: its newest complete checkpoint with the state to resume, or None.
-
-    Checkpoint folders the Trainer did not finish writing are removed (they would be written again). Without a
-    checkpoint to resume from, the round's folder is removed, to start the round afresh.
-    """
-    if not run_dir.is_dir():
-        return None
-    steps = find_checkpoints(run_dir) if any(run_dir.glob("checkpoint-*")) else {}
-    resumable = [step for step, folder in steps.items() if is_complete_checkpoint(folder) and has_resume_state(folder)]
-    if not resumable:
-        shutil.rmtree(run_dir)
-        return None
-    newest = max(resumable)
-    for step, folder in steps.items():
-        if step > newest or not is_complete_checkpoint(folder):
-            shutil.rmtree(folder)
-    return steps[newest]
-
-
-def prune_resume_state(run_dir: Path, *, newest: int) -> None:
-    """Remove the optimizer, scheduler and RNG state from every checkpoint before step `newest` (the model files,
-    which the average reads, stay)."""
-    for step, folder in find_checkpoints(run_dir).items():
-        if step >= newest:
-            continue
-        for path in folder.iterdir():
-            if path.name in RESUME_STATE_FILES or path.name.startswith(RESUME_STATE_PREFIX):
-                path.unlink()
-
-
-def _resume_state_pruner():
-    """A TrainerCallback that calls `prune_resume_state` once each checkpoint is complete."""
-    from transformers import TrainerCallback
-
-    class KeepResumeStateInNewest(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                prune_resume_state(Path(args.output_dir), newest=state.global_step)
-
-    return KeepResumeStateInNewest()
-
-
 # --- the work folder --------------------------------------------------------------------------------------------
 
 
@@ -559,7 +298,7 @@ def _run_round(run: _Run, k: int) -> None:
             precompute_ref_log_probs=plan.precompute_ref_log_probs,
             config_overrides={**plan.config_overrides, "save_only_model": False},
             resume_from_checkpoint=resume,
-            callbacks=[_resume_state_pruner()],
+            callbacks=[resume_state_pruner()],
             progress=run.progress,
             log=log,
         )

@@ -128,3 +128,11 @@ def test_bema_average_version(capsys) -> None:
     assert code == 0 and out.startswith(f"bema-average {__version__} (EMA kernel: ")
     code, out, _ = run_cli(cli, ["average", "--help"], capsys)
     assert "--version" not in out  # the group's own average command is unchanged
+
+
+def test_the_command_offers_what_the_plan_takes() -> None:
+    """The command keeps its own copy of the choices, so that `--help` imports neither torch nor trl."""
+    from bema_offline.cli import iterate as command
+    from bema_offline.train import rounds_plan
+
+    assert command.REFERENCES == rounds_plan.REFERENCES and command.POLICY_INITS == rounds_plan.POLICY_INITS
