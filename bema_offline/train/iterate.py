@@ -49,6 +49,8 @@ __all__ = ["IteratePlan", "data_fingerprint", "run_rounds"]
 
 ROUNDS_FILE = "rounds.json"
 LOCK_FILE = ".bema-iterate.lock"
+
+
 # --- the work folder --------------------------------------------------------------------------------------------
 
 
@@ -418,9 +420,8 @@ def _push_round(run: _Run, entry: dict) -> None:
         commit_message=f"bema-offline iterate: round {k}'s {entry['average']['kind'].upper()}",
         log=run.log,
     )
-    entry["push"] = {"repo": plan.push_to_hub, "revision": branch, "fingerprint": entry["average"]["fingerprint"]}
-    run.save()
-    card = rounds_card(run.record, plan.workdir, repo_id=plan.push_to_hub)
+    pushed = {"repo": plan.push_to_hub, "revision": branch, "fingerprint": entry["average"]["fingerprint"]}
+    card = rounds_card({**run.record, "rounds": run.record["rounds"][:k]}, plan.workdir, repo_id=plan.push_to_hub)
     try:
         run.hub_api.upload_file(
             path_or_fileobj=card.encode(),
@@ -434,6 +435,8 @@ def _push_round(run: _Run, entry: dict) -> None:
             f"writing the rounds table to the main branch of {plan.push_to_hub} failed ({_first_line(e)}); "
             f"round {k} is on branch {branch}; run the same command again to retry"
         ) from e
+    entry["push"] = pushed  # recorded once the card is up too, so that a rerun retries both
+    run.save()
 
 
 def _now() -> str:
