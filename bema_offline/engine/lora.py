@@ -1,0 +1,289 @@
+"""The arithmetic of a LoRA average, one targeted module and one block of its rows at a time.
+
+Every checkpoint of a LoRA run is θᵢ = W0 + s·Bᵢ·Aᵢ on the modules the adapter targets, and W0 elsewhere. An average
+with effective weights wᵢ (summing to 1, θ0 = the base, whose B is 0) is therefore
+
+    W0 + s·Σ wᵢ·Bᵢ·Aᵢ = W0 + [s·w₁B₁ | … | s·w_K B_K] @ [A₁; …; A_K]
+
+one matmul of stacked factors per row block, exact up to float32 rounding (the weights are folded into B in
+float64, so no factor is scaled by the root of a negative weight). The pieces, for the engine:
+
+- `ModuleAverage` (one per targeted module and output): built once from every checkpoint's factors (small), it turns
+  rows `[start, start + n)` of W0 into the same rows of the output (`rows`), and the base bias into the output bias
+  where the adapter has `lora_bias` (`bias`). Read W0 rows as stored; get float32 rows back, ready to cast.
+- `full_rows`: a tensor trained in full (`modules_to_save`, trained biases): Σ wᵢ·θᵢ with the base tensor as θ0.
+- Untargeted tensors are W0, cast to the output dtype: nothing to compute.
+
+The product is computed in tiles of `TILE_ROWS` rows aligned to the tensor's first row, whatever block the engine
+asks for, so the result does not depend on `--max-memory` (a float32 matmul sums in an order that depends on its
+shape). Blocks aligned to `TILE_ROWS` waste nothing; others recompute at most one tile at each end.
+
+`mode="factors"` (`--lora-average factors`) computes W0 + s·(Σ wᵢBᵢ)(Σ wᵢAᵢ) instead, what averaging the factors
+separately gives (the base's factors count as zero), and `factor_difference` measures how far that is from the
+exact average. DoRA (`use_dora`) is not linear in the factors: each checkpoint's merged weight is computed as peft
+computes it, then weighted, so it costs one matmul per checkpoint per block rather than one per block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UsageError
+from ..files import OpenFiles
+from ..sources.peft import AdapterRun, LoraModule, ModuleFactors, read_module_factors, read_tensor
+from ..sources.tensors import BASE_STEP, WeightSource
+
+LORA_AVERAGES = ("exact", "factors")
+TILE_ROWS = 256  # rows of each matmul: a fixed shape gives the same bits whatever the block
+WEIGHT_SUM_TOLERANCE = 1e-9
+
+
+def check_weights(weights: Mapping[int, float], factor_steps: object) -> None:
+    """Check that `weights` sum to 1 and that every step but the base has factors (a programming error if not)."""
+    total = math.fsum(weights.values())
+    if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
+        raise ValueError(f"effective weights must sum to 1, got {total!r}")
+    missing = [step for step in weights if step != BASE_STEP and step not in factor_steps]
+    if missing:
+        raise ValueError(f"no factors for steps {missing}")
+
+
+def _oriented(module: LoraModule, factors: ModuleFactors) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) with ΔW = left @ right in the weight's stored orientation: (B, A), or (Aᵀ, Bᵀ) when transposed."""
+    if module.transposed:
+        return factors.A.t(), factors.B.t()
+    return factors.B, factors.A
+
+
+def _padded(left: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`left` as a contiguous `dtype` tensor with zero rows appended up to a multiple of TILE_ROWS."""
+    rows = left.shape[0]
+    padded = torch.zeros((-(-rows // TILE_ROWS) * TILE_ROWS, left.shape[1]), dtype=dtype)
+    padded[:rows] = left
+    return padded
+
+
+def _product(left: torch.Tensor, right: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of `left @ right`, computed tile by tile (`left` padded by `_padded`)."""
+    first = start // TILE_ROWS * TILE_ROWS
+    last = -(-stop // TILE_ROWS) * TILE_ROWS
+    out = torch.empty((last - first, right.shape[1]), dtype=right.dtype)
+    for tile in range(first, last, TILE_ROWS):
+        torch.matmul(left[tile : tile + TILE_ROWS], right, out=out[tile - first : tile - first + TILE_ROWS])
+    return out[start - first : stop - first]
+
+
+class ModuleAverage:
+    """One targeted module's average for one output.
+
+    Args:
+        module (`LoraModule`): the module (from `AdapterLayout.modules`).
+        factors (`Mapping[int, ModuleFactors]`): each checkpoint's factors, by step (see `read_module_factors`).
+        weights (`Mapping[int, float]`): each source's effective weight; the base is step 0 (its B is 0). They sum
+            to 1, so W0's coefficient is 1.
+        mode (`str`, defaults to "exact"): "exact", or "factors" to average A and B separately.
+        dtype (`torch.dtype`, defaults to float32): the accumulation dtype (float32 or float64).
+
+    Example:
+
+    ```python
+    >>> average = ModuleAverage(module, {20: f20, 40: f40}, {0: -0.1, 20: 0.3, 40: 0.8})
+    >>> out = average.rows(w0_rows, start=0)   # rows [0, len(w0_rows)) of the averaged weight, float32
+    ```
+    """
+
+    def __init__(
+        self,
+        module: LoraModule,
+        factors: Mapping[int, ModuleFactors],
+        weights: Mapping[int, float],
+        *,
+        mode: str = "exact",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if mode not in LORA_AVERAGES:
+            raise UsageError(f"--lora-average must be one of {', '.join(LORA_AVERAGES)}, got {mode!r}")
+        if mode == "factors" and module.magnitude is not None:
+            raise UsageError("--lora-average factors does not apply to DoRA adapters (use_dora); leave it at exact")
+        check_weights(weights, factors)
+        self.module, self.mode, self.dtype = module, mode, dtype
+        self.base_weight = weights.get(BASE_STEP, 0.0)
+        steps = [step for step in sorted(weights) if step != BASE_STEP]
+        oriented = {step: _oriented(module, factors[step]) for step in steps}
+        s = module.scaling
+        self._bias_terms = [(s * weights[step], factors[step].lora_bias) for step in steps if factors[step].lora_bias is not None]
+        if module.magnitude is not None:  # DoRA: each checkpoint's (s·left, right, magnitude) and weight
+            self._dora = [
+                (weights[step], _padded(oriented[step][0].double() * s, dtype), oriented[step][1].to(dtype), factors[step].magnitude.to(dtype))
+                for step in steps
+                if weights[step] != 0
+            ]
+            return
+        rows, cols = module.shape
+        if mode == "exact":
+            used = [step for step in steps if weights[step] != 0]
+            left = torch.cat([torch.zeros(rows, 0, dtype=torch.float64), *(s * weights[step] * oriented[step][0].double() for step in used)], dim=1)
+            right = torch.cat([torch.zeros(0, cols, dtype=torch.float64), *(oriented[step][1].double() for step in used)], dim=0)
+        else:
+            rank = module.rank
+            left = s * sum((weights[step] * oriented[step][0].double() for step in steps), torch.zeros(rows, rank, dtype=torch.float64))
+            right = sum((weights[step] * oriented[step][1].double() for step in steps), torch.zeros(rank, cols, dtype=torch.float64))
+        self._left = _padded(left, dtype)
+        self._right = right.to(dtype).contiguous()
+
+    @property
+    def rank(self) -> int:
+        """The rank of the stacked product (r·K exact, r with factors)."""
+        return self._right.shape[0] if self.module.magnitude is None else sum(r.shape[0] for _, _, r, _ in self._dora)
+
+    def rows(self, w0_rows: torch.Tensor, start: int) -> torch.Tensor:
+        """Rows `[start, start + len(w0_rows))` of the averaged weight, from the same rows of W0 (as stored).
+
+        DoRA on a transposed weight (`module.rows_independent` False) needs the whole tensor in one block.
+
+        Returns:
+            `torch.Tensor`: a new tensor in the accumulation dtype.
+        """
+        stop = start + w0_rows.shape[0]
+        w0 = w0_rows.to(self.dtype)
+        if self.module.magnitude is not None:
+            return self._dora_rows(w0, start, stop)
+        out = _product(self._left, self._right, start, stop)
+        out += w0
+        return out
+
+    def _dora_rows(self, w0: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        transposed = self.module.transposed
+        if transposed and (start, stop) != (0, self.module.shape[0]):
+            raise ValueError(f"{self.module.weight}: DoRA on a transposed weight needs the whole tensor in one block")
+        out = w0 * self.base_weight
+        for w, left, right, magnitude in self._dora:
+            merged = _product(left, right, start, stop)
+            merged += w0  # W0 + s·ΔW, the weight whose norms DoRA takes (per output feature)
+            if transposed:
+                factor = (magnitude / torch.linalg.vector_norm(merged, dim=0)).view(1, -1)
+            else:
+                factor = (magnitude[start:stop] / torch.linalg.vector_norm(merged, dim=1)).view(-1, 1)
+            merged *= factor
+            out.add_(merged, alpha=w)
+        return out
+
+    def bias(self, b0: torch.Tensor) -> torch.Tensor:
+        """The output bias from the base bias: b0 + s·Σ wᵢ·(lora_B bias)ᵢ (the `lora_bias` option)."""
+        out = b0.double()
+        for coefficient, lora_bias in self._bias_terms:
+            out += coefficient * lora_bias.double()
+        return out.to(self.dtype)
+
+    def block_bytes(self, rows: int) -> int:
+        """Working memory of `rows(...)` for a block of `rows` rows, beyond the caller's W0 buffer."""
+        tiles = -(-rows // TILE_ROWS) + 1
+        copies = 3 if self.module.magnitude is not None else 2
+        return copies * tiles * TILE_ROWS * self.module.shape[1] * torch.finfo(self.dtype).bits // 8
+
+
+def factor_difference(module: LoraModule, factors: Mapping[int, ModuleFactors], weights: Mapping[int, float]) -> float:
+    """‖Δ_factors − Δ_exact‖_F / ‖Δ_exact‖_F for one module: how far averaging A and B separately lands from the
+    exact average, computed from Gram matrices of the stacked factors in float64 (no out × in matrix).
+
+    Returns 0.0 when the exact delta is zero and so is the difference.
+    """
+    check_weights(weights, factors)
+    steps = [step for step in sorted(weights) if step != BASE_STEP]
+    oriented = [tuple(t.double() for t in _oriented(module, factors[step])) for step in steps]
+    w = [weights[step] for step in steps]
+    s = module.scaling
+    exact_left = torch.cat([s * wi * L for wi, (L, _) in zip(w, oriented)], dim=1)
+    exact_right = torch.cat([R for _, R in oriented], dim=0)
+    factors_left = s * sum(wi * L for wi, (L, _) in zip(w, oriented))
+    factors_right = sum(wi * R for wi, (_, R) in zip(w, oriented))
+    exact = _frobenius_squared(exact_left, exact_right)
+    difference = _frobenius_squared(torch.cat([exact_left, -factors_left], dim=1), torch.cat([exact_right, factors_right], dim=0))
+    if exact == 0.0:
+        return 0.0 if difference == 0.0 else math.inf
+    return math.sqrt(max(difference, 0.0) / exact)
+
+
+def _frobenius_squared(left: torch.Tensor, right: torch.Tensor) -> float:
+    """‖left @ right‖_F² = trace((leftᵀleft)(right rightᵀ)), without forming the product."""
+    return float(((left.t() @ left) * (right @ right.t())).sum())
+
+
+def full_rows(
+    theta0_rows: torch.Tensor, copies: Mapping[int, torch.Tensor], weights: Mapping[int, float], *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Rows of a tensor trained in full: Σ wᵢ·θᵢ, with the base's rows as θ0 (step 0) and each checkpoint's copy.
+
+    Args:
+        theta0_rows (`torch.Tensor`): the base tensor's rows (for a tied `lm_head`, the input embedding's).
+        copies (`Mapping[int, torch.Tensor]`): the same rows of each checkpoint's copy, by step.
+        weights (`Mapping[int, float]`): effective weights by step (the base is step 0).
+    """
+    check_weights(weights, copies)
+    out = torch.zeros(theta0_rows.shape, dtype=dtype)
+    for step, w in sorted(weights.items()):
+        out.add_((theta0_rows if step == BASE_STEP else copies[step]).to(dtype), alpha=w)
+    return out
+
+
+@dataclass(frozen=True)
+class MergedTensor:
+    """One tensor of a merged average, whole (the reference driver's output)."""
+
+    name: str
+    value: torch.Tensor  # the accumulation dtype for a changed tensor, the base's dtype for an unchanged one
+    changed: bool
+
+
+def iter_merged(
+    run: AdapterRun,
+    base: WeightSource,
+    weights: Mapping[int, float],
+    *,
+    mode: str = "exact",
+    dtype: torch.dtype = torch.float32,
+    block_rows: int = TILE_ROWS,
+) -> Iterator[MergedTensor]:
+    """Every tensor of the merged average, computed block by block: the plain reference driver of this module.
+
+    It reads W0 in blocks of `block_rows` rows and each module's factors once, as a streaming engine does, but keeps
+    each finished tensor whole; the engine streams the same calls within its memory budget instead.
+
+    Args:
+        run (`AdapterRun`): the adapter checkpoints and their layout.
+        base (`WeightSource`): the base model.
+        weights (`Mapping[int, float]`): effective weights by step (0: the base).
+    """
+    layout = run.layout
+    steps = [step for step in sorted(weights) if step != BASE_STEP]
+    identities = {**base.identities, **run.identities}
+    with OpenFiles(identities=identities) as files:
+        for name, theta0 in layout.output_tensors(base).items():
+            info = base.tensors[theta0]
+            if name in layout.modules:
+                module = layout.modules[name]
+                factors = {step: read_module_factors(module, run.checkpoints[step], files, dtype) for step in steps}
+                average = ModuleAverage(module, factors, weights, mode=mode, dtype=dtype)
+                block = block_rows if module.rows_independent else module.shape[0]
+                value = torch.cat([average.rows(read_tensor(info, files, start, min(start + block, module.shape[0])), start) for start in range(0, module.shape[0], block)])
+            elif name in layout.lora_biases:
+                module = layout.lora_biases[name]
+                factors = {step: read_module_factors(module, run.checkpoints[step], files, dtype) for step in steps}
+                value = ModuleAverage(module, factors, weights, mode=mode, dtype=dtype).bias(read_tensor(info, files))
+            elif name in layout.full_tensors:
+                key = layout.full_tensors[name].key
+                rows = info.shape[0] if info.shape else 1
+                blocks = []
+                for start in range(0, rows, block_rows):
+                    stop = min(start + block_rows, rows)
+                    copies = {step: run.checkpoints[step].read_tensor(key, files, rows=(start, stop)) for step in steps}
+                    blocks.append(full_rows(read_tensor(info, files, start, stop), copies, weights, dtype=dtype))
+                value = torch.cat(blocks)
+            else:
+                yield MergedTensor(name, read_tensor(info, files), changed=False)
+                continue
+            yield MergedTensor(name, value, changed=True)
