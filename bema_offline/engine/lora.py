@@ -67,13 +67,18 @@ def _padded(left: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return padded
 
 
-def _product(left: torch.Tensor, right: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of `left @ right`, computed tile by tile (`left` padded by `_padded`)."""
+def _plus_product(w0: torch.Tensor, left: torch.Tensor, right: torch.Tensor, start: int) -> torch.Tensor:
+    """`w0 + (left @ right)[start:start + len(w0)]`, computed as one `addmm` per whole tile (`left` padded by
+    `_padded`), so that each row's bits depend on nothing but the tile it lies in."""
+    stop = start + w0.shape[0]
     first = start // TILE_ROWS * TILE_ROWS
     last = -(-stop // TILE_ROWS) * TILE_ROWS
     out = torch.empty((last - first, right.shape[1]), dtype=right.dtype)
+    out[: start - first].zero_()
+    out[start - first : stop - first] = w0
+    out[stop - first :].zero_()
     for tile in range(first, last, TILE_ROWS):
-        torch.matmul(left[tile : tile + TILE_ROWS], right, out=out[tile - first : tile - first + TILE_ROWS])
+        out[tile - first : tile - first + TILE_ROWS].addmm_(left[tile : tile + TILE_ROWS], right)
     return out[start - first : stop - first]
 
 
@@ -146,15 +151,11 @@ class ModuleAverage:
         DoRA on a transposed weight (`module.rows_independent` False) needs the whole tensor in one block.
 
         Returns:
-            `torch.Tensor`: a new tensor in the accumulation dtype.
+            `torch.Tensor`: the rows in the accumulation dtype (a view into a buffer of whole tiles).
         """
-        stop = start + w0_rows.shape[0]
-        w0 = w0_rows.to(self.dtype)
         if self.module.magnitude is not None:
-            return self._dora_rows(w0, start, stop)
-        out = _product(self._left, self._right, start, stop)
-        out += w0
-        return out
+            return self._dora_rows(w0_rows.to(self.dtype), start, start + w0_rows.shape[0])
+        return _plus_product(w0_rows, self._left, self._right, start)
 
     def _dora_rows(self, w0: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         transposed = self.module.transposed
@@ -162,8 +163,7 @@ class ModuleAverage:
             raise ValueError(f"{self.module.weight}: DoRA on a transposed weight needs the whole tensor in one block")
         out = w0 * self.base_weight
         for w, left, right, magnitude in self._dora:
-            merged = _product(left, right, start, stop)
-            merged += w0  # W0 + s·ΔW, the weight whose norms DoRA takes (per output feature)
+            merged = _plus_product(w0, left, right, start)  # W0 + s·ΔW, whose norms DoRA takes (per output feature)
             if transposed:
                 factor = (magnitude / torch.linalg.vector_norm(merged, dim=0)).view(1, -1)
             else:
@@ -182,7 +182,7 @@ class ModuleAverage:
     def block_bytes(self, rows: int) -> int:
         """Working memory of `rows(...)` for a block of `rows` rows, beyond the caller's W0 buffer."""
         tiles = -(-rows // TILE_ROWS) + 1
-        copies = 3 if self.module.magnitude is not None else 2
+        copies = 3 if self.module.magnitude is not None else 1  # DoRA: W0 upcast, the sum, one checkpoint's merge
         return copies * tiles * TILE_ROWS * self.module.shape[1] * torch.finfo(self.dtype).bits // 8
 
 
