@@ -525,6 +525,7 @@ def map_adapter(
     config = checkpoint.config
     where = checkpoint.weights_file
     tied = tied_weights(base, base_config)
+    partners = {**tied, **{embedding: head for head, embedding in tied.items()}}
     parts: dict[str, dict[str, str]] = {}  # module -> {"A", "B", "magnitude", "lora_bias"} -> key
     full: dict[str, FullTensor] = {}
     saved_base_layers = []
@@ -551,7 +552,8 @@ def map_adapter(
                 saved_base_layers.append(key)
         else:
             module, _, param = name.rpartition(".")
-            if not (config.saves_module(module) or (param == "bias" and config.bias != "none")):
+            partner = partners.get(name, "").rpartition(".")[0]  # a tied head saved beside its saved embedding
+            if not (config.saves_module(module) or (partner and config.saves_module(partner)) or (param == "bias" and config.bias != "none")):
                 raise DataError(
                     f"{where}: tensor {key!r} is neither a LoRA factor nor in modules_to_save "
                     f"({', '.join(config.modules_to_save) or 'none'}); the adapter and its config disagree"
@@ -588,9 +590,10 @@ def _lora_module(
     if ("magnitude" in roles) != config.use_dora:
         state = "has a DoRA magnitude but" if "magnitude" in roles else "has no DoRA magnitude although"
         raise DataError(f"{where}: module {module!r} {state} use_dora is {str(config.use_dora).lower()}; the adapter and its config disagree")
-    if not config.names_target(module):
-        raise DataError(f"{where}: module {module!r} has LoRA factors but target_modules does not name it; the adapter and its config disagree")
     weight = f"{module}.weight"
+    partner = {**tied, **{embedding: head for head, embedding in tied.items()}}.get(weight, "").rpartition(".")[0]
+    if not (config.names_target(module) or (partner and config.names_target(partner))):  # peft's ensure_weight_tying
+        raise DataError(f"{where}: module {module!r} has LoRA factors but target_modules does not name it; the adapter and its config disagree")
     theta0 = tied.get(weight, weight)
     if theta0 not in base.tensors:
         raise DataError(

@@ -220,10 +220,21 @@ def test_full_rows_is_the_weighted_sum():
     assert torch.allclose(full_rows(theta0, copies, weights).double(), expected, rtol=0, atol=8 * EPS32 * 3)
 
 
-def test_lora_on_a_tied_head_unties_it(tmp_path_factory, tmp_path):
-    """LoRA on the `lm_head` of a tied model changes the head, not the input embedding: the output unties them.
-    (peft's merge_and_unload adds the delta to the shared tensor, changing the embedding too; the adapter's own
-    forward pass does not, and that is the reference here.)"""
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(target_modules=["q_proj", "lm_head"]),
+        dict(target_modules=["q_proj", "lm_head"], ensure_weight_tying=True),  # peft ties the head's LoRA to the embedding's
+        dict(target_modules=["q_proj", "embed_tokens"]),
+        dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
+        dict(target_modules=["q_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True),  # saves both, tied
+    ],
+    ids=["lora-head", "lora-head-tied", "lora-embedding", "saved-embedding", "saved-head-tied"],
+)
+def test_tied_embeddings_changed_on_one_side_are_untied(tmp_path_factory, tmp_path, options):
+    """A tied model whose adapter changes the head or the input embedding: the output writes `lm_head.weight`
+    apart, and its logits are the adapter model's. (peft's merge_and_unload adds a head's delta to the shared
+    tensor, changing the embedding too; the adapter's own forward pass does not, and it is the reference here.)"""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import Qwen2ForCausalLM
 
@@ -231,10 +242,10 @@ def test_lora_on_a_tied_head_unties_it(tmp_path_factory, tmp_path):
     torch.manual_seed(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_peft_model(dpo.load_base(), LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "lm_head"]))
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.data.normal_(std=0.05)  # as if trained
+        model = get_peft_model(dpo.load_base(), LoraConfig(r=2, lora_alpha=3, **options))
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data += 0.05 * torch.randn_like(parameter)  # as if trained
         model.save_pretrained(tmp_path / "run" / "checkpoint-1")
     base = load_source(dpo.base_dir, 0)
     run = load_adapter_run(find_checkpoints(tmp_path / "run"), base)
@@ -248,4 +259,6 @@ def test_lora_on_a_tied_head_unties_it(tmp_path_factory, tmp_path):
         adapter = PeftModel.from_pretrained(dpo.load_base(), tmp_path / "run" / "checkpoint-1")
     batch = torch.tensor([[2, 10, 20, 30, 40, 3]])
     with torch.no_grad():
-        assert torch.allclose(untied(batch).logits, adapter(batch).logits, rtol=1e-5, atol=1e-5)
+        expected = adapter(batch).logits
+        assert float((expected - dpo.load_base()(batch).logits).abs().max()) > 0.1  # the adapter changes the logits
+        assert torch.allclose(untied(batch).logits, expected, rtol=1e-5, atol=1e-5)

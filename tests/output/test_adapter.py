@@ -90,6 +90,7 @@ def test_lossless_adapter_equals_the_merged_average(tmp_path_factory, tmp_path, 
     missing, unexpected = averaged_model.load_state_dict(ours, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"} - set(prepared.adapters.layout.untied)
     with torch.no_grad():
+        assert float((adapter_logits - prepared.run.load_base()(BATCH).logits).abs().max()) > 1e-2  # the average moved
         assert torch.allclose(adapter_logits, averaged_model(BATCH).logits, rtol=1e-4, atol=1e-5)
 
 
