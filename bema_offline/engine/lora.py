@@ -27,7 +27,7 @@ computes it, then weighted, so it costs one matmul per checkpoint per block rath
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +42,7 @@ TILE_ROWS = 256  # rows of each matmul: a fixed shape gives the same bits whatev
 WEIGHT_SUM_TOLERANCE = 1e-9
 
 
-def check_weights(weights: Mapping[int, float], factor_steps: object) -> None:
+def check_weights(weights: Mapping[int, float], factor_steps: Collection[int]) -> None:
     """Check that `weights` sum to 1 and that every step but the base has factors (a programming error if not)."""
     total = math.fsum(weights.values())
     if abs(total - 1.0) > WEIGHT_SUM_TOLERANCE:
@@ -268,8 +268,9 @@ def iter_merged(
                 module = layout.modules[name]
                 factors = {step: read_module_factors(module, run.checkpoints[step], files, dtype) for step in steps}
                 average = ModuleAverage(module, factors, weights, mode=mode, dtype=dtype)
-                block = block_rows if module.rows_independent else module.shape[0]
-                value = torch.cat([average.rows(read_tensor(info, files, start, min(start + block, module.shape[0])), start) for start in range(0, module.shape[0], block)])
+                rows = module.shape[0]
+                block = block_rows if module.rows_independent else rows
+                value = torch.cat([average.rows(read_tensor(info, files, start, min(start + block, rows)), start) for start in range(0, rows, block)])
             elif name in layout.lora_biases:
                 module = layout.lora_biases[name]
                 factors = {step: read_module_factors(module, run.checkpoints[step], files, dtype) for step in steps}

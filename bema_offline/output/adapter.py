@@ -224,6 +224,7 @@ def write_adapter(
     layout = run.layout
     check_adapter_output(layout, rank=rank, mode=mode)
     check_weights(weights, run.checkpoints)
+    weights = {**{step: 0.0 for step in run.checkpoints}, **weights}  # a checkpoint to shape the factors, if none has weight
     steps = [step for step in sorted(weights) if step != BASE_STEP]
     newest = run.checkpoints[max(run.checkpoints)]
     ranks = {module.module: output_rank(module, weights, rank=rank, mode=mode) for module in layout.modules.values()}

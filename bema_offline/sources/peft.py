@@ -552,7 +552,7 @@ def map_adapter(
                 saved_base_layers.append(key)
         else:
             module, _, param = name.rpartition(".")
-            partner = partners.get(name, "").rpartition(".")[0]  # a tied head saved beside its saved embedding
+            partner = _module_of(partners.get(name))  # a tied head saved beside its saved embedding
             if not (config.saves_module(module) or (partner and config.saves_module(partner)) or (param == "bias" and config.bias != "none")):
                 raise DataError(
                     f"{where}: tensor {key!r} is neither a LoRA factor nor in modules_to_save "
@@ -562,7 +562,7 @@ def map_adapter(
     modules: dict[str, LoraModule] = {}
     lora_biases: dict[str, LoraModule] = {}
     for module, roles in parts.items():
-        lora = _lora_module(checkpoint, module, roles, base, tied)
+        lora = _lora_module(checkpoint, module, roles, base, tied, partners)
         if lora.weight in full:
             raise DataError(f"{where}: {lora.weight!r} is both LoRA-targeted and trained in full; the adapter is corrupt")
         modules[lora.weight] = lora
@@ -579,8 +579,17 @@ def map_adapter(
     return AdapterLayout(config, modules, lora_biases, full, untied, tuple(saved_base_layers))
 
 
+def _module_of(tensor: str | None) -> str | None:
+    return None if tensor is None else tensor.rpartition(".")[0]
+
+
 def _lora_module(
-    checkpoint: AdapterCheckpoint, module: str, roles: dict[str, str], base: WeightSource, tied: Mapping[str, str]
+    checkpoint: AdapterCheckpoint,
+    module: str,
+    roles: dict[str, str],
+    base: WeightSource,
+    tied: Mapping[str, str],
+    partners: Mapping[str, str],
 ) -> LoraModule:
     config = checkpoint.config
     where = checkpoint.weights_file
@@ -591,8 +600,8 @@ def _lora_module(
         state = "has a DoRA magnitude but" if "magnitude" in roles else "has no DoRA magnitude although"
         raise DataError(f"{where}: module {module!r} {state} use_dora is {str(config.use_dora).lower()}; the adapter and its config disagree")
     weight = f"{module}.weight"
-    partner = {**tied, **{embedding: head for head, embedding in tied.items()}}.get(weight, "").rpartition(".")[0]
-    if not (config.names_target(module) or (partner and config.names_target(partner))):  # peft's ensure_weight_tying
+    partner = _module_of(partners.get(weight))  # peft's ensure_weight_tying targets the head with its embedding
+    if not (config.names_target(module) or (partner and config.names_target(partner))):
         raise DataError(f"{where}: module {module!r} has LoRA factors but target_modules does not name it; the adapter and its config disagree")
     theta0 = tied.get(weight, weight)
     if theta0 not in base.tensors:
@@ -611,7 +620,7 @@ def _lora_module(
         raise DataError(f"{where}: module {module!r} targets a {len(base_shape)}-d weight {list(base_shape)}; only linear and embedding layers are supported")
     if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
         raise mismatch
-    rank, (rows_a, cols_a), out = a_shape[0], a_shape, b_shape[0]
+    rank, cols_a, out = a_shape[0], a_shape[1], b_shape[0]
     if embedding:  # A [r, num_embeddings], B [dim, r]; the base stores [num_embeddings, dim]
         if base_shape != (cols_a, out):
             raise mismatch
