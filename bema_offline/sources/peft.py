@@ -471,8 +471,9 @@ class AdapterLayout:
         config = self.config
         scalings = sorted({(m.rank, m.lora_alpha, m.scaling) for m in self.modules.values()})
         rule = "lora_alpha/sqrt(r) (rslora)" if config.use_rslora else "lora_alpha/r"
+        kinds = sorted({m.module.rpartition(".")[2] for m in self.modules.values()})
         lines = [
-            f"LoRA adapter: {len(self.modules)} modules"
+            f"LoRA adapter: {len(self.modules)} modules ({', '.join(kinds)})"
             + (", DoRA" if config.use_dora else "")
             + f", scaling {rule}: "
             + "; ".join(f"r={r} alpha={a:g} s={s:g}" for r, a, s in scalings)

@@ -74,7 +74,12 @@ def test_patterns_rslora_and_tensors_trained_in_full(tmp_path_factory):
     # bias="lora_only": the biases of the targeted q/k/v are trained in full
     biases = {name for name in layout.full_tensors if name.endswith(".bias")}
     assert biases == {f"model.layers.{i}.self_attn.{p}.bias" for i in (0, 1) for p in ("q_proj", "k_proj", "v_proj")}
-    assert any("Untied" in line or "untied" in line for line in layout.describe())
+    assert layout.describe() == [
+        "LoRA adapter: 10 modules (k_proj, o_proj, q_proj, up_proj, v_proj), scaling lora_alpha/sqrt(r) (rslora): "
+        "r=2 alpha=6 s=4.24264; r=4 alpha=5 s=2.5; r=4 alpha=6 s=3; r=6 alpha=6 s=2.44949",
+        "trained in full: " + ", ".join(layout.full_tensors),
+        "untied from the input embedding: lm_head.weight (the output sets tie_word_embeddings false)",
+    ]
 
 
 def test_dora_lora_bias_and_gpt2_layouts(tmp_path_factory):
