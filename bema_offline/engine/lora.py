@@ -20,8 +20,10 @@ shape). Blocks aligned to `TILE_ROWS` waste nothing; others recompute at most on
 
 `mode="factors"` (`--lora-average factors`) computes W0 + s·(Σ wᵢBᵢ)(Σ wᵢAᵢ) instead, what averaging the factors
 separately gives (the base's factors count as zero), and `factor_difference` measures how far that is from the
-exact average. DoRA (`use_dora`) is not linear in the factors: each checkpoint's merged weight is computed as peft
-computes it, then weighted, so it costs one matmul per checkpoint per block rather than one per block.
+exact average. DoRA (`use_dora`) is not linear in the factors: each checkpoint's merge scales W0 + s·ΔWᵢ by its
+magnitude over its own row norms. Those norms come from one more matmul per block (W0 against the stacked A), so a
+DoRA block costs two matmuls whatever the number of checkpoints; on a transposed weight (Conv1D, embedding), whose
+norms run down columns, each checkpoint is merged in turn, on the whole tensor.
 """
 
 from __future__ import annotations
@@ -59,26 +61,25 @@ def _oriented(module: LoraModule, factors: ModuleFactors) -> tuple[torch.Tensor,
     return factors.B, factors.A
 
 
-def _padded(left: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`left` as a contiguous `dtype` tensor with zero rows appended up to a multiple of TILE_ROWS."""
-    rows = left.shape[0]
-    padded = torch.zeros((-(-rows // TILE_ROWS) * TILE_ROWS, left.shape[1]), dtype=dtype)
-    padded[:rows] = left
-    return padded
-
-
-def _plus_product(w0: torch.Tensor, left: torch.Tensor, right: torch.Tensor, start: int) -> torch.Tensor:
-    """`w0 + (left @ right)[start:start + len(w0)]`, computed as one `addmm` per whole tile (`left` padded by
-    `_padded`), so that each row's bits depend on nothing but the tile it lies in."""
-    stop = start + w0.shape[0]
+def _plus_product(base: torch.Tensor, left: torch.Tensor, right: torch.Tensor, start: int) -> torch.Tensor:
+    """`base + left @ right` for rows `[start, start + n)` of a tensor (`base` and `left` hold those n rows),
+    computed as one `addmm` per whole tile of TILE_ROWS rows aligned to the tensor's row 0, the rows beyond the
+    block being zeros: each row's bits depend on its own values only, never on the block it came in."""
+    stop = start + base.shape[0]
     first = start // TILE_ROWS * TILE_ROWS
     last = -(-stop // TILE_ROWS) * TILE_ROWS
-    out = torch.empty((last - first, right.shape[1]), dtype=right.dtype)
-    out[: start - first].zero_()
-    out[start - first : stop - first] = w0
-    out[stop - first :].zero_()
-    for tile in range(first, last, TILE_ROWS):
-        out[tile - first : tile - first + TILE_ROWS].addmm_(left[tile : tile + TILE_ROWS], right)
+    if (first, last) == (start, stop):  # whole tiles: no padding to copy into
+        out = base.to(right.dtype, copy=True, memory_format=torch.contiguous_format)
+        lhs = left.to(right.dtype)
+    else:
+        out = torch.empty((last - first, right.shape[1]), dtype=right.dtype)
+        out[: start - first].zero_()
+        out[start - first : stop - first] = base
+        out[stop - first :].zero_()
+        lhs = torch.zeros((last - first, left.shape[1]), dtype=right.dtype)
+        lhs[start - first : stop - first] = left
+    for tile in range(0, last - first, TILE_ROWS):
+        out[tile : tile + TILE_ROWS].addmm_(lhs[tile : tile + TILE_ROWS], right)
     return out[start - first : stop - first]
 
 
@@ -118,32 +119,30 @@ class ModuleAverage:
         self.module, self.mode, self.dtype = module, mode, dtype
         self.base_weight = weights.get(BASE_STEP, 0.0)
         steps = [step for step in sorted(weights) if step != BASE_STEP]
-        oriented = {step: _oriented(module, factors[step]) for step in steps}
+        used = [step for step in steps if weights[step] != 0]
         s = module.scaling
-        self._bias_terms = [(s * weights[step], factors[step].lora_bias) for step in steps if factors[step].lora_bias is not None]
-        if module.magnitude is not None:  # DoRA: each checkpoint's (s·left, right, magnitude) and weight
-            self._dora = [
-                (weights[step], _padded(oriented[step][0].double() * s, dtype), oriented[step][1].to(dtype), factors[step].magnitude.to(dtype))
-                for step in steps
-                if weights[step] != 0
-            ]
-            return
         rows, cols = module.shape
-        if mode == "exact":
-            used = [step for step in steps if weights[step] != 0]
-            left = torch.cat([torch.zeros(rows, 0, dtype=torch.float64), *(s * weights[step] * oriented[step][0].double() for step in used)], dim=1)
-            right = torch.cat([torch.zeros(0, cols, dtype=torch.float64), *(oriented[step][1].double() for step in used)], dim=0)
-        else:
-            rank = module.rank
-            left = s * sum((weights[step] * oriented[step][0].double() for step in steps), torch.zeros(rows, rank, dtype=torch.float64))
-            right = sum((weights[step] * oriented[step][1].double() for step in steps), torch.zeros(rank, cols, dtype=torch.float64))
-        self._left = _padded(left, dtype)
-        self._right = right.to(dtype).contiguous()
+        lefts = {step: s * _oriented(module, factors[step])[0].double() for step in steps}  # s·B, rows of ΔW
+        rights = {step: _oriented(module, factors[step])[1].double() for step in steps}
+        self._bias_terms = [(s * weights[step], factors[step].lora_bias) for step in steps if factors[step].lora_bias is not None]
+        if mode == "factors":
+            self._left = sum((weights[step] * lefts[step] for step in steps), torch.zeros(rows, module.rank, dtype=torch.float64))
+            self._right = sum((weights[step] * rights[step] for step in steps), torch.zeros(module.rank, cols, dtype=torch.float64))
+        elif module.magnitude is None:
+            self._left = torch.cat([torch.zeros(rows, 0, dtype=torch.float64), *(weights[step] * lefts[step] for step in used)], dim=1)
+            self._right = torch.cat([torch.zeros(0, cols, dtype=torch.float64), *(rights[step] for step in used)], dim=0)
+        else:  # DoRA: per checkpoint, its weight, s·B, A, the magnitude; and the squared norm of each row of s·ΔW
+            self._dora = [(weights[step], lefts[step], rights[step].to(dtype), factors[step].magnitude.double()) for step in used]
+            self._delta_norms = [((lefts[step] @ (rights[step] @ rights[step].t())) * lefts[step]).sum(dim=1) for step in used]
+            self._left = torch.zeros(rows, 0, dtype=torch.float64)  # the block's own left factor is built per block
+            self._right = torch.cat([torch.zeros(0, cols, dtype=torch.float64), *(rights[step] for step in used)], dim=0)
+        self._left = self._left.to(dtype)
+        self._right = self._right.to(dtype).contiguous()
 
     @property
     def rank(self) -> int:
         """The rank of the stacked product (r·K exact, r with factors)."""
-        return self._right.shape[0] if self.module.magnitude is None else sum(r.shape[0] for _, _, r, _ in self._dora)
+        return self._right.shape[0]
 
     def rows(self, w0_rows: torch.Tensor, start: int) -> torch.Tensor:
         """Rows `[start, start + len(w0_rows))` of the averaged weight, from the same rows of W0 (as stored).
@@ -153,22 +152,43 @@ class ModuleAverage:
         Returns:
             `torch.Tensor`: the rows in the accumulation dtype (a view into a buffer of whole tiles).
         """
-        if self.module.magnitude is not None:
-            return self._dora_rows(w0_rows.to(self.dtype), start, start + w0_rows.shape[0])
-        return _plus_product(w0_rows, self._left, self._right, start)
+        stop = start + w0_rows.shape[0]
+        if self.module.magnitude is None:
+            return _plus_product(w0_rows, self._left[start:stop], self._right, start)
+        if self.module.transposed:
+            return self._dora_whole(w0_rows.to(self.dtype), start, stop)
+        return self._dora_rows(w0_rows.to(self.dtype), start, stop)
 
     def _dora_rows(self, w0: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        transposed = self.module.transposed
-        if transposed and (start, stop) != (0, self.module.shape[0]):
+        """DoRA where each output feature is a row: Σ wᵢ·(mᵢ / ‖W0 + s·ΔWᵢ‖)·(W0 + s·ΔWᵢ) + w_base·W0, which is
+        c ⊙ W0 + [f₁·s·w₁B₁ | … ] @ [A₁; …] with per-row factors fᵢ = mᵢ / ‖W0 + s·ΔWᵢ‖ and c = w_base + Σ wᵢ·fᵢ.
+        The norms come from ‖W0‖² + 2⟨W0, s·ΔWᵢ⟩ + ‖s·ΔWᵢ‖² (float64), the cross terms from one matmul
+        W0 @ [A₁; …]ᵀ: two matmuls per block whatever the number of checkpoints."""
+        crossed = _plus_product(torch.zeros(w0.shape[0], self._right.shape[0], dtype=self.dtype), w0, self._right.t(), start).double()
+        w0_norms = torch.linalg.vector_norm(w0, dim=1, dtype=torch.float64) ** 2
+        coefficient = torch.full((w0.shape[0],), float(self.base_weight), dtype=torch.float64)
+        scaled, offset = [], 0
+        for (w, left, right, magnitude), delta_norms in zip(self._dora, self._delta_norms):
+            rank = right.shape[0]
+            left = left[start:stop]
+            norms = (w0_norms + 2 * (left * crossed[:, offset : offset + rank]).sum(dim=1) + delta_norms[start:stop]).sqrt()
+            factor = w * magnitude[start:stop] / norms
+            coefficient += factor
+            scaled.append(factor[:, None] * left)
+            offset += rank
+        base = w0 * coefficient.to(self.dtype)[:, None]
+        left = torch.cat([torch.zeros(w0.shape[0], 0, dtype=torch.float64), *scaled], dim=1).to(self.dtype)
+        return _plus_product(base, left, self._right, start)
+
+    def _dora_whole(self, w0: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """DoRA on a transposed weight (Conv1D, embedding), whose norms run down the columns: each checkpoint's
+        merged weight as peft computes it, then weighted; the whole tensor in one block."""
+        if (start, stop) != (0, self.module.shape[0]):
             raise ValueError(f"{self.module.weight}: DoRA on a transposed weight needs the whole tensor in one block")
         out = w0 * self.base_weight
         for w, left, right, magnitude in self._dora:
-            merged = _plus_product(w0, left, right, start)  # W0 + s·ΔW, whose norms DoRA takes (per output feature)
-            if transposed:
-                factor = (magnitude / torch.linalg.vector_norm(merged, dim=0)).view(1, -1)
-            else:
-                factor = (magnitude[start:stop] / torch.linalg.vector_norm(merged, dim=1)).view(-1, 1)
-            merged *= factor
+            merged = _plus_product(w0, left.to(self.dtype), right, start)  # W0 + s·ΔW, whose column norms DoRA takes
+            merged *= (magnitude.to(self.dtype) / torch.linalg.vector_norm(merged, dim=0)).view(1, -1)
             out.add_(merged, alpha=w)
         return out
 
@@ -182,7 +202,7 @@ class ModuleAverage:
     def block_bytes(self, rows: int) -> int:
         """Working memory of `rows(...)` for a block of `rows` rows, beyond the caller's W0 buffer."""
         tiles = -(-rows // TILE_ROWS) + 1
-        copies = 3 if self.module.magnitude is not None else 1  # DoRA: W0 upcast, the sum, one checkpoint's merge
+        copies = 1 if self.module.magnitude is None else 3  # DoRA: W0 upcast, W0 scaled, the sum
         return copies * tiles * TILE_ROWS * self.module.shape[1] * torch.finfo(self.dtype).bits // 8
 
 
