@@ -29,12 +29,23 @@ from pathlib import Path
 import torch
 
 from ..dtypes import DTYPES
+from ..engine.lora import LORA_AVERAGES, TILE_ROWS, check_weights, full_rows
 from ..errors import DataError, UsageError
 from ..files import OpenFiles, write_new_file
-from ..sources.peft import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, AdapterConfig, AdapterLayout, AdapterRun, LoraModule, ModuleFactors, pattern_key, read_module_factors, read_tensor
+from ..sources.peft import (
+    ADAPTER_CONFIG,
+    ADAPTER_SAFETENSORS,
+    AdapterConfig,
+    AdapterLayout,
+    AdapterRun,
+    LoraModule,
+    ModuleFactors,
+    pattern_key,
+    read_module_factors,
+    read_tensor,
+)
 from ..sources.safetensors_io import SINGLE_FILE
 from ..sources.tensors import BASE_STEP, WeightSource
-from ..engine.lora import LORA_AVERAGES, TILE_ROWS, check_weights, full_rows
 from .writer import ModelFolderWriter, TensorSpec
 
 SINGLE_SHARD = 2**62  # a shard size no adapter reaches: one file
@@ -224,7 +235,8 @@ def write_adapter(
     layout = run.layout
     check_adapter_output(layout, rank=rank, mode=mode)
     check_weights(weights, run.checkpoints)
-    weights = {**{step: 0.0 for step in run.checkpoints}, **weights}  # a checkpoint to shape the factors, if none has weight
+    if all(step == BASE_STEP for step in weights):  # all weight on the base: a checkpoint still shapes the factors
+        weights = {**weights, min(run.checkpoints): 0.0}
     steps = [step for step in sorted(weights) if step != BASE_STEP]
     newest = run.checkpoints[max(run.checkpoints)]
     ranks = {module.module: output_rank(module, weights, rank=rank, mode=mode) for module in layout.modules.values()}
@@ -252,8 +264,11 @@ def write_adapter(
         writer = ModelFolderWriter(folder, ordered, max_shard_size=SINGLE_SHARD, files=out_files)
 
         def write(key: str, value: torch.Tensor, start: int = 0) -> None:
+            """Rows of `key` from row `start` on (all of it by default)."""
+            if tuple(value.shape[1:]) != specs[key].shape[1:] or start + len(value) > specs[key].shape[0]:
+                raise RuntimeError(f"{key}: rows of shape {list(value.shape)} at {start} do not fit {list(specs[key].shape)}")
             data = value.to(DTYPES[specs[key].dtype].torch).contiguous()
-            writer.write(key, start * (math.prod(value.shape[1:]) if value.dim() > 1 else 1), memoryview(data.view(torch.uint8).numpy()))
+            writer.write(key, start * math.prod(value.shape[1:]), memoryview(data.view(torch.uint8).numpy()))
 
         for module in layout.modules.values():
             factors = {step: read_module_factors(module, run.checkpoints[step], files, torch.float64) for step in steps}

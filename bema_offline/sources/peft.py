@@ -64,6 +64,16 @@ _UNSUPPORTED_OPTIONS = {
     "megatron_config": "Megatron layers",
 }
 BIAS_OPTIONS = ("none", "all", "lora_only")
+_EXPECTED = {
+    (int,): "an integer",
+    (int, float): "a number",
+    (bool,): "true or false",
+    (bool, str): "true, false or a name",
+    (str,): "a string",
+    (list,): "a list",
+    (list, str): "a list or a string",
+    (dict,): "an object",
+}
 # names of the input embedding that a tied `lm_head.weight` shares (transformers drops the head from the file)
 TIED_HEAD = "lm_head.weight"
 INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight")
@@ -196,7 +206,7 @@ def read_adapter_config(path: Path) -> AdapterConfig:
         if value is None:
             value = default
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            raise DataError(f"{path}: {name} is {value!r}, not a {'/'.join(k.__name__ for k in kinds)}; re-save the adapter with peft")
+            raise DataError(f"{path}: {name} is {value!r}, expected {_EXPECTED[kinds]}; re-save the adapter with peft")
         return value
 
     r = get("r", (int,), 8)
