@@ -8,11 +8,17 @@ with effective weights wᵢ (summing to 1, θ0 = the base, whose B is 0) is ther
 one matmul of stacked factors per row block, exact up to float32 rounding (the weights are folded into B in
 float64, so no factor is scaled by the root of a negative weight). The pieces, for the engine:
 
-- `ModuleAverage` (one per targeted module and output): built once from every checkpoint's factors (small), it turns
-  rows `[start, start + n)` of W0 into the same rows of the output (`rows`), and the base bias into the output bias
-  where the adapter has `lora_bias` (`bias`). Read W0 rows as stored; get float32 rows back, ready to cast.
-- `full_rows`: a tensor trained in full (`modules_to_save`, trained biases): Σ wᵢ·θᵢ with the base tensor as θ0.
+- `ModuleAverage` (one per targeted module and output): built once from every checkpoint's factors
+  (`read_module_factors`: r·(in + out) values per checkpoint), it turns rows `[start, start + n)` of W0
+  (`base.tensors[module.theta0]`, as stored, in any dtype) into the same rows of the output (`rows`: float32, ready
+  to cast), and the base bias into the output bias where the adapter has `lora_bias` (`bias`). `block_bytes(n)` is
+  its working memory for n rows. When `module.rows_independent` is False (DoRA on a Conv1D or an embedding) the
+  block must be the whole tensor.
+- `full_rows`: a tensor trained in full (`modules_to_save`, trained biases): Σ wᵢ·θᵢ with the base tensor
+  `full.theta0` as θ0 and each checkpoint's copy (`checkpoint.source.tensors[full.key]`, an ordinary TensorInfo):
+  the engine's own weighted sum does the same.
 - Untargeted tensors are W0, cast to the output dtype: nothing to compute.
+- `iter_merged` drives these calls over a whole run, tensor by tensor: the reference the engine must match.
 
 The product is computed in tiles of `TILE_ROWS` rows aligned to the tensor's first row, whatever block the engine
 asks for, so the result does not depend on `--max-memory` (a float32 matmul sums in an order that depends on its
