@@ -11,8 +11,6 @@ built once per test session (`lora_run`), whichever test file asks first, and sh
 | `lora_bias` | DPO | Qwen2, tied embeddings | lora_bias on q/k/v (a bias on B, merged into the base bias) |
 | `gpt2` | SFT | GPT-2 (Conv1D, fan_in_fan_out), untied | c_attn, c_proj, c_fc and the wte embedding |
 | `gpt2_dora` | SFT | GPT-2, untied | DoRA on c_attn and the wte embedding |
-
-peft warns that lm_head is part of the adapter of a tied model (`sft`); that is the case under test.
 """
 
 from __future__ import annotations
@@ -127,16 +125,16 @@ def _train(tmp_path_factory, name: str) -> LoraRun:
     )
     preferences = make_preference_dataset(2 * max(STEPS))
     peft_config = LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **spec["lora"])
-    if spec["trainer"] == "dpo":
-        trainer = DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=preferences, processing_class=tokenizer, peft_config=peft_config)
-    else:
-        completions = Dataset.from_dict({"prompt": preferences["prompt"], "completion": preferences["chosen"]})
-        trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=completions, processing_class=tokenizer, peft_config=peft_config)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # transformers' deprecations, peft's note on tied layers in the adapter
             warnings.simplefilter("ignore")
+            if spec["trainer"] == "dpo":
+                trainer = DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=preferences, processing_class=tokenizer, peft_config=peft_config)
+            else:
+                completions = Dataset.from_dict({"prompt": preferences["prompt"], "completion": preferences["chosen"]})
+                trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=completions, processing_class=tokenizer, peft_config=peft_config)
             trainer.train()
     finally:
         torch.set_num_threads(threads)

@@ -31,6 +31,11 @@ def quiet(function, *args, **kwargs):
         return function(*args, **kwargs)
 
 
+def merged_state(adapter) -> dict[str, torch.Tensor]:
+    """peft's merge of an adapter model (peft notes that it unties a tied head it changed: so do we)."""
+    return quiet(adapter.merge_and_unload).state_dict()
+
+
 class Prepared:
     """A run, its layout, and peft's merge of the base and of every checkpoint."""
 
@@ -42,7 +47,7 @@ class Prepared:
         self.adapters = load_adapter_run(find_checkpoints(run.run_dir), self.base)
         self.merged = {0: run.load_base().state_dict()}
         for step in STEPS:
-            self.merged[step] = quiet(PeftModel.from_pretrained, run.load_base(), run.checkpoint(step)).merge_and_unload().state_dict()
+            self.merged[step] = merged_state(quiet(PeftModel.from_pretrained, run.load_base(), run.checkpoint(step)))
 
     def reference(self, name: str, weights: dict[int, float]) -> tuple[torch.Tensor, float]:
         """The float64 Σ wᵢ·(peft's merge of checkpoint i), and 8 float32 ulps of its largest term."""
@@ -78,7 +83,7 @@ def test_lossless_adapter_equals_the_merged_average(tmp_path_factory, tmp_path, 
     adapter = prepared.load_adapter(tmp_path / "out")
     with torch.no_grad():
         adapter_logits = adapter(BATCH).logits
-    merged = adapter.merge_and_unload().state_dict()
+    merged = merged_state(adapter)
     ours = {t.name: t.value for t in iter_merged(prepared.adapters, prepared.base, WEIGHTS)}
     for tensor_name, value in ours.items():
         expected, tolerance = prepared.reference(tensor_name, WEIGHTS)
@@ -157,7 +162,7 @@ def test_factors_mode_writes_the_averaged_factors(tmp_path_factory, tmp_path):
     prepared = prepared_run(tmp_path_factory, "dpo")
     report = write_adapter(tmp_path / "out", prepared.adapters, prepared.base, WEIGHTS, mode="factors")
     assert report.config["r"] == 4 and report.config["lora_alpha"] == 12  # the run's own rank and scaling
-    merged = prepared.load_adapter(tmp_path / "out").merge_and_unload().state_dict()
+    merged = merged_state(prepared.load_adapter(tmp_path / "out"))
     for tensor in iter_merged(prepared.adapters, prepared.base, WEIGHTS, mode="factors"):
         if tensor.changed:
             scale = float(tensor.value.abs().max())
@@ -170,7 +175,7 @@ def test_weights_on_the_base_only(tmp_path_factory, tmp_path):
     weights = {0: 1.0}  # no checkpoint named: the factors still take a checkpoint's shape
     report = write_adapter(tmp_path / "out", prepared.adapters, prepared.base, weights)
     assert set(report.ranks.values()) == {4}
-    merged = prepared.load_adapter(tmp_path / "out").merge_and_unload().state_dict()
+    merged = merged_state(prepared.load_adapter(tmp_path / "out"))
     assert all(torch.equal(merged[name], prepared.merged[0][name]) for name in prepared.adapters.layout.modules)
 
 
