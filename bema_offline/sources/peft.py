@@ -262,17 +262,47 @@ def read_adapter_config(path: Path) -> AdapterConfig:
 
 
 def _check_init(path: Path, init: bool | str) -> None:
+    if isinstance(init, str) and not init.lower().startswith(_BASE_CHANGING_INITS) and init.lower() not in _IDENTITY_INITS:
+        raise DataError(f"{path}: unknown init_lora_weights {init!r}; cannot tell whether the base model is θ0")
+
+
+def check_init(config: AdapterConfig, *, base_is_theta0: bool) -> str | None:
+    """Whether the checkpoints' weights can be rebuilt from the base model, given how the adapter started.
+
+    Most inits start with B·A = 0, so that the base model is θ0 (the weights before training). After a random init
+    (`init_lora_weights` false) the base is still W0 in θ_t = W0 + s·B_t·A_t, but not θ0: fine as long as no output
+    gives the base a weight (`--update-after` a saved step). PiSSA, OLoRA, CorDA, LoRA-GA and LoftQ also change the
+    base at init: θ_t = W_res + s·B_t·A_t on the residual model peft made then, which must be the base given.
+
+    Args:
+        config (`AdapterConfig`): the run's config.
+        base_is_theta0 (`bool`): some output gives the base model (step 0) a weight.
+
+    Returns:
+        `str | None`: a note for the user when the base must be the residual model, else None.
+
+    Raises:
+        `DataError`: the base model would be θ0 but is not.
+    """
+    init = config.init_lora_weights
     fix = "pass --update-after with a saved step (θ0 = that checkpoint)"
-    if init is False:
+    changes_base = isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS)
+    if base_is_theta0 and init is False:
         raise DataError(
-            f"{path}: init_lora_weights is false (random A and B), so the adapter changed the model before training "
+            f"{config.path}: init_lora_weights is false (random A and B), so the adapter changed the model before training "
             f"and the base model is not θ0; {fix}"
         )
-    if isinstance(init, str):
-        if init.lower().startswith(_BASE_CHANGING_INITS):
-            raise DataError(f"{path}: init_lora_weights {init!r} changes the base weights at init, so the base model is not θ0; {fix}")
-        if init.lower() not in _IDENTITY_INITS:
-            raise DataError(f"{path}: unknown init_lora_weights {init!r}; cannot tell whether the base model is θ0")
+    if base_is_theta0 and changes_base:
+        raise DataError(
+            f"{config.path}: init_lora_weights {init!r} changes the base weights at init, so the base model is not θ0; {fix}, "
+            "and as --base-model the residual model peft made at init"
+        )
+    if changes_base:
+        return (
+            f"init_lora_weights {init!r}: the checkpoints are W + s·B·A on the residual model peft made at init, so the "
+            "base model given must be that residual model (and an adapter output loads onto it)"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -796,6 +826,7 @@ __all__ = [
     "FullTensor",
     "LoraModule",
     "ModuleFactors",
+    "check_init",
     "check_one_kind",
     "is_adapter_folder",
     "load_adapter_checkpoint",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import DataError, UsageError, steps_text
 from ..files import read_json_file
+from .peft import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, is_adapter_folder
 from .runinfo import TRAINER_STATE_LIMIT
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, load_safetensors
 from .tensors import BASE_STEP, TensorInfo, WeightSource
@@ -70,8 +71,14 @@ def load_source(folder: Path, step: int) -> WeightSource:
 
     Raises:
         `DataError`: no weights this tool can read (the message says what the folder holds and what to do), a
-            missing shard, or a corrupt header.
+            PEFT adapter (its weights are a base model's plus its factors: `sources.peft` reads it), a missing
+            shard, or a corrupt header.
     """
+    if is_adapter_folder(folder):  # what a folder holds is what its config says, whatever else lies beside it
+        raise DataError(
+            f"{folder}: a PEFT adapter ({ADAPTER_CONFIG}), not a model's weights; pass the base model's folder here "
+            "(bema-average reads an adapter run's checkpoints with its base model)"
+        )
     if (folder / SINGLE_FILE).exists() or (folder / SINGLE_FILE).is_symlink() or (folder / INDEX_FILE).exists():
         return load_safetensors(folder, step)
     raise _no_weights_error(folder)
@@ -93,8 +100,8 @@ def _no_weights_error(folder: Path) -> DataError:
             f"{folder}: only PyTorch .bin weights; bema-average streams safetensors: re-save with "
             "save_safetensors=True (or model.save_pretrained(..., safe_serialization=True))"
         )
-    if "adapter_model.safetensors" in names:
-        return DataError(f"{folder}: a PEFT adapter checkpoint; merge the adapters into full weights first")
+    if ADAPTER_SAFETENSORS in names:
+        return DataError(f"{folder}: {ADAPTER_SAFETENSORS} without {ADAPTER_CONFIG}, an incomplete PEFT adapter checkpoint; restore its config")
     held = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "") if names else "nothing"
     return DataError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}, so no model weights; it holds {held}")
 

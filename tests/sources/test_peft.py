@@ -17,6 +17,7 @@ from bema_offline.errors import DataError
 from bema_offline.files import OpenFiles
 from bema_offline.sources.peft import (
     AdapterConfig,
+    check_init,
     check_one_kind,
     load_adapter_checkpoint,
     load_adapter_run,
@@ -201,8 +202,9 @@ def test_a_mix_of_adapter_and_full_checkpoints(tmp_path_factory, tmp_path):
     assert check_one_kind({0: dpo.base_dir}) is False
 
 
-def test_pissa_is_refused_because_the_base_is_not_theta0(tmp_path_factory, tmp_path):
-    """A real PiSSA adapter: peft moved the principal components of W0 into the factors at init."""
+def test_pissa_is_refused_when_the_base_would_be_theta0(tmp_path_factory, tmp_path):
+    """A real PiSSA adapter: peft moved the principal components of W0 into the factors at init, so the base is not θ0;
+    with no weight on the base (`--update-after` a saved step) the base must be the residual model, which a note says."""
     from peft import LoraConfig, get_peft_model
 
     dpo = lora_run(tmp_path_factory, "dpo")
@@ -210,18 +212,39 @@ def test_pissa_is_refused_because_the_base_is_not_theta0(tmp_path_factory, tmp_p
         warnings.simplefilter("ignore")
         model = get_peft_model(dpo.load_base(), LoraConfig(r=2, init_lora_weights="pissa", target_modules=["q_proj"]))
         model.save_pretrained(tmp_path / "checkpoint-1")
-    with pytest.raises(DataError, match=r"init_lora_weights 'pissa' changes the base weights at init, so the base model is not θ0; pass --update-after with a saved step"):
-        load_adapter_checkpoint(tmp_path / "checkpoint-1", 1)
+    config = load_adapter_checkpoint(tmp_path / "checkpoint-1", 1).config
+    message = r"init_lora_weights 'pissa' changes the base weights at init, so the base model is not θ0; pass --update-after with a saved step"
+    with pytest.raises(DataError, match=message) as error:
+        check_init(config, base_is_theta0=True)
+    assert str(config.path) in str(error.value) and "\n" not in str(error.value)
+    assert "residual model peft made at init" in check_init(config, base_is_theta0=False)
+
+
+@pytest.mark.parametrize(
+    "init, refused, note",
+    [
+        ("olora", "'olora' changes the base weights at init", True),
+        ("pissa_niter_4", "'pissa_niter_4' changes the base weights", True),
+        ("loftq", "'loftq' changes the base weights", True),
+        ("corda", "'corda' changes the base weights", True),
+        (False, "init_lora_weights is false .* the base model is not θ0; pass --update-after", False),
+    ],
+)
+def test_inits_after_which_the_base_is_not_theta0(tmp_path_factory, tmp_path, init, refused, note):
+    """Refused when an output weighs the base; a random init (false) is then exact on the base, the others need the
+    residual model (a note)."""
+    folder = tmp_path / "checkpoint-2"
+    shutil.copytree(lora_run(tmp_path_factory, "dpo").checkpoint(2), folder)
+    edit_config(folder, init_lora_weights=init)
+    config = read_adapter_config(folder / "adapter_config.json")
+    with pytest.raises(DataError, match=refused):
+        check_init(config, base_is_theta0=True)
+    assert (check_init(config, base_is_theta0=False) is not None) == note
 
 
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"init_lora_weights": "olora"}, "'olora' changes the base weights at init"),
-        ({"init_lora_weights": "pissa_niter_4"}, "'pissa_niter_4' changes the base weights"),
-        ({"init_lora_weights": "loftq"}, "'loftq' changes the base weights"),
-        ({"init_lora_weights": "corda"}, "'corda' changes the base weights"),
-        ({"init_lora_weights": False}, "init_lora_weights is false .* the base model is not θ0; pass --update-after"),
         ({"init_lora_weights": "mystery"}, "unknown init_lora_weights 'mystery'"),
         ({"peft_type": "IA3"}, "a IA3 adapter; only LoRA adapters"),
         ({"use_qalora": True}, r"uses QA-LoRA \(use_qalora\), which bema-offline cannot average"),
@@ -250,7 +273,9 @@ def test_inits_that_start_at_the_base_are_accepted(tmp_path_factory, tmp_path, i
     folder = tmp_path / "checkpoint-2"
     shutil.copytree(lora_run(tmp_path_factory, "dpo").checkpoint(2), folder)
     edit_config(folder, init_lora_weights=init)
-    assert read_adapter_config(folder / "adapter_config.json").init_lora_weights == init
+    config = read_adapter_config(folder / "adapter_config.json")
+    assert config.init_lora_weights == init
+    assert check_init(config, base_is_theta0=True) is None
 
 
 def test_broken_files(tmp_path_factory, tmp_path):
