@@ -22,6 +22,7 @@ from ..engine.engine import Sink, Slice
 from ..errors import DataError, UsageError
 from ..faults import fault_point
 from ..files import OpenFiles, create_new_file, parse_json, preallocate, read_small_file, replace_file
+from ..sources.safetensors_io import SINGLE_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
 WRITEBACK_BYTES = 64 * 2**20
@@ -114,11 +115,12 @@ class ShardLayout:
         return len(self.header) + sum(spec.nbytes for spec in self.tensors)
 
 
-def shard_layout(tensors: Sequence[TensorSpec], max_shard_size: int) -> list[ShardLayout]:
-    """The shards a folder of these tensors is written as, named as `save_pretrained` names them."""
+def shard_layout(tensors: Sequence[TensorSpec], max_shard_size: int, *, single_file: str = SINGLE_FILE) -> list[ShardLayout]:
+    """The shards a folder of these tensors is written as, named as `save_pretrained` names them (`single_file`
+    when there is one: another name for another kind of folder, e.g. a PEFT adapter's)."""
     shards = shard_tensors(tensors, max_shard_size)
     count = len(shards)
-    names = ["model.safetensors"] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    names = [single_file] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
     return [ShardLayout(name, specs, _shard_header(specs)) for name, specs in zip(names, shards)]
 
 
@@ -145,7 +147,7 @@ class ModelFolderWriter:
     `on_shard_done(path)` is called (the run records it, so that `--resume` can reuse it). Shards named in
     `keep_shards` are already complete from an interrupted run: they are left as they are and not written. With
     `shards`, only the shards so named are created and written (a rank's share of a distributed run); the index
-    still covers them all.
+    still covers them all. A folder of one shard names it `single_file`.
     """
 
     def __init__(
@@ -159,6 +161,7 @@ class ModelFolderWriter:
         on_shard_done: Callable[[Path], None] | None = None,
         shards: Collection[str] | None = None,
         flusher: ShardFlusher | None = None,
+        single_file: str = SINGLE_FILE,
     ) -> None:
         self.folder = folder
         self.files = files
@@ -166,7 +169,7 @@ class ModelFolderWriter:
         self.flusher = flusher
         self._lock = threading.Lock()  # the byte counts below, updated by concurrent writes
         self.unflushed = 0  # bytes written since the last start_writeback
-        layout = shard_layout(tensors, max_shard_size)
+        layout = shard_layout(tensors, max_shard_size, single_file=single_file)
         self.shard_names = [shard.name for shard in layout]
         skip = set(keep_shards) | (set() if shards is None else set(self.shard_names) - set(shards))
         self.placements: dict[str, _Placement] = {}
@@ -301,24 +304,31 @@ class FolderSink(Sink):
         self.writers[output_index].write(piece.name, piece.start, data)
 
 
-def copy_sidecar_files(origins: Mapping[str, Path], folder: Path, *, dtype: str | None = None) -> list[str]:
+def copy_sidecar_files(
+    origins: Mapping[str, Path], folder: Path, *, dtype: str | None = None, untie_embeddings: bool = False
+) -> list[str]:
     """Copy the config, generation config and tokenizer files planned for an output (`Plan.sidecars`).
 
     A file that disappeared since the plan was made is refused (the folder would not load). When the output dtype
-    differs from the inputs', `config.json` says so (`torch_dtype` and `dtype`). Returns the names copied.
+    differs from the inputs', `config.json` says so (`torch_dtype` and `dtype`). With `untie_embeddings` (the
+    output holds an `lm_head.weight` of its own where the inputs tied it to the input embedding, e.g. a LoRA run
+    that changed one of them), it says `"tie_word_embeddings": false`, else the loader would tie them again.
+    Returns the names copied.
     """
     for name, origin in origins.items():
         if not origin.is_file():
             raise DataError(f"{origin}: disappeared during the run, so the output would lack {name}; rerun once the inputs are complete")
         data = read_small_file(origin, what=name)
-        if name == "config.json" and dtype is not None:
-            hint = "fix it, or leave out --dtype"
+        if name == "config.json" and (dtype is not None or untie_embeddings):
+            hint = "fix it, or leave out --dtype" if dtype is not None else "fix it"
             config = parse_json(data, what=f"{origin}: malformed JSON", hint=hint)
             if not isinstance(config, dict):
                 raise DataError(f"{origin}: not a JSON object; {hint}")
             for key in ("torch_dtype", "dtype"):
-                if key in config:
+                if key in config and dtype is not None:
                     config[key] = dtype
+            if untie_embeddings:
+                config["tie_word_embeddings"] = False
             data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
         replace_file(folder / name, data)
     return list(origins)
