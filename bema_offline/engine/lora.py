@@ -44,8 +44,8 @@ from ..errors import UsageError
 from ..files import OpenFiles
 from ..sources.peft import AdapterRun, LoraModule, ModuleFactors, read_module_factors, read_tensor
 from ..sources.tensors import BASE_STEP, WeightSource
+from .plan import LORA_AVERAGES
 
-LORA_AVERAGES = ("exact", "factors")
 TILE_ROWS = 256  # rows of each matmul: a fixed shape gives the same bits whatever the block
 WEIGHT_SUM_TOLERANCE = 1e-9
 
@@ -128,22 +128,31 @@ class ModuleAverage:
         used = [step for step in steps if weights[step] != 0]
         s = module.scaling
         rows, cols = module.shape
-        lefts = {step: s * _oriented(module, factors[step])[0].double() for step in steps}  # s·B, rows of ΔW
-        rights = {step: _oriented(module, factors[step])[1].double() for step in steps}
+        oriented = {step: _oriented(module, factors[step]) for step in steps}  # (B, A) as read, or (Aᵀ, Bᵀ)
         self._bias_terms = [(s * weights[step], factors[step].lora_bias) for step in steps if factors[step].lora_bias is not None]
-        if mode == "factors":
-            self._left = sum((weights[step] * lefts[step] for step in steps), torch.zeros(rows, module.rank, dtype=torch.float64))
-            self._right = sum((weights[step] * rights[step] for step in steps), torch.zeros(module.rank, cols, dtype=torch.float64))
-        elif module.magnitude is None:
-            self._left = torch.cat([torch.zeros(rows, 0, dtype=torch.float64), *(weights[step] * lefts[step] for step in used)], dim=1)
-            self._right = torch.cat([torch.zeros(0, cols, dtype=torch.float64), *(rights[step] for step in used)], dim=0)
-        else:  # DoRA: per checkpoint, its weight, s·B, A, the magnitude; and the squared norm of each row of s·ΔW
+        if module.magnitude is not None:  # DoRA: per checkpoint, its weight, s·B, A, the magnitude; and ‖s·ΔW‖² per row
+            lefts = {step: s * oriented[step][0].double() for step in used}
+            rights = {step: oriented[step][1].double() for step in used}
             self._dora = [(weights[step], lefts[step], rights[step].to(dtype), factors[step].magnitude.double()) for step in used]
             self._delta_norms = [((lefts[step] @ (rights[step] @ rights[step].t())) * lefts[step]).sum(dim=1) for step in used]
-            self._left = torch.zeros(rows, 0, dtype=torch.float64)  # the block's own left factor is built per block
-            self._right = torch.cat([torch.zeros(0, cols, dtype=torch.float64), *(rights[step] for step in used)], dim=0)
-        self._left = self._left.to(dtype)
-        self._right = self._right.to(dtype).contiguous()
+            self._left = torch.zeros(rows, 0, dtype=dtype)  # the block's own left factor is built per block
+            self._right = torch.cat([torch.zeros(0, cols, dtype=torch.float64), *(rights[step] for step in used)], dim=0).to(dtype)
+        elif mode == "factors":  # (Σ wᵢ·s·Bᵢ)(Σ wᵢ·Aᵢ), summed in float64 in step order
+            left = torch.zeros(rows, module.rank, dtype=torch.float64)
+            right = torch.zeros(module.rank, cols, dtype=torch.float64)
+            for step in steps:
+                left += weights[step] * (s * oriented[step][0].double())
+                right += weights[step] * oriented[step][1].double()
+            self._left, self._right = left.to(dtype), right.to(dtype)
+        else:  # [s·w₁B₁ | … ] and [A₁; …], each checkpoint's block rounded once from float64, in place
+            rank = module.rank
+            self._left = torch.empty(rows, rank * len(used), dtype=dtype)
+            self._right = torch.empty(rank * len(used), cols, dtype=dtype)
+            for i, step in enumerate(used):
+                left, right = oriented[step]
+                self._left[:, i * rank : (i + 1) * rank] = weights[step] * (s * left.double())
+                self._right[i * rank : (i + 1) * rank] = right
+        self._right = self._right.contiguous()
 
     @property
     def rank(self) -> int:
@@ -220,6 +229,8 @@ def factor_difference(module: LoraModule, factors: Mapping[int, ModuleFactors], 
     """
     check_weights(weights, factors)
     steps = [step for step in sorted(weights) if step != BASE_STEP]
+    if not steps:  # all the weight on the base: both averages are W0
+        return 0.0
     oriented = [tuple(t.double() for t in _oriented(module, factors[step])) for step in steps]
     w = [weights[step] for step in steps]
     s = module.scaling
@@ -232,6 +243,16 @@ def factor_difference(module: LoraModule, factors: Mapping[int, ModuleFactors], 
     if exact == 0.0:
         return 0.0 if difference == 0.0 else math.inf
     return math.sqrt(max(difference, 0.0) / exact)
+
+
+def factor_differences(run: AdapterRun, weights: Mapping[int, float], files: OpenFiles) -> dict[str, float]:
+    """`factor_difference` of every module of a run, by module name (what `--lora-average factors` records)."""
+    steps = [step for step in sorted(weights) if step != BASE_STEP]
+    differences = {}
+    for module in run.layout.modules.values():
+        factors = {step: read_module_factors(module, run.checkpoints[step], files, torch.float64) for step in steps}
+        differences[module.module] = factor_difference(module, factors, weights)
+    return differences
 
 
 def _frobenius_squared(left: torch.Tensor, right: torch.Tensor) -> float:
