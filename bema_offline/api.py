@@ -14,9 +14,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .dtypes import FLOAT_DTYPES
 from .engine.distributed import Share, assign_shards, join, plan_digest
 from .engine.engine import MIN_MEMORY, Engine, check_device
-from .engine.plan import Plan, make_plan
+from .engine.plan import OutputSpec, Plan, make_plan
 from .errors import DataError, UsageError
 from .faults import fault_point
 from .files import OpenFiles, check_unchanged, replace_file
@@ -36,11 +37,14 @@ from .output.writer import (
     parse_size,
     shard_layout,
 )
+from .sources.peft import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, load_adapter_checkpoint
 from .sources.run import resolve_base_model
+from .sources.runinfo import is_hub_id
 
 DEFAULT_MAX_MEMORY = "512MiB"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 ACCUM_DTYPES = ("float32", "float64")
+MODEL_SIDECARS = ("config.json", "generation_config.json")  # a model's, not an adapter output's
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,9 @@ def average(
     threads: int | None = None,
     device: str = "cpu",
     distributed: bool = False,
+    lora_output: str = "merged",
+    lora_rank: int | None = None,
+    lora_average: str = "exact",
 ) -> AverageResult:
     """Average a Trainer run's checkpoints, streaming, and write Hugging Face model folders.
 
@@ -120,6 +127,15 @@ def average(
         distributed (`bool`, defaults to False): join the torch.distributed run this process is one rank of
             (started by torchrun): each rank writes its own shards, rank 0 publishes. The output is byte-identical
             to a single-process run's. See `bema_offline.engine.distributed`.
+        lora_output (`str`, defaults to "merged"): for a LoRA run (`checkpoint-N/` folders of PEFT adapters), write
+            the average as a full model folder ("merged") or as a PEFT adapter folder ("adapter"). Every method
+            applies: the output is W0 + s·Σ wᵢ·Bᵢ·Aᵢ with the method's effective weights (BEMA and EMA included:
+            TRL's op-by-op replay needs full weights). The base model (W0) is `base_model`, else the one the
+            adapter config names.
+        lora_rank (`int`, *optional*): with `lora_output="adapter"`, truncate each module to this rank by SVD (the
+            provenance records each module's relative error); by default the adapter is lossless (rank r × K).
+        lora_average (`str`, defaults to "exact"): "factors" averages A and B separately instead, what a naive
+            script would do (the provenance records each module's relative difference from the exact average).
 
     Returns:
         `AverageResult`: the plan and the output folders.
@@ -152,7 +168,14 @@ def average(
         max_step=max_step,
         allow_missing=allow_missing,
         dtype=dtype,
+        lora_output=lora_output,
+        lora_rank=lora_rank,
+        lora_average=lora_average,
     )
+    if plan.lora is not None and check_device(device) != "cpu":
+        raise UsageError(f"--device {device}: the products of a LoRA run are computed on the CPU; leave out --device")
+    if plan.lora is not None and distributed:
+        raise UsageError("a LoRA run is averaged in one process (its base model is read once): run it without torchrun")
     outputs = [
         AveragedModel(output / spec.relpath if spec.relpath else output, spec.step, spec.kind, spec.config or None, spec.weights)
         for spec in plan.outputs
@@ -178,7 +201,7 @@ def average(
     with OutputLock(output) as lock:
         fault_point("lock")
         try:
-            staging = prepare_staging(output, plan_fingerprint(plan, settings), resume=resume)
+            staging = prepare_staging(output, _fingerprint(plan, settings), resume=resume)
             fault_point("staging")
             reused, bytes_read = _write_outputs(
                 plan, staging.path, settings, progress=progress, journal=staging, threads=threads, device=device
@@ -231,7 +254,7 @@ def _average_shared(
 
         def prepare() -> tuple[OutputLock, Staging]:
             lock = stack.enter_context(OutputLock(output))
-            return lock, prepare_staging(output, plan_fingerprint(plan, settings), resume=False)
+            return lock, prepare_staging(output, _fingerprint(plan, settings), resume=False)
 
         prepared = share.run("preparing the output", prepare, main_only=True)
         try:
@@ -261,6 +284,19 @@ def _average_shared(
     return bool(leftovers)
 
 
+def _fingerprint(plan: Plan, settings: dict) -> dict:
+    """What the output bytes depend on (see `output.resume`): the plan's fingerprint, and for a LoRA run the
+    adapter config (its files' sizes and times are among the inputs) and the options that shape the output."""
+    fingerprint = plan_fingerprint(plan, settings)
+    if plan.lora is not None:
+        lora = plan.lora
+        fingerprint["lora"] = {
+            "output": lora.output, "rank": lora.rank, "average": lora.average, "config": lora.run.layout.config.raw,
+            "untied": lora.run.layout.untied,
+        }
+    return fingerprint
+
+
 def _tensor_specs(plan: Plan) -> list[TensorSpec]:
     return [TensorSpec(info.name, plan.output_dtypes[info.name], info.shape) for info in plan.tensors]
 
@@ -270,6 +306,8 @@ def _write_outputs(
 ) -> tuple[int, int]:
     """Write every output folder under `staging`; returns the number of shards reused from an interrupted run, and
     the input bytes read."""
+    if plan.lora is not None and plan.lora.output == "adapter":
+        return 0, _write_adapters(plan, staging, settings)
     layout = shard_layout(_tensor_specs(plan), settings["max_shard_size"])
     keep = journal.reusable_shards([spec.relpath for spec in plan.outputs], layout)
     with ShardFlusher() as flusher:  # the last shards reach the disk while the card and the rest are written
@@ -318,8 +356,12 @@ def _write_shards(
             )
             for folder in folders
         ]
+        if plan.lora is not None:
+            from .engine.lora_engine import LoraEngine as engine  # (torch: only for a LoRA run)
+        else:
+            engine = Engine
         with _progress_bars(todo, enabled=progress) as on_progress:
-            Engine(
+            engine(
                 todo,
                 FolderSink(writers),
                 accum_dtype=settings["accum_dtype"],
@@ -338,15 +380,60 @@ def _finish_folders(plan: Plan, settings: dict, writers: list[ModelFolderWriter]
     """Check every output folder's shards, then add the sidecar files, the provenance and the model card."""
     expected = {spec.name: (spec.dtype, spec.shape) for spec in _tensor_specs(plan)}
     training = run_training(plan)
+    untie = plan.lora is not None and bool(plan.lora.run.layout.untied)
     for writer, spec in zip(writers, plan.outputs):
         folder = writer.folder
         check_folder(folder, expected=expected)  # the light verify, before anything is published
-        copy_sidecar_files(plan.sidecars.get(spec.step, {}), folder, dtype=settings["dtype"])
+        copy_sidecar_files(plan.sidecars.get(spec.step, {}), folder, dtype=settings["dtype"], untie_embeddings=untie)
         record = provenance(plan, spec, settings=settings, training=training)
+        if plan.lora is not None and plan.lora.average == "factors":
+            record["lora"]["factor_differences"] = _factor_differences(plan, spec)
         record["output_files"] = output_files(folder)
         replace_file(folder / PROVENANCE_FILE, (json.dumps(record, indent=2) + "\n").encode())
         write_card(folder, record)
         fault_point("sidecars")
+
+
+def _factor_differences(plan: Plan, spec: OutputSpec) -> dict[str, float]:
+    """With `--lora-average factors`, each module's relative Frobenius difference from the exact average."""
+    from .engine.lora import factor_differences
+
+    with OpenFiles(identities=plan.identities) as files:
+        return factor_differences(plan.lora.run, spec.weights, files)
+
+
+def _write_adapters(plan: Plan, staging: Path, settings: dict) -> int:
+    """`--lora-output adapter`: write each output as a PEFT adapter folder, with the tokenizer, the provenance and
+    the card; returns the input bytes read. Adapters are small: a resumed run writes them again."""
+    from .output.adapter import write_adapter
+
+    lora = plan.lora
+    training = run_training(plan)
+    for spec in plan.outputs:
+        folder = staging / spec.relpath if spec.relpath else staging
+        for leftover in (folder / ADAPTER_CONFIG, folder / ADAPTER_SAFETENSORS):  # of an interrupted run
+            leftover.unlink(missing_ok=True)
+        report = write_adapter(
+            folder, lora.run, lora.base, spec.weights, rank=lora.rank, mode=lora.average, dtype=FLOAT_DTYPES.get(settings["dtype"]),
+            base_model=_adapter_base_name(plan), exist_ok=True,
+        )
+        load_adapter_checkpoint(folder, spec.step)  # the light verify: its config and header read back as an adapter
+        tokenizer = {name: path for name, path in plan.sidecars.get(spec.step, {}).items() if name not in MODEL_SIDECARS}
+        copy_sidecar_files(tokenizer, folder)
+        record = provenance(plan, spec, settings=settings, training=training)
+        record["lora"].update(report.provenance())
+        record["output_files"] = output_files(folder)
+        replace_file(folder / PROVENANCE_FILE, (json.dumps(record, indent=2) + "\n").encode())
+        write_card(folder, record)
+        fault_point("sidecars")
+    check_unchanged(plan.identities)
+    return plan.bytes_to_read * len(plan.outputs)
+
+
+def _adapter_base_name(plan: Plan) -> str:
+    """How an adapter output names its base model: a Hub id as given, else the local folder's absolute path."""
+    name = plan.base_model or str(plan.lora.base.folder)
+    return name if is_hub_id(name) else str(Path(name).expanduser().resolve())
 
 
 class _progress_bars:

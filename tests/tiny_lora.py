@@ -140,3 +140,51 @@ def _train(tmp_path_factory, name: str) -> LoraRun:
         torch.set_num_threads(threads)
     return LoraRun(name, root / "run", base_dir, model_class)
 
+
+
+# --- references: peft's own merges ---------------------------------------------------------------------------------
+
+EPS32 = torch.finfo(torch.float32).eps
+BATCH = torch.tensor([[2, 10, 20, 30, 40, 50, 3], [2, 60, 70, 80, 90, 100, 3]])  # a fixed batch of token ids
+_MERGES: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+
+
+def quiet(function, *args, **kwargs):
+    """Call `function` without the warnings transformers and peft print on tiny models."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return function(*args, **kwargs)
+
+
+def peft_merges(run: LoraRun) -> dict[int, dict[str, torch.Tensor]]:
+    """Each checkpoint's full weights as peft computes them (`merge_and_unload()` of the adapter on a fresh base),
+    and the base's as step 0; computed once per session."""
+    from peft import PeftModel
+
+    if run.name not in _MERGES:
+        merges = {0: {name: t.detach().clone() for name, t in run.load_base().state_dict().items()}}
+        for step in STEPS:
+            model = quiet(PeftModel.from_pretrained, run.load_base(), run.checkpoint(step))
+            merges[step] = {name: t.detach().clone() for name, t in quiet(model.merge_and_unload).state_dict().items()}
+        _MERGES[run.name] = merges
+    return _MERGES[run.name]
+
+
+def float64_reference(run: LoraRun, name: str, weights: dict[int, float]) -> tuple[torch.Tensor, float]:
+    """Σ wᵢ·(peft's merge of checkpoint i) for tensor `name`, in float64, and the tolerance of a float32 result: 8
+    float32 ulps of the largest |wᵢ·θᵢ| that enters the sum (each merge is itself rounded to float32)."""
+    merges = peft_merges(run)
+    terms = [w * merges[step][name].double() for step, w in weights.items()]
+    return sum(terms), 8 * EPS32 * max(float(t.abs().max()) for t in terms)
+
+
+def assert_equals_peft(run: LoraRun, tensors: dict[str, torch.Tensor], weights: dict[int, float]) -> None:
+    """Every tensor of a merged output equals the float64 weighted sum of peft's merges within float32 rounding,
+    and the output holds every tensor of peft's merge (a tied head the base file omits aside)."""
+    merges = peft_merges(run)
+    for name, value in tensors.items():
+        expected, tolerance = float64_reference(run, name, weights)
+        error = float((value.double() - expected).abs().max())
+        assert error <= tolerance, f"{name}: off by {error:.3g}, tolerance {tolerance:.3g}"
+    for name in set(merges[0]) - set(tensors):  # a tied head: the same tensor as the embedding in every merge
+        assert all(torch.equal(merges[step][name], merges[step]["model.embed_tokens.weight"]) for step in merges), name

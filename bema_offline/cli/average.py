@@ -29,7 +29,12 @@ Examples:
   bema-average runs/dpo --update-after 200 --update-freq 100 --every-update --output runs/dpo-bema
   bema-average runs/dpo --base-model ./base --save ema,bema --dry-run
   bema-average runs/dpo --base-model ./base --grid ema_power=0.3,0.5,0.7 bias_power=0.1,0.2 -o runs/dpo-sweep
+LoRA runs (checkpoint-N/ of PEFT adapters; the base model is the one the adapter config names, or --base-model):
+  bema-average runs/dpo-lora --update-freq 50 -o runs/dpo-lora-bema
+  bema-average runs/dpo-lora --update-freq 50 --lora-output adapter -o runs/dpo-lora-bema-adapter
+  bema-average runs/dpo-lora --lora-output adapter --lora-rank 16 -o runs/dpo-lora-bema-r16
 """
+LORA_SECTION = "Adapters (LoRA/PEFT)"
 
 
 def _steps(ctx, param, value: str | None) -> list[int] | None:
@@ -67,6 +72,17 @@ def _kinds(ctx, param, value: str) -> list[str]:
 @option("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, show_default=True, section="Output", help="Largest safetensors shard.")
 @option("--overwrite", is_flag=True, section="Output", help="Replace an existing output folder.")
 @option("--resume", is_flag=True, section="Output", help="Reuse the shards an interrupted run with the same plan finished (checked by a hash of inputs, parameters and version).")
+@option(
+    "--lora-output", type=click.Choice(["merged", "adapter"]), default="merged", show_default=True, section=LORA_SECTION,
+    help="For a run of LoRA adapters: merged writes the full model W0 + s·Σ wᵢ·Bᵢ·Aᵢ; adapter writes a PEFT adapter "
+    "folder that holds that average exactly (rank r × checkpoints), for PeftModel.from_pretrained(base, OUTPUT).",
+)
+@option("--lora-rank", type=click.IntRange(min=1), metavar="R", section=LORA_SECTION, help="With --lora-output adapter: truncate each module to rank R by SVD; the card and bema_offline.json give each module's relative error.")
+@option(
+    "--lora-average", type=click.Choice(["exact", "factors"]), default="exact", show_default=True, section=LORA_SECTION,
+    help="exact: the average of the checkpoints' weights. factors: average A and B separately (what a naive script "
+    "does; not the average of the weights): a warning, and each module's difference from exact in bema_offline.json.",
+)
 @option("--max-memory", default=DEFAULT_MAX_MEMORY, show_default=True, section="Performance", help="Upper bound on the working memory for tensor data, above the Python baseline (and torch's, for the dtypes the C kernel does not cover). The engine takes at most 8 MiB per thread even when allowed more: larger groups fall out of the CPU cache and run slower.")
 @option("--threads", type=int, section="Performance", help="Worker threads. Default: one per core. Results do not depend on it.")
 @option("--device", default="cpu", show_default=True, section="Performance", help="Where the arithmetic runs: cpu, cuda or cuda:N (under torchrun, cuda is each rank's local GPU). Same bits on the CPU whatever --threads; a GPU's are not checked against TRL's here.")
@@ -94,6 +110,9 @@ def average_command(
     threads: int | None,
     device: str,
     accum_dtype: str,
+    lora_output: str,
+    lora_rank: int | None,
+    lora_average: str,
     dry_run: bool,
     quiet: bool,
     debug: bool,
@@ -104,7 +123,8 @@ def average_command(
 
     The checkpoints are streamed tensor by tensor within --max-memory, in one read whatever the number of configs.
     TRL's BEMACallback is replayed exactly: with fp32 checkpoints the result is bit-identical to TRL's online bema/
-    folder. Every other method is a weighted sum of the checkpoints (see bema-offline weights).
+    folder. Every other method is a weighted sum of the checkpoints (see bema-offline weights). A run of LoRA
+    adapters is averaged exactly through its effective weights, W0 + s·Σ wᵢ·Bᵢ·Aᵢ, as a full model or an adapter.
     """
     if every_update and steps:
         raise click.UsageError("--every-update and --steps exclude each other")
@@ -139,6 +159,9 @@ def average_command(
         dry_run=dry_run,
         progress=not quiet and main_rank,
         resume=resume,
+        lora_output=lora_output,
+        lora_rank=lora_rank,
+        lora_average=lora_average,
     )
     if not main_rank:  # rank 0 of a torchrun launch reports for all
         return
@@ -165,8 +188,9 @@ def average_command(
     for line in run_warnings(result.plan):
         click.echo(line, err=True)
     elapsed = time.perf_counter() - started
+    adapter = " (a PEFT adapter)" if result.plan.lora is not None and result.plan.lora.output == "adapter" else ""
     for out in result.outputs:
-        click.echo(f"wrote {out.path}: {out.kind} at step {out.step}")
+        click.echo(f"wrote {out.path}: {out.kind} at step {out.step}{adapter}")
     nbytes = result.plan.bytes_to_read if result.bytes_read is None else result.bytes_read
     click.echo(f"read {nbytes / 2**20:.1f} MiB from {len(result.plan.sources)} sources in {elapsed:.1f} s")
     if push:

@@ -4,22 +4,33 @@ A run is a list of named configs, each an averaging method (`bema_offline.method
 replayed by the engine op for op (a `ScheduleRun` each, with the outputs `--save`, `--every-update` and `--steps`
 ask for); every other method is one output, the weighted sum of its sources. Making a plan reads headers only, and
 checks that every source agrees on tensor names, shapes and dtypes, so that a run fails before it reads a tensor.
+
+A LoRA run (`checkpoint-N/` folders holding PEFT adapters) is planned the same way: every method gives each source
+its effective weight, and `Plan.lora` holds the adapters, mapped onto the base model, and how to write the average
+(`--lora-output`, `--lora-rank`, `--lora-average`). Its outputs, replayed configs included, are the weighted sums
+W0 + s·Σ wᵢ·Bᵢ·Aᵢ (`engine/lora_engine.py`): TRL's op-by-op replay needs every checkpoint's full weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..dtypes import FLOAT_DTYPES
-from ..errors import DataError, UsageError, steps_text
-from ..files import FileIdentity
+from ..dtypes import DTYPES, FLOAT_DTYPES
+from ..errors import BemaError, DataError, UsageError, steps_text
+from ..files import FileIdentity, file_identity, read_json_file
 from ..methods.base import Method
 from ..methods.replay import BEMA, EMA
 from ..methods.schedule import KINDS, BEMASchedule, checked_update_steps, effective_weights
+from ..sources.peft import ADAPTER_CONFIG, AdapterRun, check_init, check_one_kind, load_adapter_run, read_adapter_config
 from ..sources.run import BASE_STEP, WeightSource, find_checkpoints, load_source, read_trainer_state, sidecar_origins
 from ..sources.tensors import TensorInfo
+
+LORA_OUTPUTS = ("merged", "adapter")
+LORA_AVERAGES = ("exact", "factors")
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,69 @@ class OutputSpec:
         return self.schedule_index is not None
 
 
+@dataclass(frozen=True)
+class LoraPlan:
+    """How a LoRA run is averaged.
+
+    Args:
+        run (`AdapterRun`): the adapter checkpoints read, checked to agree, and their layout on the base model.
+        base (`WeightSource`): the base model: W0 of every checkpoint's weights θᵢ = W0 + s·Bᵢ·Aᵢ.
+        output (`str`, defaults to "merged"): "merged" (a model folder) or "adapter" (a PEFT adapter folder).
+        rank (`int`, *optional*): `--lora-rank`: truncate the adapter output to this rank.
+        average (`str`, defaults to "exact"): "exact", or "factors" (A and B averaged separately).
+    """
+
+    run: AdapterRun
+    base: WeightSource
+    output: str = "merged"
+    rank: int | None = None
+    average: str = "exact"
+
+    @property
+    def steps(self) -> list[int]:
+        """The checkpoints whose factors are read."""
+        return sorted(self.run.checkpoints)
+
+    def read_bytes(self, name: str) -> int:
+        """The input bytes that computing output tensor `name` of a merged output reads: its rows of W0, and from
+        each checkpoint the factors (or the copy trained in full) that change it."""
+        layout = self.run.layout
+        theta0 = layout.output_tensors(self.base)[name]
+        keys: tuple[str, ...] = ()
+        if name in layout.modules:
+            keys = layout.modules[name].factor_keys
+        elif name in layout.lora_biases:
+            keys = layout.lora_biases[name].factor_keys
+        elif name in layout.full_tensors:
+            keys = (layout.full_tensors[name].key,)
+        return self.base.tensors[theta0].nbytes + sum(self._key_bytes(step, key) for step in self.steps for key in keys)
+
+    def adapter_read_bytes(self) -> int:
+        """The input bytes an adapter output reads: every checkpoint's factors and copies trained in full, and the
+        base's θ0 of those copies."""
+        layout = self.run.layout
+        keys = [key for module in layout.modules.values() for key in module.factor_keys]
+        keys += [tensor.key for tensor in layout.full_tensors.values()]
+        base = sum(self.base.tensors[tensor.theta0].nbytes for tensor in layout.full_tensors.values())
+        return base + sum(self._key_bytes(step, key) for step in self.steps for key in keys)
+
+    def _key_bytes(self, step: int, key: str) -> int:
+        dtype, shape = self.run.checkpoints[step].shapes[key]
+        return math.prod(shape) * DTYPES[dtype].itemsize
+
+    def describe(self) -> list[str]:
+        """Lines for `--dry-run`: the base, the adapter's targets, ranks and scalings, and the output."""
+        lines = [f"base model (W0): {self.base.folder}", *self.run.layout.describe()]
+        if self.output == "adapter":
+            rank = f", truncated to rank {self.rank} by SVD" if self.rank is not None else ", lossless (rank r × checkpoints)"
+            lines.append(f"output: a PEFT adapter folder{rank if self.average == 'exact' else ''}")
+        else:
+            lines.append("output: the merged model (W0 + s·Σ wᵢ·Bᵢ·Aᵢ), a full model folder")
+        if self.average == "factors":
+            lines.append("averaging: A and B separately (--lora-average factors), not the average of the weights")
+        return lines
+
+
 @dataclass
 class Plan:
     run_dir: Path
@@ -67,6 +141,7 @@ class Plan:
     trainer_state: dict | None = None
     notes: list[str] = field(default_factory=list)
     sidecars: dict[int, dict[str, Path]] = field(default_factory=dict)  # output step -> sidecar file -> where from
+    lora: LoraPlan | None = None  # a LoRA run: its adapters and how to write their average
 
     @property
     def read_steps(self) -> list[int]:
@@ -88,6 +163,10 @@ class Plan:
 
     @property
     def bytes_to_read(self) -> int:
+        if self.lora is not None:
+            if self.lora.output == "adapter":
+                return self.lora.adapter_read_bytes()
+            return sum(self.lora.read_bytes(t.name) for t in self.tensors)
         return sum(source.tensors[t.name].nbytes for source in self.sources.values() for t in self.tensors)
 
 
@@ -107,6 +186,9 @@ def make_plan(
     max_step: int | None = None,
     allow_missing: bool = False,
     dtype: str | None = None,
+    lora_output: str = "merged",
+    lora_rank: int | None = None,
+    lora_average: str = "exact",
 ) -> Plan:
     """Decide what a run reads and writes, and validate every input header.
 
@@ -122,7 +204,10 @@ def make_plan(
         steps: for the replayed configs: "last" (the last update step), "every" (every update step), or a list.
         min_step, max_step: narrow the checkpoints considered.
         allow_missing: skip update steps that have no checkpoint instead of failing.
-        dtype: output dtype for floating-point tensors ("float32", "bfloat16", "float16"); default: the inputs'.
+        dtype: output dtype for floating-point tensors ("float32", "bfloat16", "float16"); default: the inputs'
+            (the base model's for a LoRA run).
+        lora_output, lora_rank, lora_average: for a LoRA run, "merged" or "adapter", the adapter output's rank,
+            and "exact" or "factors" (see `LoraPlan`).
     """
     save = list(dict.fromkeys(save))
     if not save or any(kind not in KINDS for kind in save):
@@ -137,6 +222,11 @@ def make_plan(
     if weighted and steps != "last":
         raise UsageError(f"--every-update and --steps apply to bema and ema only, not to {', '.join(weighted)}")
     found = find_checkpoints(run_dir, min_step=min_step, max_step=max_step)
+    adapters = check_one_kind(found)
+    _check_lora_options(adapters, run_dir, lora_output, lora_rank, lora_average)
+    base_named_by = None  # the adapter config that names the base model, when no base model was given
+    if adapters and base_model_dir is None and base_model is None:
+        base_named_by, base_model = _adapter_base_model(found)
     has_base = base_model_dir is not None or base_model is not None
     runs: list[ScheduleRun] = []
     outputs: list[OutputSpec] = []
@@ -149,14 +239,21 @@ def make_plan(
             weights = method.weights(list(found), base=has_base, allow_missing=allow_missing)
             outputs.append(OutputSpec(None, method.name, max(weights), name, weights, name, method))
     needed = sorted({run.schedule.theta0_step for run in runs} | {step for out in outputs for step in out.weights})
+    if adapters:  # W0 is in every checkpoint's weights
+        needed = sorted({BASE_STEP, *needed})
     sources: dict[int, WeightSource] = {}
     for step in needed:
         if step == BASE_STEP:
             if base_model_dir is None:
-                base_model_dir = resolve_base(base_model) if resolve_base is not None else Path(base_model)
+                base_model_dir = _resolve_base(base_model, resolve_base, named_by=base_named_by)
             sources[step] = load_source(Path(base_model_dir), BASE_STEP)
-        else:
+        elif not adapters:
             sources[step] = _load_checkpoint(found, step)
+    if adapters:
+        return _lora_plan(
+            run_dir, found, sources[BASE_STEP], runs, outputs, base_model=base_model, base_model_dir=base_model_dir,
+            dtype=dtype, output=lora_output, rank=lora_rank, average=lora_average,
+        )
     reference = sources[needed[-1]]
     notes = _check_sources(reference, sources)
     output_dtypes = {
@@ -176,6 +273,110 @@ def make_plan(
         trainer_state=read_trainer_state(newest),
         notes=notes,
         sidecars={step: _sidecars(sources, step, Path(run_dir)) for step in sorted({out.step for out in outputs})},
+    )
+
+
+def _check_lora_options(adapters: bool, run_dir: str | Path, output: str, rank: int | None, average: str) -> None:
+    if output not in LORA_OUTPUTS:
+        raise UsageError(f"--lora-output must be one of {', '.join(LORA_OUTPUTS)}, got {output!r}")
+    if average not in LORA_AVERAGES:
+        raise UsageError(f"--lora-average must be one of {', '.join(LORA_AVERAGES)}, got {average!r}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise UsageError(f"--lora-rank must be a positive integer, got {rank!r}")
+    given = [option for option, value in (("--lora-output", output != "merged"), ("--lora-rank", rank is not None), ("--lora-average", average != "exact")) if value]
+    if given and not adapters:
+        raise UsageError(f"{', '.join(given)}: {run_dir} holds full model checkpoints, not LoRA adapters; leave out the --lora-* options")
+    if rank is not None and output != "adapter":
+        raise UsageError("--lora-rank truncates an adapter output; add --lora-output adapter (a merged model has no rank)")
+    if rank is not None and average == "factors":
+        raise UsageError("--lora-rank truncates the exact average; it does not combine with --lora-average factors")
+
+
+def _adapter_base_model(found: dict[int, Path]) -> tuple[Path, str]:
+    """The newest adapter config's path, and the base model it names (`base_model_name_or_path`)."""
+    config = read_adapter_config(found[max(found)] / ADAPTER_CONFIG)
+    if config.base_model_name_or_path is None:
+        raise DataError(f"{config.path}: names no base model (base_model_name_or_path); pass the model the adapter was trained on with --base-model")
+    return config.path, config.base_model_name_or_path
+
+
+def _resolve_base(base_model: str, resolve_base: Callable[[str], Path] | None, *, named_by: Path | None) -> Path:
+    """The base model's local folder; a base that an adapter config names and that cannot be found is bad data."""
+    if resolve_base is None:
+        return Path(base_model)
+    try:
+        return resolve_base(base_model)
+    except BemaError as e:
+        if named_by is None:
+            raise
+        reason = str(e).removeprefix(f"--base-model {base_model}: ")
+        raise DataError(
+            f"{named_by}: cannot find the base model {base_model!r} that base_model_name_or_path names ({reason}); "
+            "pass the model the adapter was trained on with --base-model"
+        ) from e
+
+
+def _lora_plan(
+    run_dir: str | Path,
+    found: dict[int, Path],
+    base: WeightSource,
+    runs: list[ScheduleRun],
+    outputs: list[OutputSpec],
+    *,
+    base_model: str | None,
+    base_model_dir: Path,
+    dtype: str | None,
+    output: str,
+    rank: int | None,
+    average: str,
+) -> Plan:
+    """The plan of a LoRA run: the checkpoints that any output weighs (the newest when none does), mapped onto the
+    base model; the output tensors are the base's (and a head untied from its embedding)."""
+    steps = sorted({step for out in outputs for step in out.weights if step != BASE_STEP}) or [max(found)]
+    config_path = Path(base_model_dir) / "config.json"
+    base_config = read_json_file(config_path, what="model config", hint="fix it or pass another --base-model") if config_path.is_file() else None
+    run = load_adapter_run({step: found[step] for step in steps}, base, base_config=base_config if isinstance(base_config, dict) else None)
+    layout = run.layout
+    notes = []
+    note = check_init(layout.config, base_is_theta0=any(BASE_STEP in out.weights for out in outputs))
+    if note:
+        notes.append(note)
+    if layout.config.use_dora and (output == "adapter" or average == "factors"):
+        option = "--lora-output adapter" if output == "adapter" else "--lora-average factors"
+        raise UsageError(
+            f"{option}: {layout.config.path} is a DoRA adapter (use_dora), whose merged weight is not linear in its factors, "
+            "so no adapter holds the average; use the default --lora-output merged --lora-average exact"
+        )
+    sources: dict[int, WeightSource] = {BASE_STEP: base}
+    for step, checkpoint in run.checkpoints.items():
+        checkpoint.identities[checkpoint.config.path] = file_identity(checkpoint.config.path)  # its bytes shape the output
+        sources[step] = checkpoint.source or WeightSource(step, checkpoint.folder, {}, checkpoint.identities, layout="peft adapter (.bin)")
+    tensors = [
+        base.tensors[theta0] if name == theta0 else dataclasses.replace(base.tensors[theta0], name=name)
+        for name, theta0 in layout.output_tensors(base).items()
+    ]
+    output_dtypes = {info.name: (FLOAT_DTYPES[dtype] if dtype and info.is_float else info.dtype) for info in tensors}
+    adapter_dtypes = {run.checkpoints[steps[-1]].shapes[module.lora_B][0] for module in layout.modules.values()}
+    base_dtypes = {base.tensors[module.theta0].dtype for module in layout.modules.values()}
+    if output == "merged" and dtype is None and any(DTYPES[a].itemsize > DTYPES[b].itemsize for a in adapter_dtypes for b in base_dtypes):
+        notes.append(
+            f"the merged weights are written in the base model's dtype ({', '.join(sorted(base_dtypes))}) while the adapters "
+            f"are {', '.join(sorted(adapter_dtypes))}; --dtype float32 keeps the small changes of a short run"
+        )
+    newest = found[max(found)]
+    return Plan(
+        run_dir=Path(run_dir),
+        found_steps=sorted(found),
+        schedules=runs,
+        outputs=outputs,
+        sources=sources,
+        tensors=tensors,
+        output_dtypes=output_dtypes,
+        base_model=base_model if base_model is not None else str(base_model_dir),
+        trainer_state=read_trainer_state(newest),
+        notes=notes,
+        sidecars={step: _sidecars(sources, step, Path(run_dir)) for step in sorted({out.step for out in outputs})},
+        lora=LoraPlan(run, base, output=output, rank=rank, average=average),
     )
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import DTYPES
-from ..engine.lora import LORA_AVERAGES, TILE_ROWS, check_weights, full_rows
+from ..engine.lora import LORA_AVERAGES, TILE_ROWS, check_weights, factor_difference, full_rows
 from ..errors import DataError, UsageError
 from ..files import OpenFiles, write_new_file
 from ..sources.peft import (
@@ -44,7 +43,6 @@ from ..sources.peft import (
     read_module_factors,
     read_tensor,
 )
-from ..sources.safetensors_io import SINGLE_FILE
 from ..sources.tensors import BASE_STEP, WeightSource
 from .writer import ModelFolderWriter, TensorSpec
 
@@ -181,17 +179,29 @@ def adapter_config(config: AdapterConfig, ranks: Mapping[str, int], *, mode: str
 
 @dataclass(frozen=True)
 class AdapterReport:
-    """What `write_adapter` wrote: each module's rank and truncation error (None when lossless), by module name."""
+    """What `write_adapter` wrote: each module's rank and truncation error (None when lossless), by module name,
+    and with `mode="factors"` each module's relative difference from the exact average."""
 
     folder: Path
     ranks: dict[str, int]
     truncation_errors: dict[str, float | None]
     config: dict
+    factor_differences: dict[str, float] | None = None
 
     @property
     def max_truncation_error(self) -> float | None:
         errors = [e for e in self.truncation_errors.values() if e is not None]
         return max(errors) if errors else None
+
+    def provenance(self) -> dict:
+        """The report as the provenance records it (`bema_offline.json`'s `lora` entry)."""
+        record: dict = {"ranks": self.ranks}
+        if self.max_truncation_error is not None:
+            record["truncation_errors"] = self.truncation_errors
+            record["max_truncation_error"] = self.max_truncation_error
+        if self.factor_differences is not None:
+            record["factor_differences"] = self.factor_differences
+        return record
 
 
 def write_adapter(
@@ -205,10 +215,12 @@ def write_adapter(
     dtype: str | None = None,
     base_model: str | None = None,
     block_rows: int = 16 * TILE_ROWS,
+    exist_ok: bool = False,
 ) -> AdapterReport:
     """Write the average of a LoRA run as a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`).
 
-    `folder` is created and must not exist: write into a staging folder and publish it (see `output/publish.py`).
+    `folder` is created and must not exist (unless `exist_ok`, for an empty staging folder): write into a staging
+    folder and publish it (see `output/publish.py`).
 
     Args:
         folder (`Path`): the folder to create.
@@ -220,6 +232,7 @@ def write_adapter(
         dtype (`str`, *optional*): safetensors dtype name of the output tensors; default: each tensor's input dtype.
         base_model (`str`, *optional*): recorded as `base_model_name_or_path`.
         block_rows (`int`): rows per block when averaging tensors trained in full.
+        exist_ok (`bool`, defaults to False): `folder` may exist (its adapter files must not).
 
     Returns:
         `AdapterReport`
@@ -257,11 +270,12 @@ def write_adapter(
         specs[key] = TensorSpec(key, newest.shapes[key][0], newest.shapes[key][1])
     ordered = [specs[key] for key in sorted(specs)]
 
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=exist_ok)
     errors: dict[str, float | None] = {}
+    differences: dict[str, float] | None = {} if mode == "factors" else None
     identities = {**base.identities, **run.identities}
     with OpenFiles(identities=identities) as files, OpenFiles(writable=True, max_open=None) as out_files:
-        writer = ModelFolderWriter(folder, ordered, max_shard_size=SINGLE_SHARD, files=out_files)
+        writer = ModelFolderWriter(folder, ordered, max_shard_size=SINGLE_SHARD, files=out_files, single_file=ADAPTER_SAFETENSORS)
 
         def write(key: str, value: torch.Tensor, start: int = 0) -> None:
             """Rows of `key` from row `start` on (all of it by default)."""
@@ -278,6 +292,8 @@ def write_adapter(
             if module.lora_bias is not None:
                 write(module.lora_bias, result.bias)
             errors[module.module] = result.truncation_error
+            if differences is not None:
+                differences[module.module] = factor_difference(module, factors, weights)
         for tensor in layout.full_tensors.values():
             info = base.tensors[tensor.theta0]
             rows = info.shape[0] if info.shape else 1
@@ -288,10 +304,9 @@ def write_adapter(
         for key in layout.saved_base_layers:
             write(key, newest.read_tensor(key, files))
         writer.finish(index=False)
-    os.rename(folder / SINGLE_FILE, folder / ADAPTER_SAFETENSORS)
     config = adapter_config(layout.config, ranks, mode=mode, base_model=base_model)
-    write_new_file(folder / ADAPTER_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    return AdapterReport(folder, ranks, errors, config)
+    write_new_file(folder / ADAPTER_CONFIG, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(), fsync=True)
+    return AdapterReport(folder, ranks, errors, config, differences)
 
 
 __all__ = [

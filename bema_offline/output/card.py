@@ -79,9 +79,51 @@ def provenance(plan: Plan, output: OutputSpec, *, settings: dict, training: Trai
                 ],
             }
             for step, source in sorted(plan.sources.items())
-            if step in output.weights
+            if step in output.weights or (plan.lora is not None and step == BASE_STEP)  # W0 of every LoRA checkpoint
         ],
         "tensors": len(plan.tensors),
+        **({"lora": lora_record(plan)} if plan.lora is not None else {}),
+    }
+
+
+LORA_ARITHMETIC = (
+    "Each checkpoint's weights are W0 + s·B·A (the base model and the adapter's factors); the output is "
+    "W0 + s·Σ wᵢ·Bᵢ·Aᵢ with the effective weights above, computed in one product of stacked factors per block of "
+    "rows. BEMA and EMA are computed from their effective weights too: TRL's op-by-op replay (and TRL's "
+    "BEMACallback, which cannot run on a PEFT model) needs every checkpoint's full weights."
+)
+
+
+def lora_record(plan: Plan) -> dict:
+    """What the provenance says about a LoRA run: the adapter, the options, and how the average was computed."""
+    lora = plan.lora
+    layout = lora.run.layout
+    config = layout.config
+    return {
+        "output": lora.output,
+        "average": lora.average,
+        "rank": lora.rank,
+        "arithmetic": LORA_ARITHMETIC if lora.average == "exact" else (
+            "--lora-average factors: A and B averaged separately, W0 + s·(Σ wᵢ·Bᵢ)(Σ wᵢ·Aᵢ), which is not the average "
+            "of the checkpoints' weights; factor_differences gives each module's relative Frobenius difference from it"
+        ),
+        "adapter": {
+            "config": str(config.path.name),
+            "r": config.r,
+            "lora_alpha": config.lora_alpha,
+            "use_rslora": config.use_rslora,
+            "rank_pattern": config.rank_pattern,
+            "alpha_pattern": config.alpha_pattern,
+            "use_dora": config.use_dora,
+            "init_lora_weights": config.init_lora_weights,
+            "base_model_name_or_path": config.base_model_name_or_path,
+            "modules": len(layout.modules),
+            "targets": sorted({module.module.rpartition(".")[2] for module in layout.modules.values()}),
+            "scalings": sorted({module.scaling for module in layout.modules.values()}),
+            "trained_in_full": sorted(layout.full_tensors),
+            "lora_biases": sorted(layout.lora_biases),
+            "untied": sorted(layout.untied),
+        },
     }
 
 
@@ -125,8 +167,10 @@ def write_card(folder: Path, record: dict, *, repo_id: str | None = None, revisi
 
 def card_metadata(record: dict) -> dict:
     """The card's metadata: base model (a Hub id, when known), library and tags."""
-    tags = ["bema", "bema-offline", *record.get("training", {}).get("tags", [])]
-    metadata = {"base_model": record.get("base_model_id"), "library_name": "transformers", "tags": list(dict.fromkeys(tags))}
+    lora = record.get("lora") or {}
+    tags = ["bema", "bema-offline", *(["lora"] if lora else []), *record.get("training", {}).get("tags", [])]
+    library = "peft" if lora.get("output") == "adapter" else "transformers"
+    metadata = {"base_model": record.get("base_model_id"), "library_name": library, "tags": list(dict.fromkeys(tags))}
     return {key: value for key, value in metadata.items() if value is not None}
 
 
@@ -200,7 +244,7 @@ def model_card(record: dict, *, repo_id: str | None = None, revision: str | None
     body = f"""
 # {_what(record)} of `{run_name}` at step {record["step"]}
 
-This model averages the checkpoints of a training run: {_long_name(record)}, computed offline by
+This {"adapter" if (record.get("lora") or {}).get("output") == "adapter" else "model"} averages the checkpoints of a training run: {_long_name(record)}, computed offline by
 [bema-offline](https://pypi.org/project/bema-offline/) {record.get("version", __version__)} from the saved
 checkpoints{" (replaying TRL's `BEMACallback` schedule, [BEMA: Block & Zhang, arXiv 2508.00180](" + BEMA_PAPER + "))" if record["kind"] in ("bema", "ema") and record.get("schedule") else ""}.
 
@@ -228,17 +272,9 @@ The output is an affine combination of the sources; the weights sum to 1 (here {
 
 {chart}
 
-## Use
+{_lora_section(record)}## Use
 
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{model}"{revision_arg})
-tokenizer = AutoTokenizer.from_pretrained("{model}"{revision_arg})
-inputs = tokenizer("The capital of France is", return_tensors="pt")
-outputs = model.generate(**inputs, max_new_tokens=32)
-print(tokenizer.decode(outputs[0], skip_special_tokens=True))
-```
+{_use(record, model, revision_arg)}
 
 ## Provenance
 
@@ -250,6 +286,83 @@ sizes, times).
 
 _SHORT_NAMES = {"bema": "BEMA", "ema": "EMA", "dema": "DEMA", "ouema": "OU-EMA", "uniform": "Uniform average",
                 "power-ema": "Power EMA", "wsm": "WSM merge", "expo": "ExPO extrapolation"}  # fmt: skip
+
+
+def _use(record: dict, model: str, revision_arg: str) -> str:
+    """The load snippet: transformers for a model folder, peft on the base model for an adapter output."""
+    lines = ["```python"]
+    if (record.get("lora") or {}).get("output") == "adapter":
+        base = record.get("base_model_id") or record.get("base_model") or "path/to/the/base/model"
+        lines += [
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+            f'model = PeftModel.from_pretrained(base, "{model}"{revision_arg})  # or .merge_and_unload() for a plain model',
+            f'tokenizer = AutoTokenizer.from_pretrained("{model}"{revision_arg})',
+        ]
+    else:
+        lines += [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{model}"{revision_arg})',
+            f'tokenizer = AutoTokenizer.from_pretrained("{model}"{revision_arg})',
+        ]
+    lines += [
+        'inputs = tokenizer("The capital of France is", return_tensors="pt")',
+        "outputs = model.generate(**inputs, max_new_tokens=32)",
+        "print(tokenizer.decode(outputs[0], skip_special_tokens=True))",
+        "```",
+    ]
+    return "\n".join(lines)
+
+
+def _lora_section(record: dict) -> str:
+    """What a LoRA run's card says about the adapter and how it was averaged ("" for other runs)."""
+    lora = record.get("lora")
+    if not lora:
+        return ""
+    adapter = lora["adapter"]
+    rule = "lora_alpha/√r (rslora)" if adapter.get("use_rslora") else "lora_alpha/r"
+    scalings = ", ".join(f"{s:g}" for s in adapter.get("scalings", []))
+    lines = [
+        "## LoRA",
+        "",
+        f"The run trained a LoRA adapter{' (DoRA)' if adapter.get('use_dora') else ''}: r={adapter['r']}, "
+        f"lora_alpha={adapter['lora_alpha']:g}, scaling {rule} = {scalings}, on {adapter['modules']} modules "
+        f"({', '.join(adapter['targets'])}) of the base model.",
+    ]
+    if adapter.get("trained_in_full"):
+        lines.append(f"Trained in full beside it (averaged as they are): {', '.join(f'`{n}`' for n in adapter['trained_in_full'])}.")
+    lines += ["", LORA_ARITHMETIC if lora.get("average") == "exact" else "", ""]
+    if lora.get("average") == "factors":
+        differences = lora.get("factor_differences") or {}
+        worst = f" The largest relative difference from the exact average is {max(differences.values()):.3g}." if differences else ""
+        lines += [
+            "**Warning:** A and B were averaged separately (`--lora-average factors`): W0 + s·(Σ wᵢ·Bᵢ)(Σ wᵢ·Aᵢ), which "
+            f"is not the average of the checkpoints' weights.{worst} `{PROVENANCE_FILE}` gives each module's.",
+            "",
+        ]
+    if lora.get("output") == "adapter":
+        error = lora.get("max_truncation_error")
+        if error is not None:
+            lines.append(
+                f"This folder is a PEFT adapter truncated to rank {lora['rank']} by SVD; the largest relative Frobenius "
+                f"error of a module is {error:.3g} (each module's is in `{PROVENANCE_FILE}`)."
+            )
+        elif lora.get("average") == "exact":
+            lines.append(
+                "This folder is a PEFT adapter that holds the average exactly: the factors of every checkpoint stacked "
+                "(rank r × checkpoints), each B scaled by its weight and the scaling (so `lora_alpha` = r). Load it onto "
+                "the base model with peft."
+            )
+        else:
+            lines.append("This folder is a PEFT adapter of the averaged factors, at the run's own rank and scaling.")
+    else:
+        lines.append("This folder is the merged model: a full model folder, which loads without peft.")
+    if adapter.get("untied"):
+        lines.append(f"The adapter changed one side of the tied embeddings, so the output unties them ({', '.join(adapter['untied'])}).")
+    return "\n".join(lines) + "\n\n"
 
 
 def _what(record: dict) -> str:

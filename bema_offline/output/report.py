@@ -26,6 +26,10 @@ def plan_report(plan: Plan, output_paths: list[str]) -> str:
     if plan.ignored_steps:
         lines.append(f"ignored (no weight in any output): {steps_text(plan.ignored_steps)}")
     lines.append(f"tensors: {len(plan.tensors)}")
+    if plan.lora is not None:
+        lines += ["", *plan.lora.describe(), ""]
+        if plan.schedules:
+            lines.append("bema and ema: computed from their effective weights (TRL's op-by-op replay needs full weights)")
     lines.extend(f"note: {note}" for note in plan.notes)
     for run in plan.schedules:
         s = run.schedule
@@ -58,6 +62,11 @@ def run_warnings(plan: Plan) -> list[str]:
             )
     if plan.ignored_steps:
         lines.append(f"note: ignored checkpoints (no weight in any output): {steps_text(plan.ignored_steps)}")
+    if plan.lora is not None and plan.lora.average == "factors":
+        lines.append(
+            "warning: --lora-average factors averaged A and B separately, which is not the average of the checkpoints' "
+            "weights; bema_offline.json gives each module's relative difference from the exact average"
+        )
     for run in plan.schedules:
         if len(run.update_steps) == 1:
             where = f"config {run.name}: " if run.name else ""
