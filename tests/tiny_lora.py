@@ -188,3 +188,30 @@ def assert_equals_peft(run: LoraRun, tensors: dict[str, torch.Tensor], weights: 
         assert error <= tolerance, f"{name}: off by {error:.3g}, tolerance {tolerance:.3g}"
     for name in set(merges[0]) - set(tensors):  # a tied head: the same tensor as the embedding in every merge
         assert all(torch.equal(merges[step][name], merges[step]["model.embed_tokens.weight"]) for step in merges), name
+
+
+def wide_lora_run(tmp_path_factory) -> LoraRun:
+    """A LoRA run whose tensors span several tiles of rows (peft-written, no training): an untied Llama with 600-row
+    MLP weights and a 700-row vocabulary, r=8 on every linear layer and the input embedding trained in full
+    (`modules_to_save`), saved at steps 2, 4 and 6 after random changes of every trainable tensor."""
+    if "wide" not in _BUILT:
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        root = tmp_path_factory.mktemp("lora_wide")
+        config = LlamaConfig(
+            vocab_size=700, hidden_size=64, intermediate_size=600, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        )
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(root / "base")
+        model = quiet(get_peft_model, LlamaForCausalLM.from_pretrained(root / "base"), LoraConfig(
+            r=8, lora_alpha=16, target_modules="all-linear", modules_to_save=["embed_tokens"], task_type="CAUSAL_LM"
+        ))
+        for step in STEPS:
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.data += 0.02 * torch.randn_like(parameter)  # as if trained
+            quiet(model.save_pretrained, root / "run" / f"checkpoint-{step}")
+        _BUILT["wide"] = LoraRun("wide", root / "run", root / "base", LlamaForCausalLM)
+    return _BUILT["wide"]
