@@ -1,6 +1,6 @@
 """Core installs have torch, safetensors, huggingface_hub, click and tqdm only: `import bema_offline`,
-`bema-average` and `bema-offline push --dry-run` must work without trl, transformers, datasets or matplotlib, and
-`bema-offline dpo` must name the extra to install."""
+`bema-average` (on full and on LoRA runs) and `bema-offline push --dry-run` must work without trl, transformers,
+datasets, peft or matplotlib, and `bema-offline dpo` must name the extra to install."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from synthetic import make_run
 
-OPTIONAL = ("trl", "transformers", "datasets", "matplotlib")
+OPTIONAL = ("trl", "transformers", "datasets", "peft", "matplotlib")
 PRELUDE = f"import sys\nfor name in {OPTIONAL!r}:\n    sys.modules[name] = None  # import fails as if not installed\n"
 
 
@@ -41,3 +41,22 @@ print("loaded", loaded)
     )
     card = (out / "README.md").read_text()
     assert "](effective_weights.svg)" in card and (out / "effective_weights.svg").read_text().startswith("<svg")  # no matplotlib needed
+
+
+def test_lora_runs_without_optional_dependencies(tmp_path_factory, tmp_path: Path) -> None:
+    """bema-offline reads adapters itself: averaging a LoRA run needs neither peft nor transformers."""
+    from tiny_lora import lora_run
+
+    run = lora_run(tmp_path_factory, "dpo")
+    code = f"""
+from bema_offline.cli import _run, average_command
+for extra in ([], ["--lora-output", "adapter", "--lora-rank", "2"]):
+    try:
+        _run(average_command, [{str(run.run_dir)!r}, "--update-freq", "2", "-o", {str(tmp_path)!r} + "/out" + str(len(extra)), "-q", *extra])
+    except SystemExit as e:
+        print("exit", e.code)
+print("loaded", sorted(name for name in {OPTIONAL!r} if sys.modules.get(name) is not None))
+"""
+    result = run_python(code)
+    assert "exit" not in result.stdout and "loaded []" in result.stdout, result.stderr
+    assert (tmp_path / "out0" / "model.safetensors").is_file() and (tmp_path / "out4" / "adapter_model.safetensors").is_file()

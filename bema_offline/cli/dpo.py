@@ -19,8 +19,15 @@ Iterative DPO, round by round (the BEMA of round k is the reference of round k+1
   bema-average runs/round1 --base-model base --update-freq 100 -o runs/round1-bema
   bema-offline dpo --ref-model runs/round1-bema --dataset prefs2.jsonl --output-dir runs/round2 --save-steps 100 --max-steps 1000
 bema-offline iterate --rounds K does all of this, resumes a killed run, and records it in rounds.json.
+
+\b
+With LoRA: each round trains an adapter; bema-average merges its checkpoints into a full model, the next reference:
+  bema-offline dpo --ref-model base --lora-r 16 --lora-target-modules all-linear --dataset prefs1.jsonl --output-dir runs/round1 --save-steps 100
+  bema-average runs/round1 --update-freq 100 -o runs/round1-bema
+  bema-offline dpo --ref-model runs/round1-bema --lora-r 16 --lora-target-modules all-linear --dataset prefs2.jsonl --output-dir runs/round2 --save-steps 100
 """
 TRAINING = "Training (TRL's DPOConfig)"
+LORA = "LoRA (peft's LoraConfig; the policy trains an adapter)"
 
 
 @click.command(cls=SectionedCommand, epilog=EPILOG, context_settings=CONTEXT)
@@ -36,6 +43,11 @@ TRAINING = "Training (TRL's DPOConfig)"
 @option("--bf16/--no-bf16", default=None, section=TRAINING, help="bf16 mixed precision. Default: on when a CUDA GPU supports it.")
 @option("--precompute-ref-log-probs", is_flag=True, section=TRAINING, help="Compute the reference log-probs before training, then release the reference model, so it does not stay in memory.")
 @option("--config-set", "config_set", multiple=True, metavar="KEY=VALUE", section=TRAINING, help="Any other DPOConfig field, checked against DPOConfig, e.g. --config-set warmup_steps=10 --config-set loss_type=sigmoid. Repeatable.")
+@option("--lora-r", type=click.IntRange(min=1), metavar="R", section=LORA, help="Train a LoRA adapter of rank R on the policy instead of all its weights; the checkpoints then hold adapters, which bema-average merges onto the policy's folder.")
+@option("--lora-alpha", type=float, section=LORA, help="lora_alpha (the scaling is lora_alpha / r). peft's default: 8.")
+@option("--lora-dropout", type=float, section=LORA, help="Dropout on the adapter's input. peft's default: 0.")
+@option("--lora-target-modules", metavar="NAMES", section=LORA, help="all-linear, or module names separated by commas (q_proj,v_proj). Default: peft's choice for the architecture.")
+@option("--lora-set", "lora_set", multiple=True, metavar="KEY=VALUE", section=LORA, help="Any other LoraConfig field, checked against LoraConfig, e.g. --lora-set use_rslora=true --lora-set modules_to_save=lm_head. Repeatable.")
 @option("--quiet", "-q", is_flag=True, section="Run", help="Only errors: no progress bars, logs or warnings.")
 @debug_option
 def dpo_command(
@@ -51,6 +63,11 @@ def dpo_command(
     bf16: bool | None,
     precompute_ref_log_probs: bool,
     config_set: tuple[str, ...],
+    lora_r: int | None,
+    lora_alpha: float | None,
+    lora_dropout: float | None,
+    lora_target_modules: str | None,
+    lora_set: tuple[str, ...],
     quiet: bool,
     debug: bool,
 ) -> None:
@@ -60,10 +77,16 @@ def dpo_command(
     folder's safetensors before and after training. Checkpoints land in --output-dir as checkpoint-N/, where the
     next bema-average reads them; set --save-steps to that average's --update-freq.
     """
-    from ..train.dpo import parse_config_overrides, require_dpo_extra, train_dpo
+    from ..train.dpo import lora_config, parse_config_overrides, require_dpo_extra, train_dpo
 
     require_dpo_extra()
     overrides = parse_config_overrides(config_set)
+    lora_options = {"r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "target_modules": lora_target_modules}
+    lora = None
+    if lora_r is not None:
+        lora = lora_config(**lora_options, pairs=lora_set)
+    elif any(value is not None for value in lora_options.values()) or lora_set:
+        raise click.UsageError("--lora-alpha, --lora-dropout, --lora-target-modules and --lora-set configure the adapter that --lora-r asks for; add --lora-r")
     with library_output(quiet=quiet):
         train_dpo(
             ref_model,
@@ -78,6 +101,7 @@ def dpo_command(
             bf16=bf16,
             precompute_ref_log_probs=precompute_ref_log_probs,
             config_overrides=overrides,
+            lora=lora,
             progress=progress_bars_wanted(quiet),
             log=(lambda line: None) if quiet else click.echo,
         )

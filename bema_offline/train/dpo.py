@@ -10,7 +10,11 @@ training. The offline counterpart works round by round: round k trains and saves
   after it, so the reference is verifiably the averaged weights;
 - with `precompute_ref_log_probs`, TRL computes the reference log-probs up front and the reference is then
   dropped, so it does not stay in memory during training;
-- checkpoints land in `output_dir/checkpoint-N/` as safetensors, where the next `bema-average` reads them.
+- checkpoints land in `output_dir/checkpoint-N/` as safetensors, where the next `bema-average` reads them;
+- with a `peft.LoraConfig` (`lora_config`, the `--lora-*` options), the policy trains a LoRA adapter on top of
+  its starting point, against the same separate, verified reference: the iterative-DPO loop for LoRA users
+  (round k's LoRA checkpoints, merged by `bema-average` into a full model, are round k+1's reference and policy
+  base). Checkpoints then hold adapters, whose config names the policy's folder as their base model.
 
 trl, transformers and datasets are imported only when a round runs.
 """
@@ -69,16 +73,18 @@ class MissingExtraError(BemaError):
 
 def require_dpo_extra() -> None:
     """Import what DPO needs, or fail with one line that names the extra to install."""
+    require_extra("bema-offline dpo", ("trl", "transformers", "datasets"))
+
+
+def require_extra(what: str, modules: Sequence[str]) -> None:
     missing = []
-    for module in ("trl", "transformers", "datasets"):
+    for module in modules:
         try:
             __import__(module)
         except ImportError:
             missing.append(module)
     if missing:
-        raise MissingExtraError(
-            f"bema-offline dpo needs {', '.join(missing)}: pip install 'bema-offline[dpo]'"
-        )
+        raise MissingExtraError(f"{what} needs {', '.join(missing)}: pip install 'bema-offline[dpo]'")
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,63 @@ def parse_config_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def _convert(key: str, text: str, hint: Any) -> Any:
+LORA_OPTIONS = {"r": "--lora-r", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout", "target_modules": "--lora-target-modules"}
+LORA_REFUSED = {"task_type": "the policy is a causal language model (CAUSAL_LM)", "peft_type": "the adapter is a LoRA"}
+
+
+def lora_config(
+    *,
+    r: int | None = None,
+    lora_alpha: float | None = None,
+    lora_dropout: float | None = None,
+    target_modules: str | None = None,
+    pairs: Sequence[str] = (),
+):
+    """The `peft.LoraConfig` of a LoRA round: peft's defaults, then the options given, then `KEY=VALUE` pairs for
+    any other field (`--lora-set`), each value converted to its field's type.
+
+    Args:
+        r, lora_alpha, lora_dropout (*optional*): `--lora-r`, `--lora-alpha`, `--lora-dropout`.
+        target_modules (`str`, *optional*): `--lora-target-modules`: "all-linear", or module names separated by
+            commas (default: peft's choice for the architecture).
+        pairs (`Sequence[str]`): `--lora-set` values, e.g. `["use_rslora=true", "modules_to_save=lm_head"]`.
+
+    Raises:
+        `UsageError`: an unknown field, one with its own option, a value of the wrong type, or one that
+            `LoraConfig` refuses.
+    """
+    require_extra("LoRA training (--lora-*)", ("peft",))
+    from peft import LoraConfig
+
+    fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    hints = typing.get_type_hints(LoraConfig)
+    settings: dict[str, Any] = {"task_type": "CAUSAL_LM"}
+    given = {"r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout}
+    settings.update({key: value for key, value in given.items() if value is not None})
+    if target_modules is not None:
+        names = [name.strip() for name in target_modules.split(",") if name.strip()]
+        settings["target_modules"] = "all-linear" if names == ["all-linear"] else names
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UsageError(f"--lora-set {pair!r}: write KEY=VALUE, e.g. --lora-set use_rslora=true")
+        if key in LORA_OPTIONS:
+            raise UsageError(f"--lora-set {key}: use {LORA_OPTIONS[key]} instead")
+        if key in LORA_REFUSED:
+            raise UsageError(f"--lora-set {key}: not allowed, {LORA_REFUSED[key]}")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {close[0]}?" if close else "; see the fields of peft.LoraConfig"
+            raise UsageError(f"--lora-set {key}: LoraConfig has no such field{hint}")
+        settings[key] = _convert(key, text.strip(), hints[key], option="--lora-set")
+    try:
+        return LoraConfig(**settings)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"peft.LoraConfig refused the settings: {_first_line(e)}") from e
+
+
+def _convert(key: str, text: str, hint: Any, *, option: str = "--config-set") -> Any:
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     lowered = text.lower()
     # "null" is None; "none" too, unless the field takes strings (report_to=none is the string "none")
@@ -155,10 +217,10 @@ def _convert(key: str, text: str, hint: Any) -> Any:
                 return kind(text)
             except ValueError:
                 pass
-    for option in options:
-        origin = typing.get_origin(option) or option
+    for kind in options:
+        origin = typing.get_origin(kind) or kind
         if origin is list and (str not in options or text.startswith("[") or "," in text):
-            item_type = (typing.get_args(option) or (str,))[0]
+            item_type = (typing.get_args(kind) or (str,))[0]
             try:
                 items = json.loads(text) if text.startswith("[") else [i.strip() for i in text.split(",") if i.strip()]
                 return [float(item) if item_type is float else item for item in items]
@@ -168,10 +230,10 @@ def _convert(key: str, text: str, hint: Any) -> Any:
             try:
                 return json.loads(text)
             except ValueError as e:
-                raise UsageError(f"--config-set {key}: {text!r} is not valid JSON ({e})") from None
-    if any(option is str or typing.get_origin(option) is typing.Literal or _is_enum(option) for option in options):
+                raise UsageError(f"{option} {key}: {text!r} is not valid JSON ({e})") from None
+    if any(kind is str or typing.get_origin(kind) is typing.Literal or _is_enum(kind) for kind in options):
         return text
-    raise UsageError(f"--config-set {key}={text}: expected {_type_name(hint)}")
+    raise UsageError(f"{option} {key}={text}: expected {_type_name(hint)}")
 
 
 def _is_enum(option: Any) -> bool:
@@ -303,6 +365,7 @@ def train_dpo(
     bf16: bool | None = None,
     precompute_ref_log_probs: bool = False,
     config_overrides: dict[str, Any] | None = None,
+    lora: Any | None = None,
     resume_from_checkpoint: str | Path | None = None,
     callbacks: Sequence[Any] = (),
     progress: bool | None = None,
@@ -323,6 +386,8 @@ def train_dpo(
         precompute_ref_log_probs (`bool`, defaults to False): compute the reference log-probs before training
             and drop the reference model.
         config_overrides (`dict`, *optional*): any other DPOConfig fields (see `parse_config_overrides`).
+        lora (`peft.LoraConfig`, *optional*): train a LoRA adapter on the policy (see `lora_config`); the
+            checkpoints then hold adapters, which `bema-average` merges onto the policy's folder.
         resume_from_checkpoint (`str | Path`, *optional*): a `checkpoint-N` folder in `output_dir`, written by an
             interrupted run of the same round with its optimizer state (`save_only_model=False`); training goes on
             from there, through the Trainer's own `resume_from_checkpoint`.
@@ -355,6 +420,7 @@ def train_dpo(
         bf16=bf16,
         precompute_ref_log_probs=precompute_ref_log_probs,
         config_overrides=config_overrides,
+        lora=lora,
         resume=resume_from_checkpoint is not None,
         progress=progress,
         log=log,
@@ -395,13 +461,15 @@ def build_trainer(
     *,
     policy: str | Path | PreTrainedModel | None = None,
     config_overrides: dict[str, Any] | None = None,
+    lora: Any | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
     **settings: Any,
 ):
     """Everything `train_dpo` does before `trainer.train()`: returns `(DPOTrainer, RoundSetup)`.
 
-    `settings` are `dpo_config`'s keyword arguments. The trainer's `ref_model` is the verified frozen
+    `settings` are `dpo_config`'s keyword arguments; `lora` a `peft.LoraConfig` for the policy (TRL wraps it; the
+    reference stays the separate, verified model, not the policy with its adapter disabled). The trainer's `ref_model` is the verified frozen
     reference, or None with `precompute_ref_log_probs` (the log-probs are in `trainer.train_dataset`).
     `output_dir` must hold no checkpoints, unless `resume` (the caller resumes from one of them).
     """
@@ -436,7 +504,11 @@ def build_trainer(
         args=config,
         train_dataset=train_dataset,
         processing_class=tokenizer,
+        peft_config=lora,
     )
+    if lora is not None:
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        log(f"policy: a LoRA adapter (r={lora.r}, lora_alpha={lora.lora_alpha}), {trainable} trainable parameters")
     if trainer.ref_model is trainer.model:  # DPOTrainer refuses this too; the reference must never be the policy
         raise DataError("the reference model is the policy object; load them separately")
     if config.precompute_ref_log_probs:
@@ -462,6 +534,7 @@ def build_trainer(
             "precompute_ref_log_probs": config.precompute_ref_log_probs,
             "overrides": {key: _jsonable(value) for key, value in (config_overrides or {}).items()},
         },
+        "lora": None if lora is None else {key: _jsonable(value) for key, value in lora.to_dict().items()},
     }
     return trainer, RoundSetup(ref_folder, fingerprint, record)
 
@@ -486,6 +559,8 @@ def _average_summary(folder: Path) -> dict | None:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
     try:
         json.dumps(value)
         return value
