@@ -405,17 +405,21 @@ def _factor_differences(plan: Plan, spec: OutputSpec) -> dict[str, float]:
 def _write_adapters(plan: Plan, staging: Path, settings: dict) -> int:
     """`--lora-output adapter`: write each output as a PEFT adapter folder, with the tokenizer, the provenance and
     the card; returns the input bytes read. Adapters are small: a resumed run writes them again."""
-    from .output.adapter import write_adapter
+    import torch
+
+    from .output.adapter import full_block_rows, write_adapter
 
     lora = plan.lora
     training = run_training(plan)
+    accum_dtype = torch.float64 if settings["accum_dtype"] == "float64" else torch.float32
+    block_rows = full_block_rows(lora.run, lora.base, settings["max_memory"], accum_dtype=accum_dtype)
     for spec in plan.outputs:
         folder = staging / spec.relpath if spec.relpath else staging
         for leftover in (folder / ADAPTER_CONFIG, folder / ADAPTER_SAFETENSORS):  # of an interrupted run
             leftover.unlink(missing_ok=True)
         report = write_adapter(
             folder, lora.run, lora.base, spec.weights, rank=lora.rank, mode=lora.average, dtype=FLOAT_DTYPES.get(settings["dtype"]),
-            base_model=_adapter_base_name(plan), exist_ok=True,
+            base_model=_adapter_base_name(plan), block_rows=block_rows, accum_dtype=accum_dtype, exist_ok=True,
         )
         load_adapter_checkpoint(folder, spec.step)  # the light verify: its config and header read back as an adapter
         tokenizer = {name: path for name, path in plan.sidecars.get(spec.step, {}).items() if name not in MODEL_SIDECARS}

@@ -1,133 +1,100 @@
-"""Benchmark of the LoRA arithmetic (`bema_offline/engine/lora.py`) on the issue's case: a 1 GiB bf16 base, 8 adapter
-checkpoints with r = 16 on every linear layer.
+"""Write a large synthetic LoRA run for benchmarks: a base model and `checkpoint-N` folders of PEFT adapters.
 
-The arithmetic runs in memory, on a Llama-shaped layer (hidden 2048, intermediate 5632, 4 KV heads of 64: the shapes
-of TinyLlama-1.1B) repeated 12 times (1.0 GiB of bf16 weights), block by block on a pool of worker threads with one
-torch thread each, as the engine runs; every output block is cast to bf16. Beside it, in the same run, the floors
-that the issue's budget is stated in: a `cat` of a 1 GiB file (warm page cache) and a `dd` of 1 GiB with fsync.
+The base is `scripts/synthetic_run.py`'s (Llama-like names and shapes, bf16 by default, written tensor by tensor);
+each checkpoint holds `adapter_config.json` and `adapter_model.safetensors`, with float32 factors of rank r on every
+linear layer of every block (q, k, v, o, gate, up, down), as peft saves them for a bf16 model. The factors follow a
+random walk from step to step, B starting from small values (a trained adapter's B is no longer 0).
 
-    python scripts/bench_lora.py --repeat 3
+    python scripts/bench_lora.py /tmp/bema-bench/lora-1g --size 1GiB --checkpoints 8 --rank 16
 
-Rows: the cast alone (bf16 -> float32 -> bf16, the work any merged output does), the exact average (one matmul of the
-stacked factors per tile), `--lora-average factors`, and DoRA (one matmul and one norm per checkpoint per block).
+The run is `ROOT/base/` and `ROOT/run/checkpoint-{400,800,...}/`; `ROOT/spec.json` records what was generated, and
+an existing run with the same spec is reused. `scripts/bench.py lora` times `bema-average` on it.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import subprocess
+import json
+import shutil
 import sys
-import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bema_offline.engine.engine import default_threads  # noqa: E402
-from bema_offline.engine.lora import TILE_ROWS, ModuleAverage  # noqa: E402
-from bema_offline.sources.peft import LoraModule, ModuleFactors  # noqa: E402
+from synthetic_run import SAVE_STEPS, VOCAB, make_synthetic_run, parse_size  # noqa: E402
 
-GIB = 2**30
-HIDDEN, INTERMEDIATE, KV = 2048, 5632, 256
-LAYER = {"q": (HIDDEN, HIDDEN), "k": (KV, HIDDEN), "v": (KV, HIDDEN), "o": (HIDDEN, HIDDEN), "gate": (INTERMEDIATE, HIDDEN), "up": (INTERMEDIATE, HIDDEN), "down": (HIDDEN, INTERMEDIATE)}
-LAYERS = 12
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PREFIX = "base_model.model."
 
 
-def module(name: str, shape: tuple[int, int], rank: int, dora: bool) -> LoraModule:
-    return LoraModule(name, f"{name}.weight", f"{name}.weight", shape, rank, 2.0 * rank, 2.0, False, False, f"{name}.A", f"{name}.B", f"{name}.m" if dora else None)
+def make_lora_run(
+    root: str | Path, *, size: int, checkpoints: int, rank: int = 16, dtype: str = "bfloat16", seed: int = 0, vocab: int = VOCAB
+) -> tuple[Path, Path]:
+    """Write (or reuse) `root/base` and `root/run/checkpoint-N` (adapters); return (run_dir, base_dir).
 
+    Args:
+        root (`str | Path`): folder of the run.
+        size (`int`): bytes of the base model's weights (approximate).
+        checkpoints (`int`): number of adapter checkpoints, at steps 400, 800, ...
+        rank (`int`, defaults to 16): the adapters' rank, on every linear layer (lora_alpha = 2·rank).
+        dtype (`str`, defaults to "bfloat16"): the base's dtype; the factors are float32.
+        seed (`int`, defaults to 0): random seed.
+        vocab (`int`, defaults to 32000): rows of the embedding (small for tiny test runs).
+    """
+    root = Path(root)
+    spec = {"size": size, "checkpoints": checkpoints, "rank": rank, "dtype": dtype, "seed": seed, "vocab": vocab, "version": 1}
+    run_dir, base_dir = root / "run", root / "base"
+    spec_path = root / "spec.json"
+    if spec_path.is_file() and json.loads(spec_path.read_text()) == spec:
+        return run_dir, base_dir
+    if root.exists():
+        shutil.rmtree(root)
+    _, base_dir = make_synthetic_run(root / "synthetic", size=size, checkpoints=0, dtype=dtype, seed=seed, vocab=vocab)
+    base_dir = base_dir.rename(root / "base")
+    shutil.rmtree(root / "synthetic")
+    from safetensors import safe_open
 
-def layer_inputs(checkpoints: int, rank: int, dora: bool) -> list[tuple[LoraModule, torch.Tensor, dict[int, ModuleFactors]]]:
-    """One layer: each module's W0 (bf16) and every checkpoint's factors (float32)."""
-    generator = torch.Generator().manual_seed(0)
-    inputs = []
-    for name, (rows, cols) in LAYER.items():
-        w0 = (torch.randn(rows, cols, generator=generator) * 0.02).bfloat16()
-        factors = {
-            step: ModuleFactors(
-                A=torch.randn(rank, cols, generator=generator) * 0.01,
-                B=torch.randn(rows, rank, generator=generator) * 0.01,
-                magnitude=w0.float().norm(dim=1) if dora else None,
-            )
-            for step in range(1, checkpoints + 1)
-        }
-        inputs.append((module(name, (rows, cols), rank, dora), w0, factors))
-    return inputs
-
-
-def run_case(inputs, weights, *, mode: str | None, threads: int, block_rows: int) -> tuple[float, float]:
-    """(wall, CPU) seconds to produce every output block of `LAYERS` layers (bf16), or only to cast W0 when `mode`
-    is None. CPU time is the process's, all threads: on a shared machine it moves less than the wall time."""
-    averages = {m.module: ModuleAverage(m, f, weights, mode=mode) for m, _, f in inputs} if mode else {}
-
-    def work(task):
-        m, w0, start = task
-        rows = w0[start : start + block_rows]
-        out = averages[m.module].rows(rows, start) if mode else rows.float()
-        return out.bfloat16().numel()
-
-    tasks = [(m, w0, start) for _ in range(LAYERS) for m, w0, _ in inputs for start in range(0, m.shape[0], block_rows)]
-    started, cpu = time.perf_counter(), time.process_time()
-    with ThreadPoolExecutor(threads) as pool:
-        done = sum(pool.map(work, tasks))
-    assert done == LAYERS * sum(m.shape[0] * m.shape[1] for m, _, _ in inputs)
-    return time.perf_counter() - started, time.process_time() - cpu
-
-
-def floors(root: Path) -> tuple[float, float]:
-    """(cat of a 1 GiB file with a warm page cache, dd of 1 GiB with fsync), seconds."""
-    path = root / "one-gib"
-    if not path.exists() or path.stat().st_size != GIB:
-        with open(path, "wb") as f:
-            for _ in range(GIB // 2**24):
-                f.write(os.urandom(2**24))
-    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
-    started = time.perf_counter()
-    subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
-    cat = time.perf_counter() - started
-    started = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={root / 'dd-out'}", "bs=1M", f"count={GIB // 2**20}", "conv=fsync"], capture_output=True, check=True)
-    dd = time.perf_counter() - started
-    (root / "dd-out").unlink()
-    return cat, dd
+    with safe_open(base_dir / "model.safetensors", "pt") as f:
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    modules = {name.removesuffix(".weight"): shape for name, shape in shapes.items() if name.rpartition(".")[0].endswith(TARGETS)}
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+        "target_modules": list(TARGETS), "base_model_name_or_path": str(base_dir.resolve()), "bias": "none",
+        "init_lora_weights": True, "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+    }  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    factors = {}
+    for module, (out_features, in_features) in modules.items():
+        factors[f"{PREFIX}{module}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+        factors[f"{PREFIX}{module}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 1e-3
+    steps = [SAVE_STEPS * (i + 1) for i in range(checkpoints)]
+    for step in steps:
+        for value in factors.values():
+            value.add_(torch.randn(value.shape, generator=generator), alpha=1e-4)
+        folder = run_dir / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file(factors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": steps[-1], "save_steps": SAVE_STEPS}))
+    spec_path.write_text(json.dumps(spec))
+    return run_dir, base_dir
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--size", default="1GiB", help="bytes of the base model, e.g. 256MiB, 1GiB")
     parser.add_argument("--checkpoints", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=default_threads())
-    parser.add_argument("--block-rows", type=int, default=4 * TILE_ROWS)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "bema-lora-bench")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    args.root.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)  # workers, not intra-op threads, as the engine runs
-    weights = {0: -0.05, **{step: 1.05 / args.checkpoints for step in range(1, args.checkpoints + 1)}}
-    elements = LAYERS * sum(rows * cols for rows, cols in LAYER.values())
-    flops = 2 * elements * args.rank * args.checkpoints
-    print(f"base: {elements * 2 / GIB:.2f} GiB bf16 ({LAYERS} layers of {', '.join(LAYER)}), {args.checkpoints} checkpoints, r={args.rank}, "
-          f"{args.threads} worker threads, blocks of {args.block_rows} rows, torch {torch.__version__}")
-    results = {}
-    plain = layer_inputs(args.checkpoints, args.rank, dora=False)
-    dora = layer_inputs(args.checkpoints, args.rank, dora=True)
-    for label, inputs, mode in (("cast only (bf16 -> fp32 -> bf16)", plain, None), ("exact", plain, "exact"),
-                                ("factors (--lora-average factors)", plain, "factors"), ("DoRA (merged)", dora, "exact")):
-        times = [run_case(inputs, weights, mode=mode, threads=args.threads, block_rows=args.block_rows) for _ in range(args.repeat)]
-        results[label] = (statistics.median(t for t, _ in times), statistics.median(c for _, c in times))
-    cat, dd = floors(args.root)
-    print(f"{'case':<36} {'wall s':>7} {'CPU s':>7} {'GFLOP/s':>8}  (medians of {args.repeat}; load average {os.getloadavg()[0]:.1f})")
-    for label, (seconds, cpu) in results.items():
-        rate = f"{flops / seconds / 1e9:8.1f}" if label == "exact" else f"{'':>8}"
-        print(f"{label:<36} {seconds:7.2f} {cpu:7.2f} {rate}")
-    print(f"{'cat of 1 GiB (warm page cache)':<36} {cat:7.2f}")
-    print(f"{'dd of 1 GiB, fsynced':<36} {dd:7.2f}")
-    print(f"issue budget for the merged output, 1.5 x (cat + dd): {1.5 * (cat + dd):.2f} s")
+    run_dir, base_dir = make_lora_run(args.root, size=parse_size(args.size), checkpoints=args.checkpoints, rank=args.rank, dtype=args.dtype, seed=args.seed)
+    print(f"run: {run_dir}\nbase: {base_dir}")
 
 
 if __name__ == "__main__":

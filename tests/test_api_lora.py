@@ -86,3 +86,18 @@ def test_bad_options_through_the_library(tmp_path_factory, tmp_path, option):
 
     with pytest.raises(UsageError, match="--lora-"):
         average(lora_run(tmp_path_factory, "dpo").run_dir, tmp_path / "out", schedule=BEMASchedule(update_freq=2), **option)
+
+
+def test_an_adapter_output_does_not_depend_on_the_budget(tmp_path_factory, tmp_path):
+    """The SFT run trains lm_head in full (modules_to_save): with 4 KiB its copies are averaged a few rows at a time."""
+    from bema_offline.output.adapter import full_block_rows
+
+    run = lora_run(tmp_path_factory, "sft")
+    results = {}
+    for budget in ("4KiB", "512MiB"):
+        result = average(run.run_dir, tmp_path / budget, schedule=BEMASchedule(update_freq=2), lora_output="adapter", max_memory=budget)
+        results[budget] = (tmp_path / budget / "adapter_model.safetensors").read_bytes()
+    lora = result.plan.lora
+    rows = lora.base.tensors["model.embed_tokens.weight"].shape[0]  # (the tied head's θ0)
+    assert full_block_rows(lora.run, lora.base, 4096) < 10 < rows < full_block_rows(lora.run, lora.base, 512 * 2**20)
+    assert results["4KiB"] == results["512MiB"]

@@ -150,6 +150,18 @@ def truncate(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     return q_b @ (u[:, :kept] * root), (root[:, None] * vh[:kept]) @ q_a.t(), error
 
 
+def full_block_rows(run: AdapterRun, base: WeightSource, max_memory: int, *, accum_dtype: torch.dtype = torch.float32) -> int:
+    """Rows per block of the tensors trained in full, so that a block of the base, of every checkpoint's copy, and
+    of the sum and its cast stays within `max_memory` (at least one row)."""
+    per_row = 0
+    for tensor in run.layout.full_tensors.values():
+        info = base.tensors[tensor.theta0]
+        cols = math.prod(info.shape[1:]) if info.shape else 1
+        copies = sum(DTYPES[checkpoint.shapes[tensor.key][0]].itemsize for checkpoint in run.checkpoints.values())
+        per_row = max(per_row, cols * (info.itemsize + copies + 2 * accum_dtype.itemsize + 4))
+    return max(1, max_memory // per_row) if per_row else 16 * TILE_ROWS
+
+
 def adapter_config(config: AdapterConfig, ranks: Mapping[str, int], *, mode: str = "exact", base_model: str | None = None) -> dict:
     """The output's `adapter_config.json`: the run's config with the output's ranks.
 
@@ -215,6 +227,7 @@ def write_adapter(
     dtype: str | None = None,
     base_model: str | None = None,
     block_rows: int = 16 * TILE_ROWS,
+    accum_dtype: torch.dtype = torch.float32,
     exist_ok: bool = False,
 ) -> AdapterReport:
     """Write the average of a LoRA run as a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`).
@@ -231,7 +244,9 @@ def write_adapter(
         mode (`str`, defaults to "exact"): "exact", or "factors" (`--lora-average factors`).
         dtype (`str`, *optional*): safetensors dtype name of the output tensors; default: each tensor's input dtype.
         base_model (`str`, *optional*): recorded as `base_model_name_or_path`.
-        block_rows (`int`): rows per block when averaging tensors trained in full.
+        block_rows (`int`): rows per block when averaging tensors trained in full (see `full_block_rows`).
+        accum_dtype (`torch.dtype`, defaults to float32): accumulation dtype of the tensors trained in full (the
+            factors are computed in float64).
         exist_ok (`bool`, defaults to False): `folder` may exist (its adapter files must not).
 
     Returns:
@@ -300,7 +315,7 @@ def write_adapter(
             for start in range(0, rows, block_rows):
                 stop = min(start + block_rows, rows)
                 copies = {step: run.checkpoints[step].read_tensor(tensor.key, files, rows=(start, stop)) for step in steps}
-                write(tensor.key, full_rows(read_tensor(info, files, start, stop), copies, weights), start)
+                write(tensor.key, full_rows(read_tensor(info, files, start, stop), copies, weights, dtype=accum_dtype), start)
         for key in layout.saved_base_layers:
             write(key, newest.read_tensor(key, files))
         writer.finish(index=False)
@@ -315,6 +330,7 @@ __all__ = [
     "adapter_config",
     "adapter_factors",
     "check_adapter_output",
+    "full_block_rows",
     "output_rank",
     "truncate",
     "write_adapter",

@@ -76,8 +76,8 @@ def load_source(folder: Path, step: int) -> WeightSource:
     """
     if is_adapter_folder(folder):  # what a folder holds is what its config says, whatever else lies beside it
         raise DataError(
-            f"{folder}: a PEFT adapter ({ADAPTER_CONFIG}), not a model's weights; pass the base model's folder here "
-            "(bema-average reads an adapter run's checkpoints with its base model)"
+            f"{folder}: a PEFT adapter ({ADAPTER_CONFIG}), not a model's full weights; where a model is expected "
+            "(--base-model, --ref-model), pass the model it was trained on"
         )
     if (folder / SINGLE_FILE).exists() or (folder / SINGLE_FILE).is_symlink() or (folder / INDEX_FILE).exists():
         return load_safetensors(folder, step)
