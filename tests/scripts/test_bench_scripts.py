@@ -53,3 +53,25 @@ def test_llama_shapes_hit_the_target_size():
         size = 2 * sum(torch.Size(s).numel() for s in shapes.values())
         assert 0.85 * target < size < 1.15 * target
         assert sum(name.endswith("input_layernorm.weight") for name in shapes) >= 4
+
+
+def test_synthetic_lora_run(tmp_path):
+    """The LoRA benchmark's run: adapters that bema-offline reads as peft's, on every linear layer of the base, and a
+    merged average equal to W0 + s·Σ wᵢ·Bᵢ·Aᵢ written out in float64."""
+    from bema_offline.methods.windows import Uniform
+
+    bench_lora = load_script("bench_lora")
+    run_dir, base_dir = bench_lora.make_lora_run(tmp_path / "lora", size=4 * 2**20, checkpoints=3, rank=4, dtype="float32", vocab=64)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-1200", "checkpoint-400", "checkpoint-800"]
+    result = average(run_dir, tmp_path / "out", schedule=Uniform())
+    layout = result.plan.lora.run.layout
+    assert {m.module.rpartition(".")[2] for m in layout.modules.values()} == set(bench_lora.TARGETS)
+    assert all((m.rank, m.scaling) == (4, 2.0) for m in layout.modules.values())
+    base, out = load_file(base_dir / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    adapters = [load_file(run_dir / f"checkpoint-{step}" / "adapter_model.safetensors") for step in (400, 800, 1200)]
+    name = "model.layers.0.mlp.down_proj.weight"
+    key = "base_model.model.model.layers.0.mlp.down_proj"
+    delta = sum(a[f"{key}.lora_B.weight"].double() @ a[f"{key}.lora_A.weight"].double() for a in adapters) / 3
+    expected = base[name].double() + 2.0 * delta
+    assert float((out[name].double() - expected).abs().max()) <= 8 * torch.finfo(torch.float32).eps * float(expected.abs().max())
+    assert torch.equal(out["model.norm.weight"], base["model.norm.weight"])
