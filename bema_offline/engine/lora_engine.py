@@ -110,10 +110,12 @@ class LoraEngine:
         self.tasks = [self._task(info.name) for info in plan.tensors]
         largest = max(self.tasks, key=lambda task: task.minimum, default=None)
         if largest is not None and largest.minimum > max_memory:
+            what = "the whole tensor" if largest.whole else "one tile of rows"
+            if largest.fixed:
+                what = f"its factors for {len(plan.outputs)} outputs and {what}"
             raise UsageError(
-                f"--max-memory {max_memory} bytes is too small for tensor {largest.name!r} "
-                f"({'its factors for ' + str(len(plan.outputs)) + ' outputs and ' if largest.fixed else ''}"
-                f"{'the whole tensor' if largest.whole else 'one tile of rows'}); give at least {_mib(largest.minimum)} MiB"
+                f"--max-memory {max_memory} bytes is too small for tensor {largest.name!r} ({what}); "
+                f"give at least {_mib(largest.minimum)} MiB"
             )
         threads = threads or default_threads()
         self.threads = max(1, min(threads, len(self.tasks), max_memory // max(largest.minimum if largest else 1, 1)))
@@ -130,7 +132,7 @@ class LoraEngine:
 
     def _task(self, name: str) -> _Task:
         layout, lora = self.layout, self.lora
-        theta0 = lora.base.tensors[layout.output_tensors(lora.base)[name]]
+        theta0 = lora.base.tensors[lora.theta0_names[name]]
         acc = self.dtype.itemsize
         out_dtype = self.plan.output_dtypes[name]
         out = DTYPES[out_dtype].itemsize

@@ -14,6 +14,7 @@ W0 + s·Σ wᵢ·Bᵢ·Aᵢ (`engine/lora_engine.py`): TRL's op-by-op replay nee
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -88,11 +89,16 @@ class LoraPlan:
         """The checkpoints whose factors are read."""
         return sorted(self.run.checkpoints)
 
+    @functools.cached_property
+    def theta0_names(self) -> dict[str, str]:
+        """Every tensor of a merged output, with the base tensor that holds its W0."""
+        return self.run.layout.output_tensors(self.base)
+
     def read_bytes(self, name: str) -> int:
         """The input bytes that computing output tensor `name` of a merged output reads: its rows of W0, and from
         each checkpoint the factors (or the copy trained in full) that change it."""
         layout = self.run.layout
-        theta0 = layout.output_tensors(self.base)[name]
+        theta0 = self.theta0_names[name]
         keys: tuple[str, ...] = ()
         if name in layout.modules:
             keys = layout.modules[name].factor_keys

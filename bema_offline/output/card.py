@@ -108,7 +108,7 @@ def lora_record(plan: Plan) -> dict:
             "of the checkpoints' weights; factor_differences gives each module's relative Frobenius difference from it"
         ),
         "adapter": {
-            "config": str(config.path.name),
+            "config": str(config.path.resolve()),
             "r": config.r,
             "lora_alpha": config.lora_alpha,
             "use_rslora": config.use_rslora,
