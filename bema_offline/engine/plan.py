@@ -258,7 +258,7 @@ def make_plan(
     if adapters:
         return _lora_plan(
             run_dir, found, sources[BASE_STEP], runs, outputs, base_model=base_model, base_model_dir=base_model_dir,
-            dtype=dtype, output=lora_output, rank=lora_rank, average=lora_average,
+            dtype=dtype, output=lora_output, rank=lora_rank, average=lora_average, base_given=base_named_by is None,
         )
     reference = sources[needed[-1]]
     notes = _check_sources(reference, sources)
@@ -335,6 +335,7 @@ def _lora_plan(
     output: str,
     rank: int | None,
     average: str,
+    base_given: bool,
 ) -> Plan:
     """The plan of a LoRA run: the checkpoints that any output weighs (the newest when none does), mapped onto the
     base model; the output tensors are the base's (and a head untied from its embedding)."""
@@ -347,6 +348,9 @@ def _lora_plan(
     note = check_init(layout.config, base_is_theta0=any(BASE_STEP in out.weights for out in outputs))
     if note:
         notes.append(note)
+    named = layout.config.base_model_name_or_path
+    if base_given and named is not None and not _same_model(named, base_model if base_model is not None else base_model_dir):
+        notes.append(f"the adapters name {named!r} as their base model (base_model_name_or_path); W0 is the base model given, {base.folder}")
     if layout.config.use_dora and (output == "adapter" or average == "factors"):
         option = "--lora-output adapter" if output == "adapter" else "--lora-average factors"
         raise UsageError(
@@ -384,6 +388,16 @@ def _lora_plan(
         sidecars={step: _sidecars(sources, step, Path(run_dir)) for step in sorted({out.step for out in outputs})},
         lora=LoraPlan(run, base, output=output, rank=rank, average=average),
     )
+
+
+def _same_model(named: str, given: str | Path) -> bool:
+    """Whether two names of a model are the same: equal, or the same local folder."""
+    if str(named) == str(given):
+        return True
+    try:
+        return Path(named).expanduser().resolve() == Path(given).expanduser().resolve() and Path(named).expanduser().is_dir()
+    except OSError:
+        return False
 
 
 def _sidecars(sources: dict[int, WeightSource], step: int, run_dir: Path) -> dict[str, Path]:

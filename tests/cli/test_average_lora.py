@@ -343,3 +343,21 @@ def test_a_pissa_adapter_is_refused_unless_no_output_weighs_the_base(tmp_path_fa
     code, stdout, err = run_cli([tmp_path / "run", "--base-model", dpo.base_dir, "--method", "uniform", "-o", tmp_path / "out", "--dry-run"], capsys)
     assert code == 0, err
     assert "note: init_lora_weights 'pissa': the checkpoints are W + s·B·A on the residual model" in stdout
+
+
+def test_every_update_and_a_base_other_than_the_adapters(tmp_path_factory, tmp_path, capsys):
+    """--every-update --save ema,bema: one folder per kind and step, each the average of its own weights. A base
+    model given by path to the same folder is no news; a copy elsewhere is named in a note."""
+    run = lora_run(tmp_path_factory, "dpo")
+    out = tmp_path / "out"
+    code, _, err = run_cli([run.run_dir, "--base-model", run.base_dir, "--update-freq", "2", "--every-update", "--save", "ema,bema", "-o", out], capsys)
+    assert code == 0, err
+    assert "base_model_name_or_path" not in err
+    assert sorted(str(p.relative_to(out)) for p in out.glob("*/step-*")) == [f"{kind}/step-{step}" for kind in ("bema", "ema") for step in STEPS]
+    for folder in (out / "ema" / "step-2", out / "bema" / "step-4"):
+        assert_equals_peft(run, load_file(folder / "model.safetensors"), weights_of(folder))
+    copy = tmp_path / "copy"
+    shutil.copytree(run.base_dir, copy)
+    code, _, err = run_cli([run.run_dir, "--base-model", copy, "--update-freq", "2", "-o", tmp_path / "other"], capsys)
+    assert code == 0, err
+    assert f"note: the adapters name {str(run.base_dir)!r} as their base model (base_model_name_or_path); W0 is the base model given, {copy}" in err
