@@ -67,26 +67,38 @@ def _oriented(module: LoraModule, factors: ModuleFactors) -> tuple[torch.Tensor,
     return factors.B, factors.A
 
 
-def _plus_product(base: torch.Tensor, left: torch.Tensor, right: torch.Tensor, start: int) -> torch.Tensor:
+def _plus_product(
+    base: torch.Tensor, left: torch.Tensor, right: torch.Tensor, start: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """`base + left @ right` for rows `[start, start + n)` of a tensor (`base` and `left` hold those n rows),
     computed as one `addmm` per whole tile of TILE_ROWS rows aligned to the tensor's row 0, the rows beyond the
-    block being zeros: each row's bits depend on its own values only, never on the block it came in."""
+    block being zeros: each row's bits depend on its own values only, never on the block it came in.
+
+    `out`, when given, is a flat buffer of the result's dtype with room for the block's whole tiles (a worker's,
+    reused from block to block); the result is a view into it."""
     stop = start + base.shape[0]
     first = start // TILE_ROWS * TILE_ROWS
     last = -(-stop // TILE_ROWS) * TILE_ROWS
+    shape = (last - first, right.shape[1])
+    tiles = torch.empty(shape, dtype=right.dtype) if out is None else out[: shape[0] * shape[1]].view(shape)
     if (first, last) == (start, stop):  # whole tiles: no padding to copy into
-        out = base.to(right.dtype, copy=True, memory_format=torch.contiguous_format)
+        tiles.copy_(base)
         lhs = left.to(right.dtype)
     else:
-        out = torch.empty((last - first, right.shape[1]), dtype=right.dtype)
-        out[: start - first].zero_()
-        out[start - first : stop - first] = base
-        out[stop - first :].zero_()
+        tiles[: start - first].zero_()
+        tiles[start - first : stop - first] = base
+        tiles[stop - first :].zero_()
         lhs = torch.zeros((last - first, left.shape[1]), dtype=right.dtype)
         lhs[start - first : stop - first] = left
     for tile in range(0, last - first, TILE_ROWS):
-        out[tile : tile + TILE_ROWS].addmm_(lhs[tile : tile + TILE_ROWS], right)
-    return out[start - first : stop - first]
+        tiles[tile : tile + TILE_ROWS].addmm_(lhs[tile : tile + TILE_ROWS], right)
+    return tiles[start - first : stop - first]
+
+
+def tiles_numel(rows: int, cols: int) -> int:
+    """The elements of `_plus_product`'s buffer for a block of `rows` rows starting anywhere: whole tiles, one more
+    when the block does not start on a tile."""
+    return (-(-rows // TILE_ROWS) + 1) * TILE_ROWS * cols
 
 
 class ModuleAverage:
@@ -159,17 +171,23 @@ class ModuleAverage:
         """The rank of the stacked product (r·K exact, r with factors)."""
         return self._right.shape[0]
 
-    def rows(self, w0_rows: torch.Tensor, start: int) -> torch.Tensor:
+    def rows(self, w0_rows: torch.Tensor, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows `[start, start + len(w0_rows))` of the averaged weight, from the same rows of W0 (as stored).
 
         DoRA on a transposed weight (`module.rows_independent` False) needs the whole tensor in one block.
+
+        Args:
+            w0_rows (`torch.Tensor`): the rows of W0, in any float dtype.
+            start (`int`): the first row's index in the tensor.
+            out (`torch.Tensor`, *optional*): a flat buffer of the accumulation dtype with `tiles_numel` elements,
+                reused for the result (DoRA allocates its own).
 
         Returns:
             `torch.Tensor`: the rows in the accumulation dtype (a view into a buffer of whole tiles).
         """
         stop = start + w0_rows.shape[0]
         if self.module.magnitude is None:
-            return _plus_product(w0_rows, self._left[start:stop], self._right, start)
+            return _plus_product(w0_rows, self._left[start:stop], self._right, start, out)
         if self.module.transposed:
             return self._dora_whole(w0_rows.to(self.dtype), start, stop)
         return self._dora_rows(w0_rows.to(self.dtype), start, stop)

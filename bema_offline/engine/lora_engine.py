@@ -39,10 +39,11 @@ from ..files import OpenFiles, writable_view
 from ..sources.peft import LoraModule, ModuleFactors, read_module_factors, read_tensor
 from ..sources.tensors import BASE_STEP, TensorInfo
 from .engine import Sink, Slice, all_finite, check_device, default_threads, fits
-from .lora import TILE_ROWS, ModuleAverage, full_rows
+from .lora import TILE_ROWS, ModuleAverage, full_rows, tiles_numel
 from .plan import Plan
 
 BLOCK_BYTES = 16 * 2**20  # a block's working memory per worker when --max-memory allows more
+_ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,39 @@ class _Task:
             return self.rows
         rows = (budget - self.fixed) // max(self.per_row, 1) // TILE_ROWS * TILE_ROWS
         return max(TILE_ROWS, min(rows, BLOCK_BYTES // max(self.per_row, 1) // TILE_ROWS * TILE_ROWS))
+
+
+class _Arena:
+    """A worker's working memory for one block at a time: one buffer, grown to the largest block's need (within the
+    worker's share of `--max-memory`) and reused, from which each block takes its rows of W0, its product and its
+    cast rows (each once, then the same bytes again for the next output). Its pages stay allocated, and counted, once,
+    rather than freed to the allocator's per-thread pools."""
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+        self._taken: dict[str, tuple[int, int]] = {}  # purpose -> (start, stop) in the buffer
+        self._used = 0
+
+    def start_block(self, nbytes: int) -> None:
+        """Make room for a block that takes at most `nbytes` (alignment included); frees what the last one took."""
+        if self._buffer.numel() < nbytes:
+            self._buffer = torch.empty(0, dtype=torch.uint8)  # (freed before the larger one is allocated)
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+        self._taken.clear()
+        self._used = 0
+
+    def take(self, purpose: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """`numel` elements of `dtype` for `purpose`, 64-byte aligned: the same bytes for the same purpose within a
+        block (their values are whatever was left there)."""
+        nbytes = numel * dtype.itemsize
+        if purpose not in self._taken:
+            start = -(-self._used // _ALIGN) * _ALIGN
+            self._taken[purpose] = (start, start + nbytes)
+            self._used = start + nbytes
+        start, stop = self._taken[purpose]
+        if stop > self._buffer.numel() or start + nbytes > stop:
+            raise RuntimeError(f"a block took more of its worker's arena than it announced ({purpose}); report this bug")
+        return self._buffer[start : start + nbytes].view(dtype)
 
 
 class LoraEngine:
@@ -183,6 +217,7 @@ class LoraEngine:
             raise self._error
 
     def _work(self) -> None:
+        arena = _Arena()
         try:
             with OpenFiles(identities=self.plan.identities) as files:
                 while True:
@@ -191,7 +226,7 @@ class LoraEngine:
                             return
                         task = self.tasks[self._next]
                         self._next += 1
-                    getattr(self, f"_{task.kind}")(task, files)
+                    getattr(self, f"_{task.kind}")(task, files, arena)
                     self._progress(self.lora.read_bytes(task.name), 1)
         except BaseException as e:
             self._fail(e)
@@ -226,49 +261,68 @@ class LoraEngine:
         factors = self._factors(module, files)
         return [ModuleAverage(module, factors, out.weights, mode=self.lora.average, dtype=self.dtype) for out in self.plan.outputs]
 
-    def _module(self, task: _Task, files: OpenFiles) -> None:
+    def _module(self, task: _Task, files: OpenFiles, arena: _Arena) -> None:
         averages = self._averages(self.layout.modules[task.name], files)
         block = task.block_rows(self.budget)
         for start in range(0, task.rows, block):
-            w0 = read_tensor(task.theta0, files, start, min(start + block, task.rows))
+            w0 = self._read(task, files, arena, start, min(start + block, task.rows), product=True)
+            out = arena.take("product", tiles_numel(w0.shape[0], w0.shape[1]), self.dtype)
             for index, average in enumerate(averages):
-                self._emit(index, task, start, self._checked(task, average.rows(w0, start), w0))
+                self._emit(index, task, start, self._checked(task, average.rows(w0, start, out), w0, arena=arena))
 
-    def _bias(self, task: _Task, files: OpenFiles) -> None:
+    def _bias(self, task: _Task, files: OpenFiles, arena: _Arena) -> None:
         averages = self._averages(self.layout.lora_biases[task.name], files)
         b0 = read_tensor(task.theta0, files)
         for index, average in enumerate(averages):
             self._emit(index, task, 0, self._checked(task, average.bias(b0), b0))
 
-    def _full(self, task: _Task, files: OpenFiles) -> None:
+    def _full(self, task: _Task, files: OpenFiles, arena: _Arena) -> None:
         key = self.layout.full_tensors[task.name].key
         block = task.block_rows(self.budget)
         for start in range(0, task.rows, block):
             stop = min(start + block, task.rows)
-            w0 = read_tensor(task.theta0, files, start, stop)
+            w0 = self._read(task, files, arena, start, stop)
             copies = {step: self.lora.run.checkpoints[step].read_tensor(key, files, rows=(start, stop)) for step in self.lora.steps}
             for index, out in enumerate(self.plan.outputs):
                 used = {step: copies[step] for step in out.weights if step != BASE_STEP}
-                self._emit(index, task, start, self._checked(task, full_rows(w0, used, out.weights, dtype=self.dtype), w0, used))
+                average = full_rows(w0, used, out.weights, dtype=self.dtype)
+                self._emit(index, task, start, self._checked(task, average, w0, used, arena=arena))
 
-    def _copy(self, task: _Task, files: OpenFiles) -> None:
+    def _copy(self, task: _Task, files: OpenFiles, arena: _Arena) -> None:
         """W0 as it is, in blocks: its bytes themselves when the output dtype is the base's, else cast."""
         cast = self.plan.output_dtypes[task.name] != task.theta0.dtype
         block = task.block_rows(self.budget)
         for start in range(0, task.rows, block):
-            w0 = read_tensor(task.theta0, files, start, min(start + block, task.rows))
-            value = self._checked(task, w0, w0) if cast else w0
+            w0 = self._read(task, files, arena, start, min(start + block, task.rows))
+            value = self._checked(task, w0, w0, arena=arena) if cast else w0
             for index in range(len(self.plan.outputs)):
                 self._emit(index, task, start, value)
 
+    def _read(self, task: _Task, files: OpenFiles, arena: _Arena, start: int, stop: int, *, product: bool = False) -> torch.Tensor:
+        """Start a block: room in the arena for its rows of W0, of the product (`product`) and of the cast output;
+        then rows [start, stop) of the task's W0, read into it."""
+        cols = math.prod(task.theta0.shape[1:]) if task.theta0.shape else 1
+        rows = stop - start
+        need = rows * cols * (task.theta0.itemsize + DTYPES[self.plan.output_dtypes[task.name]].itemsize) + 3 * _ALIGN
+        if product:
+            need += tiles_numel(rows, cols) * self.dtype.itemsize
+        arena.start_block(need)
+        return read_tensor(task.theta0, files, start, stop, into=arena.take("w0", rows * cols * task.theta0.itemsize, torch.uint8))
+
     # --- output --------------------------------------------------------------------------------------------------
 
-    def _checked(self, task: _Task, value: torch.Tensor, w0: torch.Tensor, copies: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """`value` cast to the output dtype, every element finite and within the dtype's range (else the cause is
-        named: W0, a checkpoint's copy, or the arithmetic)."""
+    def _checked(
+        self, task: _Task, value: torch.Tensor, w0: torch.Tensor, copies: Mapping[int, torch.Tensor] | None = None, *, arena: _Arena | None = None
+    ) -> torch.Tensor:
+        """`value` cast to the output dtype (in the block's arena, when given), every element finite and within the
+        dtype's range (else the cause is named: W0, a checkpoint's copy, or the arithmetic)."""
         dtype = self.plan.output_dtypes[task.name]
+        target = DTYPES[dtype].torch
         if fits(value, dtype):
-            cast = value.to(DTYPES[dtype].torch)
+            if value.dtype == target or arena is None:
+                cast = value.to(target)
+            else:
+                cast = arena.take("cast", value.numel(), target).view(value.shape).copy_(value)
             if all_finite(cast):
                 return cast
         if not all_finite(w0):

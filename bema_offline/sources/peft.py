@@ -338,8 +338,11 @@ class AdapterCheckpoint:
         return tensor if dtype is None else tensor.to(dtype)
 
 
-def read_tensor(info: TensorInfo, files: OpenFiles, first_row: int = 0, stop_row: int | None = None) -> torch.Tensor:
-    """Rows `[first_row, stop_row)` of a tensor (all of them by default), read into a new CPU tensor.
+def read_tensor(
+    info: TensorInfo, files: OpenFiles, first_row: int = 0, stop_row: int | None = None, *, into: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows `[first_row, stop_row)` of a tensor (all of them by default), read into a new CPU tensor, or into the
+    first bytes of `into` (a flat uint8 tensor, e.g. a worker's buffer reused from block to block).
 
     Example:
 
@@ -355,7 +358,10 @@ def read_tensor(info: TensorInfo, files: OpenFiles, first_row: int = 0, stop_row
     stop_row = rows if stop_row is None else stop_row
     per_row = math.prod(shape[1:]) if shape else 1
     out_shape = (stop_row - first_row, *shape[1:]) if shape else ()
-    buffer = torch.empty(math.prod(out_shape) * info.itemsize, dtype=torch.uint8)
+    nbytes = math.prod(out_shape) * info.itemsize
+    if into is not None and into.numel() < nbytes:
+        raise ValueError(f"{info.name}: {nbytes} bytes do not fit a buffer of {into.numel()}")
+    buffer = torch.empty(nbytes, dtype=torch.uint8) if into is None else into[:nbytes]
     view = memoryview(buffer.numpy()).cast("B")
     done = 0
     for path, offset, nbytes in info.ranges(first_row * per_row, stop_row * per_row):
