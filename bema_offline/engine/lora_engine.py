@@ -299,11 +299,13 @@ class LoraEngine:
                 self._emit(index, task, start, value)
 
     def _read(self, task: _Task, files: OpenFiles, arena: _Arena, start: int, stop: int, *, product: bool = False) -> torch.Tensor:
-        """Start a block: room in the arena for its rows of W0, of the product (`product`) and of the cast output;
-        then rows [start, stop) of the task's W0, read into it."""
+        """Start a block: room in the arena for its rows of W0, of the product (`product`) and of the output when it
+        is cast; then rows [start, stop) of the task's W0, read into it."""
         cols = math.prod(task.theta0.shape[1:]) if task.theta0.shape else 1
         rows = stop - start
-        need = rows * cols * (task.theta0.itemsize + DTYPES[self.plan.output_dtypes[task.name]].itemsize) + 3 * _ALIGN
+        out = DTYPES[self.plan.output_dtypes[task.name]]
+        computed = task.theta0.torch_dtype if task.kind == "copy" else self.dtype  # what is cast to the output dtype
+        need = rows * cols * (task.theta0.itemsize + (out.itemsize if out.torch != computed else 0)) + 3 * _ALIGN
         if product:
             need += tiles_numel(rows, cols) * self.dtype.itemsize
         arena.start_block(need)
