@@ -511,7 +511,11 @@ NOTES = {
             "W0 + [s·w₁B₁ | … | s·w₈B₈] @ [A₁; …; A₈]: a product of rank 128 per block of rows, 2·128 flops per output "
             "element (137 GFLOP here), in float32, then written in the base's bf16 and fsynced. The floor is the one issue "
             "11 states: a cat of the base plus a dd of the output's bytes. Startup includes importing torch, which the "
-            "products need. The adapter outputs read only the adapters (200 MiB) and the base's header.",
+            "products need. The adapter outputs read only the adapters (200 MiB) and the base's header. The floor is "
+            "out of reach on 2 cores: importing torch alone costs more than 1.5 × (cat + dd) whenever the disk writes "
+            "1 GiB in under a second, and the products alone, at the ~100 GFLOP/s per core that MKL reaches here on "
+            "these shapes, take 0.7 s of two cores; after startup the merged output costs the products, reading and "
+            "casting 1 GiB, and about the dd's time to write and fsync it.",
     "groups": "The 'after startup' column is the engine's run; the peak RSS includes the groups' arenas. Small groups "
               "stay in the CPU cache from one step to the next; that is why the engine uses at most 8 MiB per worker "
               "whatever --max-memory allows (engine.CACHE_BYTES).",
