@@ -421,11 +421,12 @@ def _write_adapters(plan: Plan, staging: Path, settings: dict) -> int:
             folder, lora.run, lora.base, spec.weights, rank=lora.rank, mode=lora.average, dtype=FLOAT_DTYPES.get(settings["dtype"]),
             base_model=_adapter_base_name(plan), block_rows=block_rows, accum_dtype=accum_dtype, exist_ok=True,
         )
-        load_adapter_checkpoint(folder, spec.step)  # the light verify: its config and header read back as an adapter
+        written = load_adapter_checkpoint(folder, spec.step)  # the light verify: its config and header read back as an adapter
         tokenizer = {name: path for name, path in plan.sidecars.get(spec.step, {}).items() if name not in MODEL_SIDECARS}
         copy_sidecar_files(tokenizer, folder)
         record = provenance(plan, spec, settings=settings, training=training)
         record["lora"].update(report.provenance())
+        record["tensors"] = len(written.shapes)
         record["output_files"] = output_files(folder)
         replace_file(folder / PROVENANCE_FILE, (json.dumps(record, indent=2) + "\n").encode())
         write_card(folder, record)

@@ -27,9 +27,10 @@ def plan_report(plan: Plan, output_paths: list[str]) -> str:
         lines.append(f"ignored (no weight in any output): {steps_text(plan.ignored_steps)}")
     lines.append(f"tensors: {len(plan.tensors)}")
     if plan.lora is not None:
-        lines += ["", *plan.lora.describe(), ""]
+        lines += ["", *plan.lora.describe()]
         if plan.schedules:
             lines.append("bema and ema: computed from their effective weights (TRL's op-by-op replay needs full weights)")
+        lines += [""] if plan.notes else []
     lines.extend(f"note: {note}" for note in plan.notes)
     for run in plan.schedules:
         s = run.schedule
