@@ -77,6 +77,7 @@ def require_dpo_extra() -> None:
 
 
 def require_extra(what: str, modules: Sequence[str]) -> None:
+    """Import `modules`, or fail with one line: `what` needs the missing ones, from the `dpo` extra."""
     missing = []
     for module in modules:
         try:
@@ -171,6 +172,13 @@ def lora_config(
     Raises:
         `UsageError`: an unknown field, one with its own option, a value of the wrong type, or one that
             `LoraConfig` refuses.
+
+    Example:
+
+    ```python
+    >>> config = lora_config(r=16, target_modules="all-linear", pairs=["use_rslora=true"])
+    >>> result = train_dpo("runs/round1-bema", "prefs.jsonl", "runs/round2", lora=config, save_steps=100)
+    ```
     """
     require_extra("LoRA training (--lora-*)", ("peft",))
     from peft import LoraConfig
