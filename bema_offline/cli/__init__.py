@@ -19,6 +19,7 @@ from ._help import CONTEXT
 from .average import average_command
 from .demo import demo_command
 from .dpo import dpo_command
+from .eval import eval_command
 from .push import push_command
 from .verify import verify_command
 
@@ -36,6 +37,7 @@ cli.add_command(demo_command, "demo")
 cli.add_command(push_command, "push")
 cli.add_command(dpo_command, "dpo")
 cli.add_command(verify_command, "verify")
+cli.add_command(eval_command, "eval")
 
 
 def _run(command: click.Command, args: list[str] | None = None, prog_name: str | None = None) -> None:
