@@ -147,4 +147,4 @@ def _describe(value: object) -> str:
         return "nothing (null)"
     if isinstance(value, list):
         return "an empty list" if not value else "a list of something other than {role, content} messages"
-    return f"a {type(value).__name__}"
+    return f"{type(value).__name__} {value!r:.40}"
