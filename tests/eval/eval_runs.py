@@ -18,6 +18,10 @@ import torch
 from tiny_dpo import make_preference_dataset, make_tiny_llama, make_tokenizer
 
 from bema_offline import BEMASchedule, average
+from bema_offline.eval.candidates import Candidate
+from bema_offline.eval.metrics import METRICS
+from bema_offline.eval.record import OutputRecord
+from bema_offline.eval.report import Result
 from bema_offline.methods.sweep import parse_grid
 
 _built: dict[str, object] = {}
@@ -117,3 +121,16 @@ def _train(base_dir: Path, run_dir: Path, tokenizer) -> None:
         Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer).train()
     finally:
         torch.set_num_threads(threads)
+
+
+DIRECTIONS = {name: metric.higher_is_better for name, metric in METRICS.items()}
+
+
+def fake_result(label: str, role: str = "average", params: dict | None = None, **metrics: float) -> Result:
+    """A result without a model: `role` "average" gets a provenance record with `params` as its schedule."""
+    record = None
+    if role == "average":
+        raw = {"config": label, "kind": "bema", "step": 12, "schedule": params or {},
+               "effective_weights": [{"step": 0, "weight": -0.5}, {"step": 12, "weight": 1.5}], "unknown": [1, 2]}
+        record = OutputRecord(Path("/runs") / label, raw)
+    return Result(Candidate(label, f"/runs/{label}", role, record), metrics)
