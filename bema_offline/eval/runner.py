@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,8 +186,10 @@ def _score(source: str, prepared: PreparedData, *, device: str, dtype: str, batc
                             "pass --tokenizer with the tokenizer it was trained with")
         return score_sequences(model, prepared.sequences, batch_size=batch_size, pad_token_id=pad)
     finally:
+        alive = weakref.ref(model)
         del model
-        gc.collect()
+        if alive() is not None:  # held by a reference cycle: collect it before the next model is loaded
+            gc.collect()
         if device.startswith("cuda"):
             import torch
 
