@@ -94,7 +94,7 @@ def eval_command(
     say = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     settings = dict(metric=metric, ref_model=ref_model, beta=beta, device=device, dtype=dtype, batch_size=batch_size,
                     max_length=max_length, tokenizer=tokenizer, lm_eval=lm_eval, baselines=baselines, log=say)
-    with _quiet_transformers():
+    with _quiet_libraries():
         if publish_best:
             if len(models) != 1:
                 raise click.UsageError("--publish-best needs exactly one sweep folder")
@@ -138,18 +138,23 @@ def _require_eval_extra() -> None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
-    """No per-model loading bars or load reports (a folder whose weights do not fit fails with its own error)."""
+def _quiet_libraries():
+    """No loading bars or load reports from transformers, no progress bars from datasets, for the run only (a folder
+    whose weights do not fit fails with its own error)."""
+    import datasets
     import transformers
 
     logging = transformers.utils.logging
-    bars, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    bars = (logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled())
+    verbosity = logging.get_verbosity()
     logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     logging.set_verbosity_error()
     try:
         yield
     finally:
-        if bars:
+        if bars[0]:
             logging.enable_progress_bar()
+        if bars[1]:
+            datasets.enable_progress_bars()
         logging.set_verbosity(verbosity)
-
