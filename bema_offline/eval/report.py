@@ -112,7 +112,7 @@ class EvalReport:
                     "rank": r.rank,
                     "label": r.label,
                     "role": r.candidate.role,
-                    "source": r.candidate.source,
+                    "source": _absolute(r.candidate.source),
                     "method": r.candidate.record.method if r.candidate.record else None,
                     "step": r.candidate.record.step if r.candidate.record else None,
                     "params": r.candidate.record.params if r.candidate.record else {},
@@ -304,6 +304,11 @@ def _json_number(value: float) -> float | str:
     if math.isinf(value):
         return "Infinity" if value > 0 else "-Infinity"
     return value
+
+
+def _absolute(source: str) -> str:
+    """A local folder as an absolute path (the report may be read from elsewhere); a Hub id as it is."""
+    return str(Path(source).resolve()) if Path(source).exists() else source
 
 
 def _write_atomic(path: Path, content: bytes) -> Path:

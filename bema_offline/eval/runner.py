@@ -100,39 +100,33 @@ def evaluate(
     _check_options(data, lm_eval, dtype=dtype, batch_size=batch_size, max_length=max_length, beta=beta)
     device = check_device(device)
     candidates = find_candidates(models, baselines=baselines)
-    eval_data = load_eval_data(data) if data is not None else None
-    directions = {name: m.higher_is_better for name, m in METRICS.items()}
-    metric = _ranking_metric(metric, eval_data.kind if eval_data else None, lm_eval)
     settings = {"device": device, "dtype": dtype, "batch_size": batch_size}
-    prepared = None
-    reference_scores = None
-    if eval_data is not None:
-        tokenizer_source = str(tokenizer or candidates.models[0].source)
-        max_length = max_length or _max_positions(candidates.models[0].source)
-        prepared = prepare(eval_data, _load_tokenizer(tokenizer_source), max_length=max_length)
-        settings.update(tokenizer=tokenizer_source, max_length=max_length)
-        if eval_data.kind == "preference":
-            reference = str(ref_model) if ref_model is not None else _default_reference(candidates.models)
-            settings.update(reference=reference, beta=beta)
-            started = time.perf_counter()
-            reference_scores = _score(reference, prepared, device=device, dtype=dtype, batch_size=batch_size)
-            log(f"reference {reference}: scored {len(prepared.sequences)} sequences in {time.perf_counter() - started:.1f} s")
     if lm_eval is not None:
         from .lm_eval_backend import check_lm_eval
 
         check_lm_eval(lm_eval.tasks, include_path=lm_eval.include_path)
         settings["lm_eval"] = {"tasks": lm_eval.tasks, "include_path": lm_eval.include_path, "limit": lm_eval.limit,
                                "num_fewshot": lm_eval.num_fewshot}
+    eval_data = load_eval_data(data) if data is not None else None
+    metric = _ranking_metric(metric, eval_data.kind if eval_data else None, lm_eval)
+    scorer = None
+    if eval_data is not None:
+        tokenizer_source = str(tokenizer or candidates.models[0].source)
+        max_length = max_length or _max_positions(candidates.models[0].source)
+        prepared = prepare(eval_data, _load_tokenizer(tokenizer_source), max_length=max_length)
+        settings.update(tokenizer=tokenizer_source, max_length=max_length)
+        scorer = _Scorer(prepared, device=device, dtype=dtype, batch_size=batch_size)
+        if eval_data.kind == "preference":
+            reference = str(ref_model) if ref_model is not None else _default_reference(candidates.models)
+            settings.update(reference=reference, beta=beta)
+            started = time.perf_counter()
+            scorer.set_reference(reference, beta=beta)
+            log(f"reference {reference}: scored {len(prepared.sequences)} sequences in {time.perf_counter() - started:.1f} s")
+    directions = {name: m.higher_is_better for name, m in METRICS.items()}
     results = []
     for number, candidate in enumerate(candidates.models, 1):
         started = time.perf_counter()
-        metrics: dict[str, float] = {}
-        if prepared is not None:
-            scores = _score(candidate.source, prepared, device=device, dtype=dtype, batch_size=batch_size)
-            if reference_scores is not None:
-                metrics.update(preference_metrics(scores, reference_scores, beta=beta))
-            else:
-                metrics.update(loss_metrics(scores))
+        metrics = scorer.metrics(candidate.source) if scorer is not None else {}
         if lm_eval is not None:
             from .lm_eval_backend import run_lm_eval
 
@@ -145,9 +139,36 @@ def evaluate(
         if metric not in metrics:  # a TASK/METRIC lm-eval does not report: known after the first model
             raise UsageError(f"--metric {metric}: not among the metrics computed ({', '.join(metrics)})")
         log(f"[{number}/{len(candidates.models)}] {candidate.label}: {metric} {metrics[metric]:.6g} ({seconds:.1f} s)")
-    data_summary = _data_summary(eval_data, prepared)
-    return rank(results, metric=metric, directions=directions, data=data_summary, settings=settings,
+    summary = _data_summary(eval_data, scorer.prepared) if scorer is not None else None
+    return rank(results, metric=metric, directions=directions, data=summary, settings=settings,
                 sweep_dir=candidates.sweep_dir)
+
+
+class _Scorer:
+    """The held-out data's metrics of one model after another (and the DPO reference's sums, kept)."""
+
+    def __init__(self, prepared: PreparedData, *, device: str, dtype: str, batch_size: int) -> None:
+        self.prepared = prepared
+        self.options = {"device": device, "dtype": dtype, "batch_size": batch_size}
+        self.reference: tuple[Path, object] | None = None
+        self.beta = DEFAULT_BETA
+
+    def set_reference(self, source: str, *, beta: float) -> None:
+        self.reference = (_resolved(source), _score(source, self.prepared, **self.options))
+        self.beta = beta
+
+    def metrics(self, source: str) -> dict[str, float]:
+        if self.reference is None:
+            return loss_metrics(_score(source, self.prepared, **self.options))
+        folder, reference_scores = self.reference
+        same = folder is not None and folder == _resolved(source)  # the reference itself (a baseline): scored already
+        scores = reference_scores if same else _score(source, self.prepared, **self.options)
+        return preference_metrics(scores, reference_scores, beta=self.beta)
+
+
+def _resolved(source: str) -> Path | None:
+    path = Path(source)
+    return path.resolve() if path.exists() else None
 
 
 def load_model(source: str, *, device: str = "cpu", dtype: str = "float32"):

@@ -124,3 +124,15 @@ def test_the_default_reference_is_the_runs_theta0(grid) -> None:
     assert report.settings["reference"] == str(grid.base_dir.resolve()) or report.settings["reference"] == str(grid.base_dir)
     explicit = evaluate([grid.sweep / grid.configs[0]], grid.prefs, ref_model=grid.base_dir)
     assert report.ranked[0].metrics == explicit.ranked[0].metrics
+
+
+def test_the_reference_among_the_baselines_is_scored_once(grid, monkeypatch) -> None:
+    from bema_offline.eval import runner
+
+    calls = []
+    score = runner._score
+    monkeypatch.setattr(runner, "_score", lambda source, *a, **k: calls.append(Path(source).resolve()) or score(source, *a, **k))
+    report = evaluate([grid.sweep / grid.configs[0]], grid.prefs, baselines=True)
+    assert calls == [grid.base_dir.resolve(), (grid.sweep / grid.configs[0]).resolve(), (grid.run_dir / "checkpoint-12").resolve()]
+    base = next(r for r in report.ranked if r.label == "base")
+    assert base.metrics["reward_accuracy"] == 0.0 and base.metrics["reward_margin"] == 0.0  # the reference against itself
