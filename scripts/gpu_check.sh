@@ -16,8 +16,18 @@ set -euo pipefail
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 RTOL_FP32=${GPU_CHECK_RTOL_FP32:-1e-4}
 RTOL_BF16=${GPU_CHECK_RTOL_BF16:-2e-2}
-if [[ $DEVICE != cpu ]] && ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    echo "SKIP: torch.cuda.is_available() is False ($(python -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)')); run this on a machine with a CUDA GPU"
+where=$(python -c "
+import torch
+if '$DEVICE' == 'cpu':
+    print('the CPU')
+elif torch.cuda.is_available():
+    print(torch.cuda.get_device_name())
+else:
+    print(f'SKIP: torch.cuda.is_available() is False (torch {torch.__version__}, CUDA {torch.version.cuda}); '
+          'run this on a machine with a CUDA GPU')
+")
+if [[ $where == SKIP:* ]]; then
+    echo "$where"
     exit 0
 fi
 if [[ -n ${GPU_CHECK_WORKDIR:-} ]]; then
@@ -27,7 +37,7 @@ else
     WORK=$(mktemp -d)
     trap 'rm -rf "$WORK"' EXIT
 fi
-echo "device: $DEVICE ($(python -c "import torch; print(torch.cuda.get_device_name() if '$DEVICE' != 'cpu' else 'the CPU')")), work folder: $WORK"
+echo "device: $DEVICE ($where), work folder: $WORK"
 
 # A tiny run: a base, checkpoints every 20 steps (fp32), its EMA and BEMA on the CPU, and its held-out text as JSONL
 # (reused when GPU_CHECK_WORKDIR already holds them).
@@ -41,47 +51,57 @@ open(sys.argv[1], "w").write("".join(json.dumps({"text": text}) + "\n" for text 
 EOF
 fi
 
+# Each check is one Python process: it runs the commands through the command line's own entry point (what
+# `bema-offline ...` runs), then compares; torch and transformers are imported once per check.
+
 # Check 1: evaluation on the device against the CPU.
-evaluate() {  # DEVICE DTYPE FOLDER
-    rm -rf "$3"
-    bema-offline eval "$WORK/demo/averaged" --data "$WORK/heldout.jsonl" --baselines --device "$1" --dtype "$2" -o "$3" --quiet
-}
-evaluate cpu float32 "$WORK/eval-cpu"
-evaluate "$DEVICE" float32 "$WORK/eval-device-fp32"
-evaluate "$DEVICE" bfloat16 "$WORK/eval-device-bf16"
 check1=0
 python - "$WORK" "$DEVICE" "$RTOL_FP32" "$RTOL_BF16" <<'EOF' || check1=1
-import json, math, sys
+import json, shutil, sys
+from bema_offline.cli import _run, cli
 work, device, rtol_fp32, rtol_bf16 = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
-def results(name):
-    return {r["label"]: r["metrics"]["loss"] for r in json.load(open(f"{work}/{name}/eval.json"))["results"]}
-cpu = results("eval-cpu")
+def evaluate(device, dtype):
+    report = f"{work}/eval-{device}-{dtype}"
+    shutil.rmtree(report, ignore_errors=True)
+    try:
+        _run(cli, ["eval", f"{work}/demo/averaged", "--data", f"{work}/heldout.jsonl", "--baselines", "--device", device,
+                   "--dtype", dtype, "-o", report, "--quiet"])
+    except SystemExit as e:
+        if e.code:
+            sys.exit(print(f"FAIL: eval --device {device} --dtype {dtype} exited with {e.code} (its error is above)") or 1)
+    return {r["label"]: r["metrics"]["loss"] for r in json.load(open(f"{report}/eval.json"))["results"]}
+cpu = evaluate("cpu", "float32")
 failed = False
-for name, dtype, rtol in [("eval-device-fp32", "float32", rtol_fp32), ("eval-device-bf16", "bfloat16", rtol_bf16)]:
-    device_losses = results(name)
-    worst = max(abs(device_losses[label] - loss) / abs(loss) for label, loss in cpu.items())
-    same_order = sorted(cpu, key=cpu.get) == sorted(device_losses, key=device_losses.get)
+for dtype, rtol in [("float32", rtol_fp32), ("bfloat16", rtol_bf16)]:
+    losses = evaluate(device, dtype)
+    worst = max(abs(losses[label] - loss) / abs(loss) for label, loss in cpu.items())
+    same_order = sorted(cpu, key=cpu.get) == sorted(losses, key=losses.get)
     ok = worst <= rtol and same_order
     failed |= not ok
     print(f"{'PASS' if ok else 'FAIL'}: eval --device {device} --dtype {dtype} vs --device cpu float32: largest relative "
           f"difference {worst:.2e} (tolerance {rtol:.0e}), ranking {'the same' if same_order else 'DIFFERENT'}; "
-          + ", ".join(f"{label} {device_losses[label]:.6f}/{cpu[label]:.6f}" for label in cpu))
+          + ", ".join(f"{label} {losses[label]:.6f}/{cpu[label]:.6f}" for label in cpu))
 sys.exit(1 if failed else 0)
 EOF
 
 # Check 2: bema-average on the device against TRL's ops on the device.
-rm -rf "$WORK/average-device"
-bema-average "$WORK/demo/run" --base-model "$WORK/demo/run/base" --update-freq 20 --save ema,bema --device "$DEVICE" \
-    -o "$WORK/average-device" --quiet
 check2=0
 python - "$WORK" "$DEVICE" <<'EOF' || check2=1
-import pathlib, sys
+import pathlib, shutil, sys
 import torch
 from safetensors.torch import load_file
+from bema_offline.cli import _run, average_command
 work, device = sys.argv[1], sys.argv[2]
+shutil.rmtree(f"{work}/average-device", ignore_errors=True)
+try:
+    _run(average_command, [f"{work}/demo/run", "--base-model", f"{work}/demo/run/base", "--update-freq", "20",
+                           "--save", "ema,bema", "--device", device, "-o", f"{work}/average-device", "--quiet"])
+except SystemExit as e:
+    if e.code:
+        sys.exit(print(f"FAIL: bema-average --device {device} exited with {e.code} (its error is above)") or 1)
 # update_freq 20 (the demo's save_steps), update_after 0: θ0 is the base, every checkpoint is an update step
 steps = sorted(int(path.name.split("-")[1]) for path in pathlib.Path(f"{work}/demo/run").glob("checkpoint-*"))
-lag, multiplier, ema_power, bias_power, min_ema_multiplier = 10.0, 1.0, 0.5, 0.2, 0.0
+lag, multiplier, ema_power, bias_power, min_ema_multiplier = 10.0, 1.0, 0.5, 0.2, 0.0  # TRL's defaults
 theta0 = {name: t.to(device) for name, t in load_file(f"{work}/demo/run/base/model.safetensors").items()}
 ema = {name: t.clone() for name, t in theta0.items()}
 with torch.no_grad():
@@ -99,7 +119,8 @@ for kind, expected in [("ema", ema), ("bema", bema)]:
               if not torch.equal(written[name].view(torch.int32), expected[name].cpu().view(torch.int32))]
     failed |= bool(differ) or set(written) != set(expected)
     print(f"{'FAIL' if differ else 'PASS'}: bema-average --device {device} {kind} vs TRL's ops on {device}: "
-          f"{len(expected) - len(differ)} of {len(expected)} tensors equal bit for bit" + (f" (differ: {', '.join(differ[:5])})" if differ else ""))
+          f"{len(expected) - len(differ)} of {len(expected)} tensors equal bit for bit"
+          + (f" (differ: {', '.join(differ[:5])})" if differ else ""))
 sys.exit(1 if failed else 0)
 EOF
 
