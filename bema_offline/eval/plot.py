@@ -16,7 +16,8 @@ from numbers import Real
 from pathlib import Path
 
 from ..sources.run import BASE_STEP
-from .report import EvalReport, Ranked, format_number
+from .leaderboard import format_number
+from .report import EvalReport, Ranked
 
 WINNER_COLOR = "#c44e52"
 AVERAGE_COLOR = "#3b75af"

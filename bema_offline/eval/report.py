@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .._version import __version__
 from .candidates import Candidate
+from .leaderboard import format_number, json_number, leaderboard_markdown
 from .metrics import TIE_BREAK
 
 JSON_FILE = "eval.json"
@@ -116,7 +117,7 @@ class EvalReport:
                     "method": r.candidate.record.method if r.candidate.record else None,
                     "step": r.candidate.record.step if r.candidate.record else None,
                     "params": r.candidate.record.params if r.candidate.record else {},
-                    "metrics": {name: _json_number(value) for name, value in r.metrics.items()},
+                    "metrics": {name: json_number(value) for name, value in r.metrics.items()},
                     "seconds": round(r.result.seconds, 3),
                 }
                 for r in self.ranked
@@ -139,29 +140,8 @@ class EvalReport:
         return "\n".join(lines + [f"tie: {line}" for line in self.ties] + [f"note: {line}" for line in self.notes])
 
     def markdown(self) -> str:
-        """The leaderboard as Markdown (`eval.md`, and the card of `best/`)."""
-        names = self.metric_names
-        direction = "higher is better" if self.higher_is_better else "lower is better"
-        lines = ["## Leaderboard", ""]
-        if self.data:
-            split = f", split {self.data['split']}" if self.data.get("split") else ""
-            lines.append(f"Data: `{Path(self.data['path']).name}` ({self.data['kind']}{split}, {self.data['rows']} rows, "
-                         f"{self.data['scored_tokens']} scored tokens).")
-        if "reference" in self.settings:
-            lines.append(f"DPO reference: `{self.settings['reference']}`, β = {self.settings['beta']}.")
-        lines += [f"Ranked by `{self.metric}` ({direction}); bold: the winner.", ""]
-        lines.append("| rank | model | " + " | ".join(f"`{n}`" for n in names) + " |")
-        lines.append("|---|---|" + "---|" * len(names))
-        for r in self.ranked:
-            label = f"`{r.label}`" + (" (baseline)" if r.candidate.role == "baseline" else "")
-            if self.winner is not None and r is self.winner:
-                label = f"**{label}**"
-            cells = [_rank_text(r, self.ranked), label, *(format_number(r.metrics.get(n)) for n in names)]
-            lines.append("| " + " | ".join(cells) + " |")
-        if self.ties or self.notes:
-            lines.append("")
-            lines += [f"- Tie: {line}" for line in self.ties] + [f"- Note: {line}" for line in self.notes]
-        return "\n".join(lines) + "\n"
+        """The leaderboard as Markdown (`eval.md`; also the end of `best/`'s card)."""
+        return leaderboard_markdown(self.to_dict())
 
     def write(self, folder: str | Path, *, plot: bool = True) -> list[Path]:
         """Write `eval.json`, `eval.md` and (with matplotlib, unless `plot` is False) `eval.png` into `folder`, each
@@ -226,16 +206,6 @@ def _parameters(candidate: Candidate) -> dict[str, object]:
     return {"method": record.method, **record.params, "step": record.step}
 
 
-def format_number(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.6f}" if abs(value) < 1e4 else f"{value:.6g}"
-
-
 def _key(result: Result, metric: str, tie_break: str | None, directions: dict[str, bool]) -> tuple:
     def part(name: str) -> tuple:
         value = result.metrics.get(name)
@@ -296,14 +266,6 @@ def _rank_text(ranked: Ranked, everyone: list[Ranked]) -> str:
 
 def _is_nan(value: float | None) -> bool:
     return value is None or math.isnan(value)
-
-
-def _json_number(value: float) -> float | str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "Infinity" if value > 0 else "-Infinity"
-    return value
 
 
 def _absolute(source: str) -> str:

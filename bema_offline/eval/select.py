@@ -24,7 +24,8 @@ from ..output.card import CARD_FILE, PROVENANCE_FILE, model_card
 from ..output.publish import OutputLock, discard, fresh_staging, interrupts_deferred, publish, staging_path
 from .candidates import BEST_FOLDER, is_model_folder
 from .record import read_output_record
-from .report import JSON_FILE, EvalReport, format_number
+from .leaderboard import json_number, with_selection
+from .report import JSON_FILE, EvalReport
 from .runner import DEFAULT_BETA, LmEvalSettings, evaluate
 
 
@@ -113,7 +114,7 @@ def publish_best(winner: Path, best: Path, report: EvalReport, *, extra_files: l
             record = json.loads((winner / PROVENANCE_FILE).read_text())
             record["selection"] = selection_record(winner, report)
             (staging / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
-            (staging / CARD_FILE).write_text(card_with_leaderboard(record, report), encoding="utf-8")
+            (staging / CARD_FILE).write_text(with_selection(model_card(record), record["selection"]), encoding="utf-8")
             for path in extra_files:
                 shutil.copy2(path, staging / path.name)
             with interrupts_deferred():
@@ -125,37 +126,10 @@ def publish_best(winner: Path, best: Path, report: EvalReport, *, extra_files: l
 
 
 def selection_record(winner: Path, report: EvalReport) -> dict:
-    """The `selection` entry of `best/bema_offline.json`: what was chosen, from where, by what, and the leaderboard."""
-    value = report.winner.metrics[report.metric]
-    return {
-        "winner": report.winner.label,
-        "source": str(winner.resolve()),
-        "metric": report.metric,
-        "value": value,
-        "higher_is_better": report.higher_is_better,
-        "data": report.data,
-        "settings": report.settings,
-        "ties": report.ties,
-        "notes": report.notes,
-        "leaderboard": [
-            {"rank": r.rank, "label": r.label, "role": r.candidate.role, report.metric: format_number(r.metrics.get(report.metric))}
-            for r in report.ranked
-        ],
-    }
-
-
-def card_with_leaderboard(record: dict, report: EvalReport) -> str:
-    """The winner's model card, opened by how it was selected and closed by the leaderboard."""
-    winner = report.winner
-    averages = sum(r.candidate.role != "baseline" for r in report.ranked)
-    selected = (
-        f"> **Selected** by `bema-offline eval`: `{winner.label}` is the best of {averages} outputs by `{report.metric}` "
-        f"({format_number(winner.metrics[report.metric])}); this folder is a copy of it. The leaderboard is at the "
-        f"end of this card, and every number in `{JSON_FILE}`.\n"
-    )
-    card = model_card(record)
-    front, separator, body = card.partition("\n---\n")  # the YAML front matter stays first
-    return f"{front}{separator}\n{selected}{body}\n{report.markdown()}"
+    """The `selection` entry of `best/bema_offline.json`: what was chosen, from where, by what, and the whole ranking
+    (as `eval.json` holds it), from which `leaderboard.with_selection` renders the card again."""
+    ranking = {key: value for key, value in report.to_dict().items() if key not in ("tool", "version", "created")}
+    return {"source": str(winner.resolve()), "value": json_number(report.winner.metrics[report.metric]), **ranking}
 
 
 def _check_previous(best: Path) -> None:

@@ -16,6 +16,8 @@ from bema_offline import faults
 from bema_offline.errors import DataError, UsageError
 from bema_offline.eval import evaluate, runner, select_best
 from bema_offline.eval.candidates import find_candidates
+from bema_offline.eval.leaderboard import with_selection
+from bema_offline.output.card import model_card
 from bema_offline.output.verify import verify
 
 
@@ -47,7 +49,8 @@ def test_the_winner_is_published_as_a_real_folder_with_the_leaderboard(grid, swe
     assert record["config"] == expected.winner.label and record["selection"]["winner"] == expected.winner.label
     assert record["selection"]["metric"] == "loss"
     assert record["selection"]["value"] == pytest.approx(expected.winner.metrics["loss"], rel=1e-12)
-    assert [row["label"] for row in record["selection"]["leaderboard"]] == [r.label for r in expected.ranked]
+    assert [row["label"] for row in record["selection"]["results"]] == [r.label for r in expected.ranked]
+    assert (best / "README.md").read_text() == with_selection(model_card(record), record["selection"])  # from the record alone
     card = (best / "README.md").read_text()
     assert card.startswith("---\nbase_model") or card.startswith("---\nlibrary_name")  # the front matter stays first
     assert f"**Selected** by `bema-offline eval`: `{expected.winner.label}` is the best of 4 outputs" in card
