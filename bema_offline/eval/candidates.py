@@ -128,13 +128,17 @@ def _check_weights(folder: Path) -> None:
 
 
 def _unique_labels(models: list[Candidate]) -> list[Candidate]:
-    """Folder names given twice (runs/a/bema, runs/b/bema) get their parent's name in front."""
+    """Labels given twice (runs/a/bema and runs/b/bema, or the same config in two sweeps) become the shortest tail of
+    their resolved paths that tells them apart."""
     labels = [m.label for m in models]
     unique = []
     for model in models:
         label = model.label
         if labels.count(label) > 1:
-            label = Path(model.source).resolve().relative_to(Path(model.source).resolve().parent.parent).as_posix()
+            parts = Path(model.source).resolve().parts
+            others = [Path(m.source).resolve().parts for m in models if m.label == label and m is not model]
+            depth = next((d for d in range(2, len(parts) + 1) if all(o[-d:] != parts[-d:] for o in others)), len(parts))
+            label = "/".join(parts[-depth:]).lstrip("/") or str(Path(model.source).resolve())
         unique.append(Candidate(label, model.source, model.role, model.record))
     return unique
 

@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import DataError, UsageError
 from ..engine.engine import check_device
@@ -22,6 +23,9 @@ from .data import load_eval_data
 from .metrics import DEFAULT_METRIC, METRICS, METRICS_OF_KIND, loss_metrics, preference_metrics
 from .report import EvalReport, Result, rank
 from .sequences import PreparedData, prepare
+
+if TYPE_CHECKING:  # scoring imports torch
+    from .scoring import SequenceScores
 
 DTYPES = ("float32", "bfloat16")
 DEFAULT_BETA = 0.1  # TRL's DPOConfig.beta
@@ -136,6 +140,8 @@ def evaluate(
         seconds = time.perf_counter() - started
         results.append(Result(candidate=candidate, metrics=metrics, seconds=seconds))
         metric = metric or next(iter(metrics), None)
+        if metric is None:
+            raise DataError(f"{candidate.source}: lm-eval reported no metric for {', '.join(lm_eval.tasks)}")
         if metric not in metrics:  # a TASK/METRIC lm-eval does not report: known after the first model
             raise UsageError(f"--metric {metric}: not among the metrics computed ({', '.join(metrics)})")
         log(f"[{number}/{len(candidates.models)}] {candidate.label}: {metric} {metrics[metric]:.6g} ({seconds:.1f} s)")
@@ -150,7 +156,7 @@ class _Scorer:
     def __init__(self, prepared: PreparedData, *, device: str, dtype: str, batch_size: int) -> None:
         self.prepared = prepared
         self.options = {"device": device, "dtype": dtype, "batch_size": batch_size}
-        self.reference: tuple[Path, object] | None = None
+        self.reference: tuple[Path | None, SequenceScores] | None = None
         self.beta = DEFAULT_BETA
 
     def set_reference(self, source: str, *, beta: float) -> None:

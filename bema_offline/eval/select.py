@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,12 +99,15 @@ def select_best(
     report_files = report.write(sweep_dir)
     if report.winner is None:
         raise DataError(f"{sweep_dir}: no output has a finite {report.metric}; nothing was published (see {sweep_dir / JSON_FILE})")
+    if report.winner.candidate.record is None:
+        raise DataError(f"{report.winner.candidate.source}: the winner has no bema_offline.json; best/ is published for "
+                        "outputs of bema-average only, and nothing was published")
     winner = Path(report.winner.candidate.source)
     publish_best(winner, best, report, extra_files=report_files)
     return Selection(report=report, winner=winner, best=best, report_files=report_files)
 
 
-def publish_best(winner: Path, best: Path, report: EvalReport, *, extra_files: list[Path] = ()) -> None:
+def publish_best(winner: Path, best: Path, report: EvalReport, *, extra_files: Sequence[Path] = ()) -> None:
     """Copy `winner` to `best` through a staging folder, with the selection in its record, the leaderboard in its card
     and `extra_files` (the report) beside them, and rename it into place (replacing a previous selection atomically)."""
     with OutputLock(best) as lock:

@@ -137,3 +137,12 @@ def test_a_nan_output_is_reported_and_never_selected_and_a_tie_is_reported(grid,
                            f"the win: {runner_up} was taken as the first listed"]
     markdown = (sweep / "eval.md").read_text()
     assert "- Tie: " in markdown and "- Note: loss is NaN" in markdown and "| - | `" in markdown
+
+
+def test_a_winner_without_provenance_is_not_published(grid, tmp_path: Path) -> None:
+    sweep = tmp_path / "folders"
+    shutil.copytree(grid.sweep / grid.configs[0], sweep / "plain")
+    (sweep / "plain" / "bema_offline.json").unlink()
+    with pytest.raises(DataError, match="plain: the winner has no bema_offline.json; best/ is published for outputs of bema-average only"):
+        select_best(sweep, grid.heldout)
+    assert not (sweep / "best").exists() and (sweep / "eval.json").is_file()
