@@ -67,7 +67,8 @@ def load_table(path: str | Path, *, option: str = "--dataset", split: str = "tra
             raise DataError(f"{option} {path}: not a folder written by datasets' save_to_disk ({_first_line(e)})") from e
         if isinstance(loaded, DatasetDict):
             if split not in loaded:
-                raise DataError(f"{option} {path}: splits {', '.join(loaded)} and no {split!r}; save the {split} split alone")
+                what = "training" if split == "train" else repr(split)
+                raise DataError(f"{option} {path}: splits {', '.join(loaded)} and no {split!r}; save the {what} split alone")
             loaded = loaded[split]
     elif not path.is_file():
         raise DataError(f"{option} {path}: no such file or folder")
@@ -124,7 +125,8 @@ def check_preference_schema(dataset, source: str | Path, *, option: str = "--dat
 
 
 def value_kind(value: Any) -> str | None:
-    """ "standard" for a string, "conversational" for a non-empty list of `{"role", "content"}` messages, else None."""
+    """Whether `value` is text ("standard"), a non-empty list of `{"role", "content"}` messages ("conversational"), or
+    neither (None)."""
     if isinstance(value, str):
         return "standard"
     if isinstance(value, list) and value and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in value):
