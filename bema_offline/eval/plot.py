@@ -102,8 +102,8 @@ def _heatmap(figure, axes, report: EvalReport, averages: list[Ranked], parameter
     image = axes.imshow(cells, origin="lower", aspect="auto", cmap="viridis" if report.higher_is_better else "viridis_r")
     axes.set_xticks(range(len(xs)), [str(x) for x in xs])
     axes.set_yticks(range(len(ys)), [str(y) for y in ys])
-    for row, y in enumerate(ys):
-        for column, x in enumerate(xs):
+    for row in range(len(ys)):
+        for column in range(len(xs)):
             value = cells[row][column]
             if math.isfinite(value):
                 red, green, blue, _ = image.cmap(image.norm(value))

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import DataError, UsageError
 from ..engine.engine import check_device
+from ..errors import DataError, UsageError
 from .candidates import Candidate, find_candidates
 from .data import load_eval_data
 from .metrics import DEFAULT_METRIC, METRICS, METRICS_OF_KIND, loss_metrics, preference_metrics

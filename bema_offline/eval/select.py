@@ -23,8 +23,8 @@ from ..errors import DataError, UsageError
 from ..output.card import CARD_FILE, PROVENANCE_FILE, model_card
 from ..output.publish import OutputLock, discard, fresh_staging, interrupts_deferred, publish, staging_path
 from .candidates import BEST_FOLDER, is_model_folder
-from .record import read_output_record
 from .leaderboard import json_number, with_selection
+from .record import read_output_record
 from .report import JSON_FILE, EvalReport
 from .runner import DEFAULT_BETA, LmEvalSettings, evaluate
 

@@ -6,9 +6,11 @@ import json
 import math
 from pathlib import Path
 
-from eval_runs import DIRECTIONS, fake_result as result
+from eval_runs import DIRECTIONS
+from eval_runs import fake_result as result
 
 from bema_offline.eval.report import rank
+
 
 def test_lower_is_better_with_shared_ranks_and_a_nan_listed_last() -> None:
     results = [result("a", loss=2.0), result("b", loss=1.0), result("nan", loss=math.nan), result("c", loss=2.0)]

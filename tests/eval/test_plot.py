@@ -6,8 +6,9 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+from eval_runs import DIRECTIONS
+from eval_runs import fake_result as result
 from PIL import Image
-from eval_runs import DIRECTIONS, fake_result as result
 
 from bema_offline.eval.plot import draw_report
 from bema_offline.eval.report import rank
