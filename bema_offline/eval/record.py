@@ -89,12 +89,13 @@ class OutputRecord:
 
     @property
     def base_model(self) -> str | None:
-        """The base model as given to bema-average (a folder or a Hub id); else the base's input folder."""
-        base = self.raw.get("base_model")
-        if base:
-            return str(base)
+        """The base model: the folder it was read from (absolute), else as given to bema-average (a Hub id, or a path
+        that may be relative to where bema-average ran)."""
         folder = self.input_folders.get(BASE_STEP)
-        return str(folder) if folder else None
+        if folder:
+            return str(folder)
+        base = self.raw.get("base_model")
+        return str(base) if base else None
 
     @property
     def theta0(self) -> str | None:

@@ -18,7 +18,7 @@ def test_a_sweep_folder_gives_its_outputs_and_the_baselines(grid) -> None:
     assert found.sweep_dir == grid.sweep
     assert [(c.label, c.role) for c in found.models] == [(name, "average") for name in grid.configs] + [
         ("base", "baseline"), ("checkpoint-12 (last)", "baseline")]
-    assert found.models[-2].source == str(grid.base_dir)
+    assert Path(found.models[-2].source) == grid.base_dir.resolve()
     assert Path(found.models[-1].source) == (grid.run_dir / "checkpoint-12").resolve()
 
 
@@ -62,7 +62,9 @@ def test_baselines_need_provenance(grid) -> None:
 def test_baselines_that_moved_are_named(grid, tmp_path: Path) -> None:
     output = Path(shutil.copytree(grid.sweep / grid.configs[0], tmp_path / "out"))
     record = json.loads((output / "bema_offline.json").read_text())
-    record["base_model"] = str(tmp_path / "gone")
+    for entry in record["inputs"]:  # the base was read from a folder that is gone since
+        if entry["step"] == 0:
+            entry["folder"] = str(tmp_path / "gone")
     (output / "bema_offline.json").write_text(json.dumps(record))
     with pytest.raises(DataError, match=r"--baselines: base .*gone \(from bema_offline.json\) is no longer there"):
         find_candidates([output], baselines=True)
@@ -72,7 +74,7 @@ def test_the_record_accessor_tolerates_what_it_does_not_know(grid) -> None:
     record = read_output_record(grid.sweep / grid.configs[0])
     assert record.config == grid.configs[0] and record.method == "bema" and record.step == 12
     assert record.params["ema_power"] == 0.3 and record.params["update_freq"] == 3
-    assert record.theta0 == str(grid.base_dir) and record.last_checkpoint[0] == 12
+    assert Path(record.theta0) == grid.base_dir.resolve() and record.last_checkpoint[0] == 12
     assert sum(record.effective_weights.values()) == pytest.approx(1.0)
     future = OutputRecord(Path("x"), {
         "method": {"name": "uniform", "last": 4, "window": None}, "kind": "average", "step": 400, "new_field": {"a": 1},
