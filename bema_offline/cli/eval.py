@@ -82,7 +82,7 @@ def eval_command(
     metric against the swept parameters, beside the winner's effective weights) go to the sweep folder or --output.
     A tie or a NaN metric is reported, never hidden.
     """
-    _require_eval_extra()
+    require_eval_extra()
     from ..eval import LmEvalSettings, evaluate, select_best
 
     if (lm_eval_include or lm_eval_limit is not None or lm_eval_num_fewshot is not None) and not lm_eval_tasks:
@@ -126,7 +126,7 @@ class MissingEvalExtraError(BemaError):
     exit_code = 1
 
 
-def _require_eval_extra() -> None:
+def require_eval_extra() -> None:
     missing = []
     for module in ("transformers", "datasets"):
         try:

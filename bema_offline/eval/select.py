@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError, UsageError
-from ..output.card import CARD_FILE, PROVENANCE_FILE, model_card
+from ..files import replace_file
+from ..output.card import PROVENANCE_FILE, write_card
 from ..output.publish import OutputLock, discard, fresh_staging, interrupts_deferred, publish, staging_path
 from .candidates import BEST_FOLDER, is_model_folder
-from .leaderboard import json_number, with_selection
+from .leaderboard import json_number
 from .record import read_output_record
 from .report import JSON_FILE, EvalReport
 from .runner import DEFAULT_BETA, LmEvalSettings, evaluate
@@ -116,8 +117,8 @@ def publish_best(winner: Path, best: Path, report: EvalReport, *, extra_files: S
             shutil.copytree(winner, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".*"))
             record = json.loads((winner / PROVENANCE_FILE).read_text())
             record["selection"] = selection_record(winner, report)
-            (staging / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
-            (staging / CARD_FILE).write_text(with_selection(model_card(record), record["selection"]), encoding="utf-8")
+            replace_file(staging / PROVENANCE_FILE, (json.dumps(record, indent=2, allow_nan=False) + "\n").encode())
+            write_card(staging, record)  # the card carries the leaderboard (`record["selection"]`) in every rendering
             for path in extra_files:
                 shutil.copy2(path, staging / path.name)
             with interrupts_deferred():

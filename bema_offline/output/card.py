@@ -245,7 +245,12 @@ print(tokenizer.decode(outputs[0], skip_special_tokens=True))
 `{PROVENANCE_FILE}` records the method and its parameters, the settings, the steps and the input files (names,
 sizes, times).
 """
-    return f"---\n{metadata_yaml(card_metadata(record))}\n---\n{body}"
+    card = f"---\n{metadata_yaml(card_metadata(record))}\n---\n{body}"
+    if record.get("selection"):  # OUTPUT/best of a --select-by sweep: its leaderboard stays in every rendering
+        from ..eval.leaderboard import with_selection
+
+        card = with_selection(card, record["selection"])
+    return card
 
 
 _SHORT_NAMES = {"bema": "BEMA", "ema": "EMA", "dema": "DEMA", "ouema": "OU-EMA", "uniform": "Uniform average",

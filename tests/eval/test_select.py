@@ -16,8 +16,7 @@ from bema_offline import faults
 from bema_offline.errors import DataError, UsageError
 from bema_offline.eval import evaluate, runner, select_best
 from bema_offline.eval.candidates import find_candidates
-from bema_offline.eval.leaderboard import with_selection
-from bema_offline.output.card import model_card
+from bema_offline.output.card import write_card
 from bema_offline.output.verify import verify
 
 
@@ -37,7 +36,7 @@ def snapshot(folder: Path) -> dict[str, str]:
     return found
 
 
-def test_the_winner_is_published_as_a_real_folder_with_the_leaderboard(grid, sweep: Path) -> None:
+def test_the_winner_is_published_as_a_real_folder_with_the_leaderboard(grid, sweep: Path, tmp_path: Path) -> None:
     expected = evaluate([grid.sweep], grid.heldout)  # the ranking computed apart
     selection = select_best(sweep, grid.heldout)
     best = sweep / "best"
@@ -50,7 +49,10 @@ def test_the_winner_is_published_as_a_real_folder_with_the_leaderboard(grid, swe
     assert record["selection"]["metric"] == "loss"
     assert record["selection"]["value"] == pytest.approx(expected.winner.metrics["loss"], rel=1e-12)
     assert [row["label"] for row in record["selection"]["results"]] == [r.label for r in expected.ranked]
-    assert (best / "README.md").read_text() == with_selection(model_card(record), record["selection"])  # from the record alone
+    rendered = tmp_path / "rendered"
+    rendered.mkdir()
+    assert (best / "README.md").read_text() == write_card(rendered, record).read_text()  # from the record alone, as push renders it
+    assert "## Leaderboard" not in write_card(rendered, {**record, "selection": None}).read_text()
     card = (best / "README.md").read_text()
     assert card.startswith("---\nbase_model") or card.startswith("---\nlibrary_name")  # the front matter stays first
     assert f"**Selected** by `bema-offline eval`: `{expected.winner.label}` is the best of 4 outputs" in card
@@ -146,3 +148,38 @@ def test_a_winner_without_provenance_is_not_published(grid, tmp_path: Path) -> N
     with pytest.raises(DataError, match="plain: the winner has no bema_offline.json; best/ is published for outputs of bema-average only"):
         select_best(sweep, grid.heldout)
     assert not (sweep / "best").exists() and (sweep / "eval.json").is_file()
+
+
+def test_select_by_on_the_command_line_publishes_the_winner_and_pushes_only_it(grid, tmp_path: Path, monkeypatch, capsys) -> None:
+    """`bema-average --grid ... --select-by DATA --push-to-hub`: the sweep is written, evaluated, its winner
+    published as OUTPUT/best, and only that folder goes to the Hub (a fake HfApi)."""
+    from hub_fake import FakeApi
+    from cli.run_entry import run_cli
+
+    from bema_offline.cli import average_command
+    from bema_offline.output import hub
+
+    api = FakeApi()
+    monkeypatch.setattr(hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(hub, "make_api", lambda token: api)
+    out = tmp_path / "sweep"
+    args = [grid.run_dir, "--base-model", grid.base_dir, "--update-freq", "3", "--grid", "ema_power=0.3,0.7", "bias_power=0.1,0.4",
+            "-o", out, "--select-by", grid.heldout, "--push-to-hub", "me/best-avg"]
+    code, stdout, stderr = run_cli(average_command, args, capsys)
+    assert code == 0, stderr
+    expected = evaluate([out], grid.heldout)
+    assert f"published {out / expected.winner.label} as {out / 'best'}" in stdout
+    assert json.loads((out / "best" / "bema_offline.json").read_text())["selection"]["winner"] == expected.winner.label
+    assert [u["repo_id"] for u in api.uploads] == ["me/best-avg"]  # one repo: the winner, not the sweep
+
+
+def test_select_by_refuses_what_it_cannot_do(grid, tmp_path: Path, capsys) -> None:
+    from cli.run_entry import run_cli
+
+    from bema_offline.cli import average_command
+
+    common = [grid.run_dir, "--base-model", grid.base_dir, "--update-freq", "3", "-o", tmp_path / "out"]
+    code, _, stderr = run_cli(average_command, [*common, "--select-by", grid.heldout, "--dry-run"], capsys)
+    assert code == 2 and "cannot run with --dry-run" in stderr
+    code, _, stderr = run_cli(average_command, [*common, "--select-by", grid.heldout], capsys)
+    assert code == 2 and "this run wrote one (use --grid or --sweep)" in stderr
