@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import DataError, UsageError
 from ..files import read_json_file
 from .dcp import DCP_FOLDER, load_dcp
+from .deepspeed import is_deepspeed_folder, load_deepspeed
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, load_safetensors
 from .tensors import BASE_STEP, TensorInfo, WeightSource
 from .torch_bin import BIN_FILE, BIN_INDEX_FILE, load_torch_bin
@@ -71,8 +72,8 @@ def load_source(folder: Path, step: int) -> WeightSource:
     """Read the headers of one model folder, in whichever layout it was saved.
 
     The model's own weights come first, as transformers loads them: `model.safetensors` (or its shards), then
-    `pytorch_model.bin` (or its shards); then an FSDP sharded checkpoint (`pytorch_model_fsdp_0/`), which holds no
-    consolidated weights.
+    `pytorch_model.bin` (or its shards); then the layouts that hold no consolidated weights: an FSDP sharded checkpoint
+    (`pytorch_model_fsdp_0/`), then a DeepSpeed ZeRO checkpoint (`latest` and `global_stepN/`).
 
     Raises:
         `DataError`: no weights this tool can read (the message says what the folder holds and what to do), a
@@ -84,6 +85,8 @@ def load_source(folder: Path, step: int) -> WeightSource:
         return load_torch_bin(folder, step)
     if _present(folder / DCP_FOLDER):
         return load_dcp(folder, step)
+    if is_deepspeed_folder(folder):
+        return load_deepspeed(folder, step)
     raise _no_weights_error(folder)
 
 
@@ -108,7 +111,7 @@ def _no_weights_error(folder: Path) -> DataError:
     state_only = bool(names) and all(n in NOT_WEIGHTS or n.startswith("rng_state") or n.endswith(".json") for n in names)
     hint = " (only training state and configs: was the model saved with it?)" if state_only else ""
     return DataError(
-        f"{folder}: no {SINGLE_FILE}, {BIN_FILE} or {DCP_FOLDER}/, so no model weights; "
+        f"{folder}: no {SINGLE_FILE}, {BIN_FILE}, {DCP_FOLDER}/ or DeepSpeed global_step*/, so no model weights; "
         f"it holds {held}{hint}"
     )
 
