@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..dtypes import DTYPES
 from ..errors import DataError
-from ..files import FileIdentity, read_small_file
+from ..files import FileIdentity
 from .tensors import Extent, TensorInfo, WeightSource
 from .torch_bin import MAX_RUNS, Opaque, Region, StoredTensor, TorchArchive, _Marker, open_file, unpickle
 
@@ -52,8 +52,10 @@ def load_dcp(folder: Path, step: int) -> WeightSource:
             "checkpoint is incomplete; use another checkpoint, or --max-step to stop before this one"
         )
     identities: dict[Path, FileIdentity] = {}
-    with open_file(metadata_path, identities):  # its identity, as it was when read
-        raw = read_small_file(metadata_path, limit=METADATA_LIMIT, what="checkpoint metadata")
+    with open_file(metadata_path, identities) as region:
+        if region.size > METADATA_LIMIT:
+            raise DataError(f"{metadata_path}: {region.size} bytes, more than any checkpoint's metadata ({METADATA_LIMIT}); the file is corrupt")
+        raw = region.read(0, region.size)
     metadata, _ = unpickle(raw, str(metadata_path), opaque=True)
     tensors_meta, storage, names = _parse_metadata(metadata, metadata_path)
     tensors: dict[str, TensorInfo] = {}
@@ -107,10 +109,8 @@ def _parse_metadata(metadata: object, path: Path):
         entry = fields(entry, "TensorStorageMetadata")
         dtype = _dtype(entry.get("properties"), key, path)
         size = _dims(entry.get("size"), key, path)
-        chunks = [
-            (_dims(chunk.get("offsets"), key, path), _dims(chunk.get("sizes"), key, path))
-            for chunk in map(lambda c: fields(c, "ChunkStorageMetadata"), entry.get("chunks") or [])
-        ]
+        chunks = [fields(chunk, "ChunkStorageMetadata") for chunk in entry.get("chunks") or []]
+        chunks = [(_dims(chunk.get("offsets"), key, path), _dims(chunk.get("sizes"), key, path)) for chunk in chunks]
         if not isinstance(key, str):
             raise DataError(f"{path}: a tensor key is {key!r}, not a name; the metadata is corrupt")
         tensors[key] = (dtype, size, chunks)

@@ -22,6 +22,8 @@ import itertools
 import math
 import os
 import pickle
+import pickletools
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -112,8 +114,8 @@ def _central_directory(region: Region) -> tuple[dict[str, _Entry], int]:
         eocd = zip64_offset
     if disk != 0 or cd_disk != 0:
         raise DataError(f"{region.label}: a multi-part zip archive; torch.save never writes one, so the file is corrupt")
-    if cd_offset + cd_size > eocd:
-        raise DataError(f"{region.label}: the zip central directory runs past its end record; the file is corrupt")
+    if cd_offset + cd_size > eocd or cd_size > PICKLE_LIMIT:
+        raise DataError(f"{region.label}: the zip central directory ({cd_size} bytes) runs past its end record or any real size; the file is corrupt")
     directory = tail[cd_offset - tail_start : cd_offset - tail_start + cd_size] if cd_offset >= tail_start else region.read(cd_offset, cd_size)
     entries: dict[str, _Entry] = {}
     pos = 0
@@ -289,7 +291,6 @@ _GLOBALS: dict[tuple[str, str], object] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    ("builtins", "bytearray"): bytearray,
     ("_codecs", "encode"): _encode,
     ("torch", "UntypedStorage"): _Marker("storage", "U8"),
     ("torch.storage", "UntypedStorage"): _Marker("storage", "U8"),
@@ -352,6 +353,7 @@ def unpickle(data: bytes, label: str, *, opaque: bool = False) -> tuple[object, 
     Raises:
         `DataError`: a malformed pickle, or (without `opaque`) one that names anything beyond tensors and containers.
     """
+    _check_memo(data, label)
     unpickler = _Unpickler(data, label, opaque=opaque)
     try:
         return unpickler.load(), unpickler.storages
@@ -362,6 +364,17 @@ def unpickle(data: bytes, label: str, *, opaque: bool = False) -> tuple[object, 
     except Exception as e:  # every way a hostile pickle can fail: UnpicklingError, EOFError, TypeError, ...
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise DataError(f"{label}: malformed pickle ({reason}); the file is corrupt") from e
+
+
+def _check_memo(data: bytes, label: str) -> None:
+    """Refuse memo indexes no pickle of this size can need: CPython's unpickler sizes its memo to the largest index it
+    is given, so a few bytes asking for index 2**31 would make it allocate and clear 32 GiB."""
+    try:
+        for opcode, argument, _ in pickletools.genops(data):
+            if opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and argument > len(data):
+                raise DataError(f"{label}: malformed pickle (memo index {argument} in a pickle of {len(data)} bytes); the file is corrupt")
+    except ValueError as e:  # genops meets an unknown opcode or a truncated argument
+        raise DataError(f"{label}: malformed pickle ({str(e).splitlines()[0][:200]}); the file is corrupt") from None
 
 
 # --- an archive's tensors ----------------------------------------------------------------------------------------
@@ -498,14 +511,18 @@ def _describe(value: object) -> str:
 
 @contextlib.contextmanager
 def open_file(path: Path, identities: dict[Path, FileIdentity] | None = None) -> Iterator[Region]:
-    """Open a file for reading, record its identity (as it is while read), and give the whole file as a `Region`."""
+    """Open a regular file for reading (without blocking: a FIFO is refused, not waited on), record its identity as
+    it is while read, and give the whole file as a `Region`."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
     try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise DataError(f"{path}: not a regular file; replace it with the file the run saved")
         if identities is not None:
-            identities[path] = FileIdentity.of(os.fstat(fd))
+            identities[path] = FileIdentity.of(status)
         yield Region(fd, path)
     finally:
         os.close(fd)
