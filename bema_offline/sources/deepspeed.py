@@ -119,7 +119,10 @@ def _partition_files(folder: Path, tag_dir: Path) -> tuple[list[Path], dict[int 
         if match := _OPTIM.fullmatch(path.name):
             if match.group(2) != "00":
                 raise _unsupported(folder, f"{path.name} is a tensor-parallel partition (model-parallel rank {match.group(2)})")
-            optim[int(match.group(1))] = path
+            rank = int(match.group(1))
+            if rank in optim:
+                raise DataError(f"{tag_dir}: {optim[rank].name} and {path.name} are both the partition of rank {rank}; remove the stale one")
+            optim[rank] = path
         elif match := _MODEL.fullmatch(path.name):
             if match.group(2) != "00":
                 raise _unsupported(folder, f"{path.name} is a tensor-parallel partition (model-parallel rank {match.group(2)})")
@@ -128,8 +131,9 @@ def _partition_files(folder: Path, tag_dir: Path) -> tuple[list[Path], dict[int 
             raise _unsupported(folder, f"{path.name} belongs to a pipeline-parallel checkpoint")
     if not optim:
         raise DataError(
-            f"{tag_dir}: no *_optim_states.pt partitions, so no fp32 master weights (was the checkpoint saved "
-            "without its optimizer?); save the model with save_pretrained instead"
+            f"{tag_dir}: no *_optim_states.pt ZeRO partitions, so no fp32 master weights (DeepSpeed without ZeRO keeps "
+            "them elsewhere, or the checkpoint was saved without its optimizer); load it with DeepSpeed and save the "
+            "model with save_pretrained"
         )
     missing = [rank for rank in range(max(optim) + 1) if rank not in optim]
     if missing:

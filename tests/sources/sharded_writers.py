@@ -12,8 +12,9 @@ Each run is `OUT/<name>/base` (the model before training, `save_pretrained`) and
   them, plus the `config.json` the Trainer writes beside them. `model.norm.weight` is frozen (DeepSpeed stores
   frozen parameters apart), and `zero2` ties its embeddings.
 
-Weights are fp32 (FSDP) and bf16 with fp32 master weights (DeepSpeed), on a Llama model with a hidden size of 33 and
-67 vocabulary rows: odd sizes, so that dim-0 chunks are uneven across 2 ranks and ZeRO pads its partitions.
+Weights are fp32 (FSDP) and bf16 with fp32 master weights (DeepSpeed: ZeRO-1 runs its BF16_Optimizer, ZeRO-2 and 3
+their own), on a Llama model with a hidden size of 33 and 67 vocabulary rows: odd sizes, so that dim-0 chunks are
+uneven across 2 ranks and ZeRO pads its partitions.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def write_deepspeed(root: Path, stage: int, *, tied: bool) -> None:
         "zero_optimization": {"stage": stage},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": stage > 1},
+        "bf16": {"enabled": True},
     }
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config)
     for step in range(1, max(STEPS) + 1):
