@@ -26,7 +26,7 @@ from pathlib import Path
 from ..errors import DataError
 from ..files import FileIdentity, read_small_file
 from .tensors import Extent, TensorInfo, WeightSource
-from .torch_bin import Opaque, StoredTensor, TorchArchive, open_file
+from .torch_bin import Opaque, Storage, StoredTensor, TorchArchive, open_file
 
 LATEST_FILE = "latest"
 _OPTIM = re.compile(r"(?:bf16_|fp16_)?zero_pp_rank_([0-9]+)_mp_rank_([0-9]+)_optim_states\.pt")
@@ -184,19 +184,20 @@ class _ModelStates:
                 shapes = [shapes]
             if not isinstance(shapes, list) or not all(isinstance(group, dict) for group in shapes):
                 raise DataError(f"{path}: malformed param_shapes; the checkpoint is corrupt")
-            self.param_shapes = [{name: _shape(shape, name, path) for name, shape in group.items()} for group in shapes]
+            self.param_shapes = [{_name(name, path): _shape(shape, name, path) for name, shape in group.items()} for group in shapes]
             module = _get(root, "module", path)
             if not isinstance(module, dict):
                 raise DataError(f"{path}: malformed module state dict; the checkpoint is corrupt")
-            self.module_names = list(module)
-            self.module_dtypes = [t.storage.dtype for t in module.values() if isinstance(t, StoredTensor) and hasattr(t.storage, "dtype")]
-            buffer_names = root.get("buffer_names") or []
+            self.module_names = [_name(name, path) for name in module]
+            trained = {name for group in self.param_shapes for name in group}
+            self.model_dtypes = {t.storage.dtype for n, t in module.items() if n in trained and isinstance(t, StoredTensor) and isinstance(t.storage, Storage)}
+            buffer_names = _container(root.get("buffer_names"), list, "buffer_names", path)
             self.buffers = {name: archive.tensor_info(name, module[name]) for name in buffer_names if name in module}
-            frozen_shapes = root.get("frozen_param_shapes") or {}
-            fragments = root.get("frozen_param_fragments") or {}
-            self.frozen_shapes = {name: _shape(shape, name, path) for name, shape in frozen_shapes.items()}
+            frozen_shapes = _container(root.get("frozen_param_shapes"), dict, "frozen_param_shapes", path)
+            fragments = _container(root.get("frozen_param_fragments"), dict, "frozen_param_fragments", path)
+            self.frozen_shapes = {_name(name, path): _shape(shape, name, path) for name, shape in frozen_shapes.items()}
             self.fragments = {name: archive.tensor_info(name, fragments[name]) for name in frozen_shapes if name in fragments}
-            shared = root.get("shared_params") or {}
+            shared = _container(root.get("shared_params"), dict, "shared_params", path)
             self.shared = {alias: origin for alias, origin in shared.items() if isinstance(alias, str) and isinstance(origin, str)}
             # ZeRO-1 records no frozen parameters: the module's own copy (whole under ZeRO-1/2) is all there is
             named = {n for group in self.param_shapes for n in group} | set(self.buffers) | set(self.frozen_shapes) | set(self.shared)
@@ -344,8 +345,23 @@ def _is_whole(tensor: StoredTensor) -> bool:
 
 
 def _module_dtype(states: _ModelStates) -> str | None:
-    dtypes = set(states.module_dtypes)
-    return dtypes.pop() if len(dtypes) == 1 else None
+    """The dtype the model trained in: that of the module's copies of the parameters (bf16 beside fp32 masters)."""
+    return next(iter(states.model_dtypes)) if len(states.model_dtypes) == 1 else None
+
+
+def _container(value: object, kind: type, what: str, path: Path):
+    """An optional list or dict of a model-states file (None or absent: empty)."""
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise DataError(f"{path}: malformed {what} ({type(value).__name__}, not a {kind.__name__}); the checkpoint is corrupt")
+    return value
+
+
+def _name(value: object, path: Path) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{path}: a parameter name is {value!r}, not a string; the checkpoint is corrupt")
+    return value
 
 
 def _get(container: object, key: str, path: Path) -> object:

@@ -1,5 +1,6 @@
 """The FSDP sharded-checkpoint reader: every tensor as DCP's own loader gives it, bit for bit, under the model's names."""
 
+import os
 import pickle
 import shutil
 
@@ -7,6 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from layouts import RunsCommand, read_tensor, same_bits, tiny_model
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -109,3 +112,27 @@ def test_garbage_metadata(checkpoint):
     (checkpoint / DCP_FOLDER / ".metadata").write_bytes(b"\x80\x04\x95garbage")
     with pytest.raises(DataError, match=r"\.metadata: malformed pickle"):
         load_source(checkpoint, 4)
+
+
+FUZZ = settings(max_examples=int(os.environ.get("BEMA_FUZZ_EXAMPLES", "100")), derandomize=True, database=None, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4))
+def test_fuzz_damaged_metadata_gives_data_errors(sharded_runs, tmp_path_factory, flips):
+    """Bytes of `.metadata` flipped: the checkpoint reads (and then its tensors lie inside its files), or one line."""
+    folder = tmp_path_factory.mktemp("fuzz") / "checkpoint-2"
+    shutil.copytree(sharded_runs / "fsdp" / "run" / "checkpoint-2", folder)
+    path = folder / DCP_FOLDER / ".metadata"
+    data = bytearray(path.read_bytes())
+    for position, value in flips:
+        data[position % len(data)] = value
+    path.write_bytes(bytes(data))
+    try:
+        source = load_source(folder, 2)
+    except DataError as e:
+        assert "\n" not in str(e)
+        return
+    for info in source.tensors.values():
+        assert all(offset + n <= p.stat().st_size for p, offset, n in info.ranges(0, info.numel))

@@ -2,14 +2,19 @@
 checkpoints written by DeepSpeed on 2 CPU ranks (ZeRO-1, 2 and 3, padded partitions, a frozen and a tied parameter)."""
 
 import importlib.util
+import io
+import os
 import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
-from layouts import read_tensor, same_bits
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from layouts import read_tensor, same_bits, with_pickle
 
 from bema_offline.errors import DataError
 from bema_offline.sources.deepspeed import convert_command, load_deepspeed
@@ -110,3 +115,30 @@ def test_checkpoint_without_optimizer_partitions(checkpoint):
         path.unlink()
     with pytest.raises(DataError, match=r"no \*_optim_states.pt ZeRO partitions, so no fp32 master weights"):
         load_source(checkpoint, 4)
+
+
+FUZZ = settings(max_examples=int(os.environ.get("BEMA_FUZZ_EXAMPLES", "100")), derandomize=True, database=None, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(which=st.sampled_from(["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"]),
+       flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4))
+def test_fuzz_damaged_pickles_give_data_errors(sharded_runs, tmp_path_factory, which, flips):
+    """Bytes of a partition's or the model states' pickle flipped: a source whose tensors lie inside their files,
+    or one line; DeepSpeed's objects stay inert either way."""
+    folder = tmp_path_factory.mktemp("fuzz") / "checkpoint-2"
+    shutil.copytree(sharded_runs / "zero3" / "run" / "checkpoint-2", folder)
+    path = folder / "global_step2" / which
+    archive = path.read_bytes()
+    pickled = bytearray(zipfile.ZipFile(io.BytesIO(archive)).read(f"{path.stem}/data.pkl"))
+    for position, value in flips:
+        pickled[position % len(pickled)] = value
+    path.write_bytes(with_pickle(archive, bytes(pickled)))
+    try:
+        source = load_source(folder, 2)
+    except DataError as e:
+        assert "\n" not in str(e)
+        return
+    for info in source.tensors.values():
+        assert all(offset + n <= p.stat().st_size for p, offset, n in info.ranges(0, info.numel))
