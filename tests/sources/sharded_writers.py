@@ -20,6 +20,7 @@ uneven across 2 ranks and ZeRO pads its partitions.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -114,8 +115,11 @@ def main() -> None:
     if "--deepspeed" in sys.argv:
         for stage in (1, 2, 3):
             write_deepspeed(out / f"zero{stage}", stage, tied=stage == 2)
-    dist.barrier()
-    dist.destroy_process_group()
+    dist.barrier()  # every rank's files are complete and closed
+    sys.stdout.flush(), sys.stderr.flush()
+    # skip the interpreter's teardown: destroying DeepSpeed's and gloo's process groups and threads there now and
+    # then aborts a rank ("terminate called without an active exception") after all was written
+    os._exit(0)
 
 
 if __name__ == "__main__":
