@@ -15,11 +15,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .engine.distributed import Share, assign_shards, join, plan_digest
-from .engine.engine import Engine, check_device
+from .engine.engine import MIN_MEMORY, Engine, check_device
 from .engine.plan import Plan, make_plan
 from .errors import DataError, UsageError
 from .faults import fault_point
-from .files import OpenFiles
+from .files import OpenFiles, check_unchanged, replace_file
 from .methods.schedule import BEMASchedule
 from .output.card import PROVENANCE_FILE, provenance, run_training, write_card
 from .output.publish import OutputLock, check_output, discard, interrupts_deferred, publish, staging_path
@@ -132,7 +132,7 @@ def average(
     output = Path(output)
     if accum_dtype not in ACCUM_DTYPES:
         raise UsageError(f"--accum-dtype must be float32 or float64, got {accum_dtype!r}")
-    budget = parse_size(max_memory, option="--max-memory")
+    budget = parse_size(max_memory, option="--max-memory", minimum=MIN_MEMORY, unit_required=True)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
     check_device(device)
@@ -331,6 +331,7 @@ def _write_shards(
                 device=device,
                 on_progress=on_progress,
             ).run()
+        check_unchanged(plan.identities)  # a checkpoint rewritten during the run would mix two versions
         for writer in writers:
             writer.finish(index=index)
     return writers
@@ -343,12 +344,10 @@ def _finish_folders(plan: Plan, settings: dict, writers: list[ModelFolderWriter]
     for writer, spec in zip(writers, plan.outputs):
         folder = writer.folder
         check_folder(folder, expected=expected)  # the light verify, before anything is published
-        newest_first = [plan.sources[s].folder for s in sorted(plan.sources, reverse=True) if s <= spec.step]
-        dtype = settings["dtype"]
-        copy_sidecar_files(newest_first + [plan.run_dir], folder, dtype=dtype)
+        copy_sidecar_files(plan.sidecars.get(spec.step, {}), folder, dtype=settings["dtype"])
         record = provenance(plan, spec, settings=settings, training=training)
         record["output_files"] = output_files(folder)
-        (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        replace_file(folder / PROVENANCE_FILE, (json.dumps(record, indent=2) + "\n").encode())
         write_card(folder, record, chart=False)  # `push` draws the chart PNG for the Hub
         fault_point("sidecars")
 
@@ -363,8 +362,9 @@ class _progress_bars:
     def __enter__(self):
         if not self.enabled:
             return None
-        self.bytes_bar = tqdm(total=self.plan.bytes_to_read, unit="B", unit_scale=True, unit_divisor=1024, desc="read")
-        self.tensor_bar = tqdm(total=len(self.plan.tensors), unit="tensor", desc="tensors")
+        # disable=None: no bars (and no escape codes) when stderr is not a terminal
+        self.bytes_bar = tqdm(total=self.plan.bytes_to_read, unit="B", unit_scale=True, unit_divisor=1024, desc="read", disable=None)
+        self.tensor_bar = tqdm(total=len(self.plan.tensors), unit="tensor", desc="tensors", disable=None)
 
         def on_progress(nbytes: int, ntensors: int) -> None:
             if nbytes:

@@ -16,15 +16,17 @@ if TYPE_CHECKING:
 class Dtype:
     """A safetensors dtype: its name in headers, its size, and torch's name for it.
 
-    `finite_max` is the largest finite value of a float dtype: a value beyond it cannot be stored (bf16, fp16 and
-    fp32 overflow to Inf; torch's casts to float8 saturate silently, so the engine checks the range itself).
+    A value too large for a float dtype becomes Inf when torch casts it, which the engine's finiteness checks catch,
+    except for float8 E4M3, which has no Inf: torch's cast clamps silently to ±448 (even Inf becomes 448).
+    `saturates_beyond` is the largest magnitude that still rounds to a finite value there; the engine refuses
+    larger ones itself.
     """
 
     name: str
     itemsize: int
     is_float: bool
     torch_name: str
-    finite_max: float | None = None
+    saturates_beyond: float | None = None
 
     @property
     def torch(self) -> torch.dtype:
@@ -36,12 +38,12 @@ class Dtype:
 DTYPES: dict[str, Dtype] = {
     dtype.name: dtype
     for dtype in (
-        Dtype("F64", 8, True, "float64", 1.7976931348623157e308),
-        Dtype("F32", 4, True, "float32", 3.4028234663852886e38),
-        Dtype("F16", 2, True, "float16", 65504.0),
-        Dtype("BF16", 2, True, "bfloat16", 3.3895313892515355e38),
-        Dtype("F8_E4M3", 1, True, "float8_e4m3fn", 448.0),
-        Dtype("F8_E5M2", 1, True, "float8_e5m2", 57344.0),
+        Dtype("F64", 8, True, "float64"),
+        Dtype("F32", 4, True, "float32"),
+        Dtype("F16", 2, True, "float16"),
+        Dtype("BF16", 2, True, "bfloat16"),
+        Dtype("F8_E4M3", 1, True, "float8_e4m3fn", saturates_beyond=464.0),  # 448 is its largest; 464 rounds to it
+        Dtype("F8_E5M2", 1, True, "float8_e5m2"),
         Dtype("I64", 8, False, "int64"),
         Dtype("I32", 4, False, "int32"),
         Dtype("I16", 2, False, "int16"),

@@ -95,12 +95,28 @@ def fault_point(name: str) -> None:
         raise OSError(code, os.strerror(code))
 
 
-def _arm_from_environment() -> None:
+def environment_error() -> str | None:
+    """Why `BEMA_OFFLINE_FAULT` could not be used, if it is set and malformed (the command line refuses to run)."""
+    return _environment_error
+
+
+def _arm_from_environment() -> str | None:
+    """Arm the fault the environment names; a malformed one is reported by `environment_error`, not raised at import."""
     spec = os.environ.get(ENV)
     if not spec:
-        return
-    point, hit, action = (spec.split(":") + ["kill"])[:3]
-    arm(point, int(hit), action)
+        return None
+    parts = spec.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError(spec)
+        point, hit, action = (parts + ["kill"])[:3]
+        arm(point, int(hit), action)
+    except ValueError:
+        return (
+            f"{ENV}={spec!r} is not POINT:N[:ACTION] (points {', '.join(POINTS)}; actions {', '.join(ACTIONS)}); "
+            "unset it: it is for the tool's own fault-injection tests"
+        )
+    return None
 
 
-_arm_from_environment()
+_environment_error = _arm_from_environment()

@@ -154,15 +154,27 @@ def create_new_file(path: Path, mode: int = 0o644) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
 
 
-def write_new_file(path: Path, data: bytes) -> None:
-    """Write `data` to a file this call creates (see `create_new_file`)."""
+def write_new_file(path: Path, data: bytes, *, fsync: bool = False) -> None:
+    """Write `data` to a file this call creates (see `create_new_file`), flushed to disk if `fsync`."""
     fd = create_new_file(path)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `data` as a new file at `path`, removing what an interrupted run may have left there first (a file or a
+    link is unlinked by name, never followed or truncated)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    write_new_file(path, data)
 
 
 def writable_view(buffer: torch.Tensor) -> memoryview:

@@ -122,8 +122,9 @@ def run_case(case: Hostile, root: Path, *, quiet: bool = True) -> tuple[Built, O
     """Build the case under `root`, run `bema-average` on it, and report what happened."""
     spec = case.build(root)
     before = tree_fingerprint(root)
+    planted = set(spec.output.parent.glob(f".{spec.output.name}.bema-*"))  # a case may plant a lock-named link
     code, stdout, stderr = run_cli([*spec.args, *(["--quiet"] if quiet else [])])
-    leftovers = sorted(p.name for p in spec.output.parent.glob(f".{spec.output.name}.bema-*"))
+    leftovers = sorted(p.name for p in set(spec.output.parent.glob(f".{spec.output.name}.bema-*")) - planted)
     return spec, Outcome(code, stderr, stdout, tree_fingerprint(root) == before, leftovers)
 
 
@@ -451,6 +452,49 @@ def _output_link_loop(root: Path) -> Built:
     return Built([*default_args(run_dir, base_dir), "-o", str(output)], [str(output), "link loop"], output)
 
 
+def _lone_surrogate_name(header: dict) -> list[str]:
+    header["\udc80bad"] = header.pop(NORM)
+    return ["not valid UTF-8"]
+
+
+def _shape_overflows(header: dict) -> list[str]:
+    header[NORM]["shape"] = [0, 2**64]
+    header[NORM]["data_offsets"] = [header[NORM]["data_offsets"][0]] * 2
+    return [NORM, "too large for any loader"]
+
+
+def _lock_is_a_link(root: Path, *, hard: bool) -> Built:
+    run_dir, base_dir = healthy_run(root)
+    target = run_dir / "checkpoint-8" / "model.safetensors"
+    lock = run_dir / ".bema-offline.bema-lock"
+    lock.hardlink_to(target) if hard else lock.symlink_to(target)
+    return Built(default_args(run_dir, base_dir), [str(lock), "not a lock file"], run_dir / "bema-offline")
+
+
+def _output_named_like_a_checkpoint(root: Path) -> Built:
+    run_dir, base_dir = healthy_run(root)
+    output = run_dir / "checkpoint-12"
+    return Built([*default_args(run_dir, base_dir), "-o", str(output)], [str(output), "named like a checkpoint"], output)
+
+
+def _output_is_an_ignored_checkpoint(root: Path) -> Built:
+    run_dir, base_dir = healthy_run(root)
+    output = run_dir / "checkpoint-8"  # outside --max-step 6: the plan ignores it, --overwrite would replace it
+    args = [*default_args(run_dir, base_dir), "--max-step", "6", "-o", str(output), "--overwrite"]
+    return Built(args, [str(output), "named like a checkpoint"], output)
+
+
+def _input_linked_into_output(root: Path, *, hard: bool) -> Built:
+    run_dir, base_dir = healthy_run(root)
+    output = root / "out"
+    output.mkdir()
+    weights = base_dir / "model.safetensors"
+    os.replace(weights, output / "model.safetensors")  # an earlier output, which the base now points into
+    weights.hardlink_to(output / "model.safetensors") if hard else weights.symlink_to(output / "model.safetensors")
+    args = [*default_args(run_dir, base_dir), "-o", str(output), "--overwrite"]
+    return Built(args, [str(output / "model.safetensors"), str(weights), "would change the input"], output)
+
+
 CASES: list[Hostile] = [
     Hostile("truncated-data", "a truncated file (the last tensor cut short)", _file_case(_truncate_data)),
     Hostile("truncated-prefix", "a file cut inside its 8-byte length prefix", _file_case(_truncate_prefix)),
@@ -503,4 +547,13 @@ CASES: list[Hostile] = [
     Hostile("output-inside-checkpoint", "--output inside a checkpoint folder", _output_inside_checkpoint, exit_code=2),
     Hostile("output-is-the-run", "--output is the run folder (with --overwrite)", _output_is_the_run, exit_code=2),
     Hostile("output-link-loop", "--output is a symlink loop", _output_link_loop, exit_code=2),
+    # the second round (issue 10): outputs and locks that could write into an input, headers no loader reads
+    Hostile("header-lone-surrogate", "a tensor name with a lone surrogate", _file_case(_edit_header(_lone_surrogate_name))),
+    Hostile("header-shape-overflow", "a shape [0, 2^64] (no bytes, but no loader can hold it)", _file_case(_edit_header(_shape_overflows))),
+    Hostile("lock-is-a-link", "the lock's name is a symlink to a checkpoint", lambda root: _lock_is_a_link(root, hard=False), exit_code=2),
+    Hostile("lock-is-a-hard-link", "the lock's name is a hard link to a checkpoint", lambda root: _lock_is_a_link(root, hard=True), exit_code=2),
+    Hostile("output-named-like-a-checkpoint", "--output RUN/checkpoint-12 (the next run would read it)", _output_named_like_a_checkpoint, exit_code=2),
+    Hostile("output-is-an-ignored-checkpoint", "--output RUN/checkpoint-8 --overwrite, outside --max-step", _output_is_an_ignored_checkpoint, exit_code=2),
+    Hostile("input-symlinked-into-output", "the base's weights link into the output (--overwrite)", lambda root: _input_linked_into_output(root, hard=False), exit_code=2),
+    Hostile("input-hard-linked-into-output", "the base's weights are a hard link into the output (--overwrite)", lambda root: _input_linked_into_output(root, hard=True), exit_code=2),
 ]

@@ -52,3 +52,18 @@ def test_armed_from_the_environment(monkeypatch):
     with pytest.raises(OSError) as error:
         faults.fault_point("read")
     assert error.value.errno == errno.EIO
+
+
+@pytest.mark.parametrize("spec", ["garbage", "write:x:kill", "write:1:explode", "nowhere:1"])
+def test_a_malformed_fault_variable_is_one_usage_line_not_a_traceback(spec, tmp_path):
+    import subprocess
+    import sys
+
+    env = {"BEMA_OFFLINE_FAULT": spec, "PATH": "/usr/bin:/bin"}
+    process = subprocess.run(
+        [sys.executable, "-m", "bema_offline", "average", str(tmp_path), "-o", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert process.returncode == 2, process.stderr
+    lines = process.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: BEMA_OFFLINE_FAULT=") and "Traceback" not in process.stderr

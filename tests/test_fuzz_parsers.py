@@ -1,4 +1,5 @@
-"""Fuzz everything that parses untrusted bytes: safetensors headers, shard indexes, and checkpoint folder names.
+"""Fuzz everything that parses untrusted bytes: safetensors headers, shard indexes, checkpoint folder names, and sweep
+files (YAML and JSON).
 
 The only acceptable outcomes are a result that honours the parser's promises, or a `DataError`. Any other
 exception fails. CI runs a fixed number of derandomized examples per test; a longer run by hand:
@@ -21,8 +22,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save, save_file
 
 from bema_offline.sources.run import find_checkpoints, load_source
-from bema_offline.errors import DataError
 from bema_offline.dtypes import DTYPES
+from bema_offline.errors import DataError, UsageError
+from bema_offline.methods.sweep import FIELDS, check_names, sweep_configs
 from bema_offline.sources.safetensors_io import read_header
 
 EXAMPLES = int(os.environ.get("BEMA_FUZZ_EXAMPLES", "100"))
@@ -205,3 +207,58 @@ def test_random_folder_names(folder_names):
     for step, path in found.items():
         assert path.name in made and path.name.startswith("checkpoint-")
         assert path.name[len("checkpoint-") :].isascii() and int(path.name[len("checkpoint-") :]) == step
+
+
+# --- sweep files -------------------------------------------------------------------------------------------------
+
+sweep_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=8),
+    st.sampled_from(["bema", "uniform", "power-ema", "wsm", "expo", "ema", "cosine", "100:200", ":5", "yes", "0.1", "4"]),
+)
+sweep_keys = st.one_of(st.sampled_from([*FIELDS, "name", "sigma-rel"]), st.text(max_size=6))
+sweep_entries = st.one_of(st.dictionaries(sweep_keys, sweep_scalars, max_size=5), json_values)
+sweep_documents = st.one_of(
+    st.lists(sweep_entries, max_size=4),
+    st.dictionaries(st.one_of(st.text(max_size=8), st.sampled_from(["a\x00b", "model.safetensors", "x" * 300, "\ud800"])), sweep_entries, max_size=3),
+    json_values,
+)
+yaml_texts = st.one_of(  # YAML's own syntax: anchors, aliases, merge keys, tags, flow and block styles
+    st.text(max_size=60),
+    st.builds(
+        lambda anchor, body, uses: f"a: &{anchor} {body}\n" + "".join(f"k{i}: *{anchor}\n" for i in range(uses)),
+        st.sampled_from(["x", "lol", "a1"]), st.sampled_from(["[1, 2]", "{lag: 3}", "yes", "~"]), st.integers(0, 3),
+    ),
+    st.builds(lambda tag, value: f"- {{lag: {tag} {value}}}\n", st.sampled_from(["!!float", "!!str", "!!python/object", "!!binary", "!foo"]), st.sampled_from(["3", "x", "AAAA"])),
+)
+
+
+def check_sweep(path: Path) -> None:
+    """`sweep_configs` on this file either fails with a one-line Usage/DataError, or returns named methods whose
+    names are plain, distinct folder names."""
+    try:
+        configs = sweep_configs(path)
+    except (UsageError, DataError) as e:
+        assert "\n" not in str(e) and len(str(e)) < 2000
+        return
+    assert configs and check_names(configs, source="fuzz") == configs
+    for name, method in configs:
+        assert isinstance(name, str) and method.to_dict()["method"] == method.name
+
+
+@FUZZ
+@given(sweep_documents, st.sampled_from([".yaml", ".json"]))
+def test_random_sweep_files(document, suffix):
+    import yaml
+
+    path = _workdir / f"sweep{suffix}"
+    text = json.dumps(document) if suffix == ".json" else yaml.safe_dump(document, allow_unicode=True)
+    path.write_bytes(text.encode("utf-8", errors="surrogatepass"))
+    check_sweep(path)
+
+
+@FUZZ
+@given(yaml_texts)
+def test_random_yaml_text(text):
+    path = _workdir / "sweep.yml"
+    path.write_bytes(text.encode("utf-8", errors="surrogatepass"))
+    check_sweep(path)

@@ -6,6 +6,7 @@ Errors print one line, `error: ...`, and exit with 2 for bad usage, 1 for bad da
 
 from __future__ import annotations
 
+import copy
 import errno
 import sys
 import traceback
@@ -14,34 +15,73 @@ import click
 
 from .._version import __version__
 from ..engine.kernels import kernel_name
-from ..errors import BemaError, one_line
+from ..errors import BemaError, UsageError, one_line
+from ..faults import environment_error
 from ._help import CONTEXT
 from .average import average_command
 from .demo import demo_command
 from .dpo import dpo_command
+from .iterate import iterate_command
 from .push import push_command
 from .verify import verify_command
+from .weights import weights_command
+
+EPILOG = """\b
+bema-average is a shortcut for bema-offline average.
+
+\b
+Example:
+  bema-offline demo                      # a tiny training run, its BEMA and EMA, and their held-out losses
+  bema-average runs/dpo --base-model Qwen/Qwen2.5-0.5B --update-freq 100 -o runs/dpo-bema
+"""
 
 
-@click.group(context_settings=CONTEXT)
-@click.version_option(
-    __version__, prog_name="bema-offline", message=f"%(prog)s %(version)s (EMA kernel: {kernel_name() or 'torch ops'})"
-)
+def _version_message() -> str:
+    return f"%(prog)s %(version)s (EMA kernel: {kernel_name() or 'torch ops'})"
+
+
+class CommandGroup(click.Group):
+    """Lists each command with the whole first paragraph of its help, not click's first sentence cut at 45
+    characters."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, " ".join((command.help or "").split("\n\n")[0].split())))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=CommandGroup, context_settings=CONTEXT, epilog=EPILOG)
+@click.version_option(__version__, prog_name="bema-offline", message=_version_message())
 def cli() -> None:
-    """Average a finished training run's checkpoints with BEMA or EMA, offline and streaming."""
+    """Average a finished training run's checkpoints with BEMA or EMA, offline and streaming; train DPO rounds
+    against such averages."""
 
 
 cli.add_command(average_command, "average")
 cli.add_command(demo_command, "demo")
 cli.add_command(push_command, "push")
 cli.add_command(dpo_command, "dpo")
+cli.add_command(iterate_command, "iterate")
 cli.add_command(verify_command, "verify")
+cli.add_command(weights_command, "weights")
+
+# `bema-average` is `bema-offline average` plus --version (a copy, so that the group's command is unchanged)
+average_entry = copy.copy(average_command)
+average_entry.params = list(average_command.params)
+click.version_option(__version__, prog_name="bema-average", message=_version_message())(average_entry)
 
 
 def _run(command: click.Command, args: list[str] | None = None, prog_name: str | None = None) -> None:
     args = sys.argv[1:] if args is None else args
     debug = "--debug" in args
     try:
+        if environment_error() is not None:
+            raise UsageError(environment_error())
         command.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
@@ -85,4 +125,4 @@ def main() -> None:
 
 def average_main() -> None:
     """Entry point of `bema-average`, the same as `bema-offline average`."""
-    _run(average_command, prog_name="bema-average")
+    _run(average_entry, prog_name="bema-average")

@@ -13,7 +13,8 @@ from ..api import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, average
 from ..engine.distributed import launched
 from ..methods.schedule import BEMASchedule
 from ..methods.sweep import load_sweep, parse_grid
-from ..output.report import plan_report
+from ..output.report import plan_report, run_warnings
+from ..sources.run import run_cadence
 from ._help import CONTEXT, GreedyOption, SectionedCommand, debug_option, option
 from .push import AveragePush, push_to_hub_options
 
@@ -49,7 +50,7 @@ def _kinds(ctx, param, value: str) -> list[str]:
 @option("--min-step", type=int, section="Input", help="Ignore checkpoints before this step.")
 @option("--max-step", type=int, section="Input", help="Ignore checkpoints after this step.")
 @option("--allow-missing", is_flag=True, section="Input", help="Skip update steps that have no checkpoint (recorded in the provenance) instead of failing.")
-@option("--update-freq", type=int, default=400, show_default=True, section="Schedule (TRL's BEMACallback)", help="φ: update every this many steps. Match the run's save_steps.")
+@option("--update-freq", type=int, section="Schedule (TRL's BEMACallback)", help="φ: update every this many steps. Default: the run's save_steps (from trainer_state.json, else the checkpoints' spacing; TRL's 400 when the run says nothing).")
 @option("--ema-power", type=float, default=0.5, show_default=True, section="Schedule (TRL's BEMACallback)", help="κ: β = (lag + multiplier·t)^-κ; 0 makes the EMA the last iterate.")
 @option("--bias-power", type=float, default=0.2, show_default=True, section="Schedule (TRL's BEMACallback)", help="η: α = (lag + multiplier·t)^-η; 0 is full correction (α = 1).")
 @option("--lag", type=float, default=10, show_default=True, section="Schedule (TRL's BEMACallback)", help="ρ: virtual starting age of the schedule.")
@@ -82,7 +83,7 @@ def average_command(
     min_step: int | None,
     max_step: int | None,
     allow_missing: bool,
-    update_freq: int,
+    update_freq: int | None,
     ema_power: float,
     bias_power: float,
     lag: float,
@@ -121,6 +122,10 @@ def average_command(
         if "bema" in save and save != ["bema"]:
             raise click.UsageError("--no-bias-correction writes the plain EMA; do not also ask for --save bema")
         save = ["ema"]
+    if update_freq is None:
+        update_freq, origin = run_cadence(ckpt_dir, min_step=min_step, max_step=max_step)
+        if not quiet:
+            click.echo(f"note: --update-freq {update_freq}: {origin}", err=True)
     schedule = BEMASchedule(
         update_freq=update_freq,
         ema_power=ema_power,
@@ -183,9 +188,8 @@ def average_command(
         click.echo(f"resumed an interrupted run: reused {result.reused_shards} finished shards", err=True)
     for note in result.plan.notes:
         click.echo(f"note: {note}", err=True)
-    missing = sorted({s for run in result.plan.schedules for s in run.missing_steps})
-    if missing:
-        click.echo(f"warning: skipped update steps without a checkpoint: {', '.join(map(str, missing))}", err=True)
+    for line in run_warnings(result.plan):
+        click.echo(line, err=True)
     elapsed = time.perf_counter() - started
     for out in result.outputs:
         click.echo(f"wrote {out.path}: {out.kind} at step {out.step}")

@@ -12,6 +12,7 @@ from ..errors import UsageError
 from ..methods.schedule import BEMASchedule
 from ..output.card import weights_bar_chart
 from ._help import CONTEXT, SectionedCommand, debug_option, option
+from .dpo import progress_bars_wanted
 
 MARKER = ".bema-demo"
 
@@ -23,7 +24,7 @@ MARKER = ".bema-demo"
 @option("--steps", type=int, default=240, show_default=True, section="Demo", help="Training steps.")
 @option("--save-every", type=int, default=20, show_default=True, section="Demo", help="Checkpoint (and BEMA update) every this many steps.")
 @option("--seed", type=int, default=0, show_default=True, section="Demo", help="Random seed.")
-@option("--quiet", "-q", is_flag=True, section="Run", help="No progress output.")
+@option("--quiet", "-q", is_flag=True, section="Run", help="No progress output (progress bars are shown on a terminal only).")
 @debug_option
 def demo_command(workdir: Path, steps: int, save_every: int, seed: int, quiet: bool, debug: bool) -> None:
     """Pretrain a tiny Llama-shaped causal LM, fine-tune it for a few seconds saving Trainer-style checkpoints,
@@ -37,13 +38,14 @@ def demo_command(workdir: Path, steps: int, save_every: int, seed: int, quiet: b
     workdir.mkdir(parents=True)
     (workdir / MARKER).touch()
     say = (lambda *a: None) if quiet else click.echo
+    bars = progress_bars_wanted(quiet)  # on a terminal only: in a log file they are carriage returns and escapes
     say(f"pretraining a tiny causal LM (the base model), then fine-tuning it for {steps} steps "
         f"with a checkpoint every {save_every} -> {workdir / 'run'}")
-    demo = make_demo_run(workdir / "run", steps=steps, save_every=save_every, seed=seed, progress=not quiet)
+    demo = make_demo_run(workdir / "run", steps=steps, save_every=save_every, seed=seed, progress=bars)
     schedule = BEMASchedule(update_freq=save_every)
     output = workdir / "averaged"
     say(f"bema-average {demo.run_dir} --base-model {demo.base_dir} --update-freq {save_every} --save ema,bema --output {output}")
-    result = average(demo.run_dir, output, schedule=schedule, base_model=demo.base_dir, save=("ema", "bema"), progress=not quiet)
+    result = average(demo.run_dir, output, schedule=schedule, base_model=demo.base_dir, save=("ema", "bema"), progress=bars)
     last = max(result.plan.found_steps)
     rows = [("base model (step 0)", demo.base_dir), (f"last checkpoint (step {last})", demo.run_dir / f"checkpoint-{last}")]
     rows += [(f"{o.kind.upper()} at step {o.step}", o.path) for o in result.outputs]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,7 +18,7 @@ Iterative DPO, round by round (the BEMA of round k is the reference of round k+1
   bema-offline dpo --ref-model base --dataset prefs1.jsonl --output-dir runs/round1 --save-steps 100 --max-steps 1000
   bema-average runs/round1 --base-model base --update-freq 100 -o runs/round1-bema
   bema-offline dpo --ref-model runs/round1-bema --dataset prefs2.jsonl --output-dir runs/round2 --save-steps 100 --max-steps 1000
-scripts/iterative_dpo.py --rounds K does all of this and records it in rounds.json.
+bema-offline iterate --rounds K does all of this, resumes a killed run, and records it in rounds.json.
 """
 TRAINING = "Training (TRL's DPOConfig)"
 
@@ -63,7 +64,7 @@ def dpo_command(
 
     require_dpo_extra()
     overrides = parse_config_overrides(config_set)
-    with _quiet_libraries() if quiet else contextlib.nullcontext():
+    with library_output(quiet=quiet):
         train_dpo(
             ref_model,
             dataset,
@@ -77,13 +78,36 @@ def dpo_command(
             bf16=bf16,
             precompute_ref_log_probs=precompute_ref_log_probs,
             config_overrides=overrides,
+            progress=progress_bars_wanted(quiet),
             log=(lambda line: None) if quiet else click.echo,
         )
 
 
+def progress_bars_wanted(quiet: bool) -> bool:
+    """Progress bars go to stderr, and only to a terminal: in a log file their carriage returns and cursor
+    movements are noise."""
+    return not quiet and sys.stderr.isatty()
+
+
 @contextlib.contextmanager
-def _quiet_libraries():
-    """--quiet: no progress bars, logs, warnings or Trainer prints, for the duration of the round only."""
+def library_output(*, quiet: bool):
+    """What the training libraries print, for the duration of a round only.
+
+    `quiet`: no progress bars, logs, warnings or Trainer prints. Otherwise, when stderr is not a terminal: no
+    progress bars (the Trainer's logs still print, one line each), so that a log file holds no escape codes.
+    """
+    with warnings.catch_warnings():
+        # transformers deprecated a name that TRL still calls, once per step: nothing a user can act on
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        if not quiet and progress_bars_wanted(quiet):
+            yield
+        else:
+            with _without_bars(quiet=quiet):
+                yield
+
+
+@contextlib.contextmanager
+def _without_bars(*, quiet: bool):
     import datasets
     import transformers
 
@@ -93,11 +117,15 @@ def _quiet_libraries():
     tqdm_disable = os.environ.get("TQDM_DISABLE")
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    os.environ["TQDM_DISABLE"] = "1"  # TRL's own progress bars read it
+    if quiet:
+        hf_logging.set_verbosity_error()
+    os.environ["TQDM_DISABLE"] = "1"  # TRL's and the Trainer's own tqdm bars read it
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
+        with contextlib.ExitStack() as stack:
+            if quiet:
+                stack.enter_context(warnings.catch_warnings())
+                stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+                warnings.simplefilter("ignore")
             yield
     finally:
         if bars[0]:

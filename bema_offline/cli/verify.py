@@ -43,11 +43,17 @@ def verify_command(output: Path, recompute: int, seed: int | None, max_memory: s
     for report in reports:
         for note in report.notes:
             click.echo(f"note: {note}", err=True)
-        checks = [f"{report.tensors} tensors in {report.shards} shards, all finite", "index and headers consistent"]
+        checks = [f"{_count(report.tensors, 'tensor')} in {_count(report.shards, 'shard')}, all finite", "index and headers consistent"]
         if report.has_provenance:
             checks.append("bema_offline.json matches")
             steps = ", ".join("base" if s == 0 else str(s) for s in report.sources_checked)
             checks.append(f"shapes and dtypes match the sources (steps {steps})" if steps else "sources not compared")
+        else:
+            checks.append("no bema_offline.json: provenance and sources not checked")
         if report.recomputed:
-            checks.append(f"{len(report.recomputed)} tensors recomputed bit for bit (--seed {seed})")
+            checks.append(f"{_count(len(report.recomputed), 'tensor')} recomputed bit for bit (--seed {seed})")
         click.echo(f"ok {report.folder}: {'; '.join(checks)}")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")

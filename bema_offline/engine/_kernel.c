@@ -15,7 +15,13 @@
  * (start an EMA at theta0, update it at a step, write an output) is run block by block, so that each block of
  * every EMA lives in L1 from the first step to the last and the EMAs never exist in memory at all. Memory traffic
  * is then the checkpoints' bytes and the outputs'; a sweep of many EMAs costs arithmetic only. bf16 -> float32
- * is exact (a shift), so the bits are those of the torch ops; tests/test_kernel.py checks this against torch.
+ * is exact (a shift), so the bits are those of the torch ops; tests/engine/test_kernel*.py check this against torch.
+ *
+ * The same program also computes weighted sums, for the averages that are not TRL's recurrence (uniform windows,
+ * post-hoc EMAs, DEMA, ExPO, ...): an output sum_i w_i * theta_i takes a slot of its own, started by SCALE
+ * (`acc = theta * fl32(w)`, torch's `torch.mul(theta, w)` on float32) and continued by ACCUMULATE
+ * (`acc = fma(theta, fl32(w), acc)`, torch's `acc.add_(theta, alpha=w)`), then written by OUTPUT like an EMA. So
+ * one pass over a group's bytes produces replayed and weighted outputs alike.
  *
  * `upcast` widens a checkpoint to float32 (theta0), `store` casts float32 values to the output dtype (a frozen
  * tensor's theta0), `equals` tells whether a tensor still equals theta0 (a frozen parameter) without upcasting
@@ -24,11 +30,13 @@
  * Compiled with -ffp-contract=off: the product `ema * keep` must round on its own, never fuse into the add. On
  * x86-64 a second copy of the loops is built for AVX2+FMA and chosen at run time, so one build runs on any
  * x86-64 CPU (a shared virtual environment on a cluster of mixed nodes, say). Without FMA hardware, C's fmaf()
- * computes the same correctly rounded result, only slower.
+ * computes the same correctly rounded result, only slower. BEMA_OFFLINE_KERNEL=generic at import chooses the
+ * generic loops on any CPU (the tests compare both builds with torch).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -37,7 +45,7 @@
 #define BLOCK 512 /* elements per block: a block of 16 EMAs is 32 KiB, one core's L1 */
 #define STRIDE (BLOCK + 24) /* floats between EMA blocks: staggered so no two buffers share their address modulo 4 KiB */
 
-enum { OP_START, OP_UPDATE, OP_OUTPUT };
+enum { OP_START, OP_UPDATE, OP_OUTPUT, OP_SCALE, OP_ACCUMULATE };
 
 typedef struct {
     const void *theta; /* a checkpoint's values, float32 or bf16 */
@@ -47,7 +55,7 @@ typedef struct {
 typedef struct {
     int code, slot, step; /* slot: which EMA; step: index into the steps */
     const float *theta0;  /* START: the EMA's first value; OUTPUT: theta0 */
-    float keep, beta;     /* UPDATE: fl32(1 - beta), fl32(beta) */
+    float keep, beta;     /* UPDATE: fl32(1 - beta), fl32(beta); SCALE, ACCUMULATE: beta is fl32(weight) */
     int bema;             /* OUTPUT: ema + alpha * (theta - theta0), else the EMA */
     float alpha;
     void *out;
@@ -116,6 +124,13 @@ __attribute__((target("avx2,fma"))) static int store_bf16_avx2(uint16_t *restric
             ema[i] = fmaf(theta[i], beta, m);                                                                 \
         }                                                                                                     \
     }                                                                                                         \
+    ATTR static void scale_##SUFFIX(float *restrict acc, const float *restrict theta, Py_ssize_t n, float weight) { \
+        for (Py_ssize_t i = 0; i < n; i++) acc[i] = theta[i] * weight;                                       \
+    }                                                                                                         \
+    ATTR static void accumulate_##SUFFIX(float *restrict acc, const float *restrict theta, Py_ssize_t n,     \
+                                         float weight) {                                                      \
+        for (Py_ssize_t i = 0; i < n; i++) acc[i] = fmaf(theta[i], weight, acc[i]);                           \
+    }                                                                                                         \
     ATTR static void bema_values_##SUFFIX(float *restrict out, const float *restrict theta,                 \
                                           const float *restrict theta0, const float *restrict ema,           \
                                           Py_ssize_t n, float alpha) {                                        \
@@ -149,7 +164,7 @@ __attribute__((target("avx2,fma"))) static int store_bf16_avx2(uint16_t *restric
             for (Py_ssize_t k = 0; k < nops; k++) {                                                           \
                 const Op *op = &ops[k];                                                                       \
                 float *ema = emas + (Py_ssize_t)op->slot * STRIDE;                                           \
-                if ((op->code == OP_UPDATE || (op->code == OP_OUTPUT && op->bema)) && op->step != loaded) {  \
+                if ((op->code != OP_START && (op->code != OP_OUTPUT || op->bema)) && op->step != loaded) {    \
                     const Step *step = &steps[op->step];                                                      \
                     if (step->bf16) {                                                                         \
                         upcast_bf16_##SUFFIX(x_block, (const uint16_t *)step->theta + start, len);           \
@@ -163,6 +178,10 @@ __attribute__((target("avx2,fma"))) static int store_bf16_avx2(uint16_t *restric
                     memcpy(ema, op->theta0 + start, (size_t)len * sizeof(float));                             \
                 } else if (op->code == OP_UPDATE) {                                                           \
                     advance_##SUFFIX(ema, x, len, op->keep, op->beta);                                        \
+                } else if (op->code == OP_SCALE) {                                                            \
+                    scale_##SUFFIX(ema, x, len, op->beta);                                                    \
+                } else if (op->code == OP_ACCUMULATE) {                                                       \
+                    accumulate_##SUFFIX(ema, x, len, op->beta);                                               \
                 } else {                                                                                      \
                     const float *v = ema;                                                                     \
                     if (op->bema) {                                                                           \
@@ -196,7 +215,8 @@ static const char *impl_name = "generic";
 
 /* replay(n, steps, ops, slots) -> one bool per OUTPUT op: whether every value it wrote is finite.
  * steps: [(address, is_bf16)]; ops: (0, slot, theta0_address) | (1, slot, step, keep, beta)
- *                                   | (2, slot, step, theta0_address, bema, alpha, out_address, out_is_bf16) */
+ *                                   | (2, slot, step, theta0_address, bema, alpha, out_address, out_is_bf16)
+ *                                   | (3, slot, step, weight) | (4, slot, step, weight) */
 static PyObject *replay(PyObject *self, PyObject *args) {
     Py_ssize_t n, nslots;
     PyObject *steps_arg, *ops_arg;
@@ -238,6 +258,8 @@ static PyObject *replay(PyObject *self, PyObject *args) {
                  : code == OP_UPDATE ? PyArg_ParseTuple(item, "iiidd:update", &op->code, &op->slot, &op->step, &keep, &beta)
                  : code == OP_OUTPUT ? PyArg_ParseTuple(item, "iiiKpdKp:output", &op->code, &op->slot, &op->step, &theta0,
                                                         &op->bema, &alpha, &out, &op->out_bf16)
+                 : code == OP_SCALE    ? PyArg_ParseTuple(item, "iiid:scale", &op->code, &op->slot, &op->step, &beta)
+                 : code == OP_ACCUMULATE ? PyArg_ParseTuple(item, "iiid:accumulate", &op->code, &op->slot, &op->step, &beta)
                                      : 0;
         if (!ok) {
             if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "replay: unknown op code %ld", code);
@@ -245,6 +267,10 @@ static PyObject *replay(PyObject *self, PyObject *args) {
         }
         if (op->slot < 0 || op->slot >= nslots || (code != OP_START && (op->step < 0 || op->step >= nsteps))) {
             PyErr_Format(PyExc_ValueError, "replay: op %zd names slot %d or step %d out of range", k, op->slot, op->step);
+            goto done;
+        }
+        if ((code == OP_SCALE || code == OP_ACCUMULATE) && !(fabs(beta) <= FLT_MAX)) {
+            PyErr_Format(PyExc_ValueError, "replay: op %zd has a weight that is not a finite float32", k);
             goto done;
         }
         op->theta0 = (const float *)(uintptr_t)theta0;
@@ -357,7 +383,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", NULL, -1, 
 
 PyMODINIT_FUNC PyInit__kernel(void) {
 #if HAVE_AVX2_BUILD
-    if (has_avx2_fma()) {
+    const char *choice = getenv("BEMA_OFFLINE_KERNEL");
+    if (has_avx2_fma() && !(choice != NULL && strcmp(choice, "generic") == 0)) {
         replay_impl = replay_avx2;
         store_impl = store_avx2;
         impl_name = "avx2+fma";

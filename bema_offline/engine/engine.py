@@ -29,8 +29,8 @@ Speed comes from a few choices, each measured (docs/benchmarks.md):
 - several workers (threads; torch and the kernel release the GIL) each take whole groups, so reading and
   arithmetic of different groups overlap on different cores.
 
-A tensor that is bit-identical in θ0 and in every checkpoint replayed (a frozen parameter) is written unchanged.
-Non-float tensors are copied from the output step's checkpoint.
+A tensor that is bit-identical in every source read (a frozen parameter; decided per whole tensor before anything
+is computed, see `frozen.py`) is copied unchanged. Non-float tensors are copied from the output step's checkpoint.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import math
 import mmap
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +51,7 @@ from ..errors import DataError, UsageError
 from ..files import OpenFiles, writable_view
 from ..sources.run import BASE_STEP, WeightSource
 from . import kernels
+from .frozen import frozen_tensors
 from .kernels import KERNEL_DTYPES, Floats, kernel_name
 from .plan import Plan
 
@@ -106,6 +107,7 @@ class _Kind:
     accum: str | None  # None: copied, not averaged
     out: str
     steps: tuple[str, ...] | None = None
+    frozen: bool = False  # copied from any source (they are all the same), cast to `out` if needed
 
 
 @dataclass(frozen=True)
@@ -136,15 +138,15 @@ def default_threads() -> int:
     return max(1, min(cores, 8))
 
 
-def _kind(plan: Plan, name: str, accum_dtype: str, counts: _Counts, *, replay_budget: int | None) -> _Kind:
-    """A tensor's kind. With a `replay_budget` (the C kernel runs; a group's budget in bytes), a float32 or bf16
-    tensor averaged in float32 and written as float32 or bf16 is replayed, if a group of one kernel block of it
-    fits the budget with every step's bytes (else, with thousands of checkpoints or a tiny budget, it goes step
-    by step)."""
+def _kind(plan: Plan, name: str, accum_dtype: str, counts: _Counts, *, replay_budget: int | None, frozen: bool) -> _Kind:
+    """A tensor's kind. A frozen tensor (see `frozen.py`) and a non-float one are copied. With a `replay_budget` (the
+    C kernel runs; a group's budget in bytes), a float32 or bf16 tensor averaged in float32 and written as float32
+    or bf16 is replayed, if a group of one kernel block of it fits the budget with every step's bytes (else, with
+    thousands of checkpoints or a tiny budget, it goes step by step)."""
     info = plan.sources[plan.read_steps[-1]].tensors[name]
     out = plan.output_dtypes[name]
-    if not info.is_float:
-        return _Kind(None, out)
+    if frozen or not info.is_float:
+        return _Kind(None, out, frozen=frozen)
     accum = accumulation_dtype(info.dtype, accum_dtype)
     steps = tuple(plan.sources[step].tensors[name].dtype for step in plan.read_steps)
     replayed = _Kind(accum, out, steps)
@@ -174,7 +176,7 @@ def _arena_bytes(kind: _Kind, counts: _Counts, *, read: int, numel: int, slices:
         return sum(_align(numel * DTYPES[dtype].itemsize) for dtype in kind.steps) + counts.theta0 * _align(4 * numel) + counts.outputs * out
     read_part = _align(read + 8 * slices)
     if kind.accum is None:
-        return read_part
+        return read_part + (out if kind.frozen else 0)  # a frozen tensor may be cast to another --dtype
     return read_part + (counts.theta0 + counts.emas + _SCRATCH) * _align(numel * DTYPES[kind.accum].itemsize) + out
 
 
@@ -199,6 +201,7 @@ def group_slices(
     accum_dtype: str,
     cache_bytes: int | None = None,
     replay: bool = False,
+    frozen: Collection[str] = (),
 ) -> list[list[Slice]]:
     """Cut the tensors into slices and pack them into groups whose working memory fits a budget.
 
@@ -211,31 +214,35 @@ def group_slices(
         accum_dtype (`str`): the requested accumulation dtype, "float32" or "float64".
         cache_bytes (`int`, *optional*): a smaller budget to use when `max_memory` is larger (see `CACHE_BYTES`).
         replay (`bool`, defaults to False): the C kernel runs, and replays the tensors it covers (see `_Kind`).
+        frozen (`Collection[str]`, defaults to none): the frozen tensors, copied (see `frozen.py`).
 
     Returns:
         `list[list[Slice]]`: groups in file order; the slices of a group share a kind (float or not, and dtypes).
     """
-    return [group for _, group in _pack(plan, max_memory=max_memory, accum_dtype=accum_dtype, cache_bytes=cache_bytes, replay=replay)]
+    packed = _pack(plan, max_memory=max_memory, accum_dtype=accum_dtype, cache_bytes=cache_bytes, replay=replay, frozen=frozen)
+    return [group for _, group in packed]
 
 
-def _pack(plan: Plan, *, max_memory: int, accum_dtype: str, cache_bytes: int | None, replay: bool) -> list[tuple[_Kind, list[Slice]]]:
+def _pack(
+    plan: Plan, *, max_memory: int, accum_dtype: str, cache_bytes: int | None, replay: bool, frozen: Collection[str]
+) -> list[tuple[_Kind, list[Slice]]]:
     """`group_slices`, each group with its kind."""
     if max_memory < MIN_MEMORY:
-        raise DataError(f"--max-memory {max_memory} bytes is too small; give at least {MIN_MEMORY} bytes")
+        raise UsageError(f"--max-memory {max_memory} bytes is too small; give at least {MIN_MEMORY} bytes")
     accum_dtype = FLOAT_DTYPES[accum_dtype]
     budget = max_memory if cache_bytes is None else min(max_memory, cache_bytes)
     counts = _Counts.of(plan)
     groups: list[tuple[_Kind, list[Slice]]] = []
     open_groups: dict[_Kind, tuple[list[Slice], int, int]] = {}  # kind -> (slices, read bytes, elements)
     for info in plan.tensors:
-        kind = _kind(plan, info.name, accum_dtype, counts, replay_budget=budget if replay else None)
+        kind = _kind(plan, info.name, accum_dtype, counts, replay_budget=budget if replay else None, frozen=info.name in frozen)
         # copied tensors are packed as if averaged, so that every group's buffers fit the same arena
         packing = kind if kind.accum is not None else _Kind(accum_dtype, kind.out)
         read_size = max(source.tensors[info.name].itemsize for source in plan.sources.values())
         per_element, slack = _element_cost(packing, counts, read_size=read_size)  # (one slice always fits the slack)
         per_slice = (budget - slack) // per_element
         if per_slice < 1:
-            raise DataError(
+            raise UsageError(
                 f"--max-memory {max_memory} bytes is too small for {len(plan.schedules)} configs; "
                 f"give at least {slack + per_element} bytes per worker"
             )
@@ -268,8 +275,8 @@ class _Worker:
     bytes are copied over.
     """
 
-    def __init__(self, arena_bytes: int, *, device: str, staged: bool) -> None:
-        self.files = OpenFiles()
+    def __init__(self, arena_bytes: int, *, device: str, staged: bool, identities: dict) -> None:
+        self.files = OpenFiles(identities=identities)
         self.staged = staged
         size = max(arena_bytes, _ALIGN)
         if staged:
@@ -422,7 +429,12 @@ class Engine:
         # a GPU has no CPU cache to fit, and wants large ops: groups then use the whole budget
         cache_bytes = None if self.staged else CACHE_BYTES
         self.fused = fused and not self.staged and kernel_name() is not None
-        packed = _pack(plan, max_memory=max_memory // self.threads, accum_dtype=accum_dtype, cache_bytes=cache_bytes, replay=self.fused)
+        with OpenFiles(identities=plan.identities) as files:
+            self.frozen = frozen_tensors(plan.sources.values(), [info.name for info in plan.tensors], files)
+        packed = _pack(
+            plan, max_memory=max_memory // self.threads, accum_dtype=accum_dtype, cache_bytes=cache_bytes, replay=self.fused,
+            frozen=self.frozen,
+        )
         self.kinds = [kind for kind, _ in packed]
         self.groups = [group for _, group in packed]
         self.threads = max(1, min(self.threads, len(self.groups)))
@@ -480,7 +492,7 @@ class Engine:
 
             torch_threads = torch.get_num_threads()
             torch.set_num_threads(1)  # workers, not intra-op threads: OpenMP barriers stall when cores are shared
-        workers = [_Worker(self.arena_bytes, device=self.device, staged=self.staged) for _ in range(self.threads)]
+        workers = [_Worker(self.arena_bytes, device=self.device, staged=self.staged, identities=self.plan.identities) for _ in range(self.threads)]
         threads = [threading.Thread(target=self._work, args=(w,), name=f"bema-worker-{i}", daemon=True) for i, w in enumerate(workers[1:])]
         try:
             for thread in threads:
@@ -509,7 +521,7 @@ class Engine:
                 worker.reset()
                 group, kind = self.groups[index], self.kinds[index]
                 if kind.accum is None:
-                    self._copy_group(group, worker)
+                    self._copy_group(group, kind, worker)
                 elif kind.steps is not None:
                     self._replay(group, kind, worker)
                 else:
@@ -566,23 +578,18 @@ class Engine:
         outs = {index: worker.take(out_bytes) for index in range(len(self.plan.outputs))}
         index_of = {step: i for i, step in enumerate(self.plan.read_steps)}
         program = kernels.Program([thetas[step] for step in self.plan.read_steps], slots=len(self.slot_theta0))
-        unchanged = [list(range(len(group))) for _ in self.slot_theta0]  # per EMA: slices equal to θ0 so far
-        written = []  # (output index, its values, EMA's θ0, slices still equal to it)
+        written = []  # (output index, its values)
         for step in self.plan.read_steps:
             for slot in self.starts_at.get(step, ()):
                 program.start(slot, theta0[step])
             for update in self.updates.get(step, ()):
                 program.update(update.slot, index_of[step], update.beta)
-                tau = theta0[self.slot_theta0[update.slot]]
-                unchanged[update.slot] = [i for i in unchanged[update.slot] if kernels.equals(thetas[step].part(*bounds[i]), tau.part(*bounds[i]))]
             for tau_step, outputs in self.outputs_at.get(step, {}).items():
                 for output_index, output_kind, alpha, slot in outputs:
                     out = worker.floats(outs[output_index], numel, bf16=kind.out == "BF16")
                     program.output(slot, index_of[step], theta0[tau_step], alpha if output_kind == "bema" else None, out)
-                    written.append((output_index, out, theta0[tau_step], unchanged[slot]))
-        for (output_index, out, tau, frozen), finite in zip(written, program.run(), strict=True):
-            for i in frozen:
-                finite = kernels.store(tau.part(*bounds[i]), out.part(*bounds[i])) and finite
+                    written.append((output_index, out))
+        for (output_index, out), finite in zip(written, program.run(), strict=True):
             if not finite:
                 self._raise_non_finite(group, lambda i: kernels.all_finite(out.part(*bounds[i])), worker)
             self._emit(output_index, self._split(group, bounds, worker.view(outs[output_index], out_bytes), kind.out))
@@ -610,7 +617,6 @@ class Engine:
         out_offset = worker.take(out_bytes)
         out = worker.tensor(out_offset, out_bytes, kind.out)
         out_host_offset = worker.take_host(out_bytes) if worker.staged else out_offset
-        unchanged = [list(range(len(group))) for _ in self.slot_theta0]  # per EMA: slices equal to θ0 so far
         for step in self.plan.read_steps:
             layout = layouts[step]
             self._read(layout, read, worker)
@@ -624,41 +630,59 @@ class Engine:
                     ema[slot].copy_(theta0[step])
             for update in self.updates.get(step, ()):
                 ema[update.slot].mul_(1 - update.beta).add_(x, alpha=update.beta)
-                tau = theta0[self.slot_theta0[update.slot]]
-                unchanged[update.slot] = [i for i in unchanged[update.slot] if torch.equal(x[slice(*bounds[i])], tau[slice(*bounds[i])])]
             for tau_step, outputs in self.outputs_at.get(step, {}).items():
                 tau = theta0[tau_step]
                 if any(output_kind == "bema" for _, output_kind, _, _ in outputs):
                     torch.sub(x, tau, out=diff)
                 for output_index, output_kind, alpha, slot in outputs:
-                    if output_kind == "ema":
-                        out.copy_(ema[slot])
-                    else:  # ema + alpha * (x - theta0), op for op
-                        out.copy_(torch.mul(diff, alpha, out=scratch).add_(ema[slot]))
-                    for i in unchanged[slot]:
-                        out[slice(*bounds[i])].copy_(tau[slice(*bounds[i])])
+                    # ema, or ema + alpha * (x - theta0), op for op
+                    value = ema[slot] if output_kind == "ema" else torch.mul(diff, alpha, out=scratch).add_(ema[slot])
+                    if not fits(value, kind.out):
+                        self._raise_non_finite(group, lambda i: fits(value[slice(*bounds[i])], kind.out), worker)
+                    out.copy_(value)
                     if not all_finite(out):
                         self._raise_non_finite(group, lambda i: all_finite(out[slice(*bounds[i])]), worker)
                     if worker.staged:
                         worker.tensor(out_host_offset, out_bytes, kind.out, host=True).copy_(out)
                     self._emit(output_index, self._split(group, bounds, worker.view(out_host_offset, out_bytes), kind.out))
 
-    def _copy_group(self, group: list[Slice], worker: _Worker) -> None:
-        """Non-float tensors: each output gets them as they are at its step."""
+    def _copy_group(self, group: list[Slice], kind: _Kind, worker: _Worker) -> None:
+        """Copied tensors: a non-float tensor as it is at each output's step; a frozen one (the same in every source)
+        read once, and cast when the output dtype differs (`--dtype`), for every output."""
         layouts = self._layouts(group)
         read = worker.take_host(max(layout.nbytes for layout in layouts.values()))
-        for step in self.output_steps:
+        for step in self.plan.read_steps[-1:] if kind.frozen else self.output_steps:
             layout = layouts[step]
             self._fill(layout, read, worker)
             pieces = [
                 (piece, worker.view(read + offset, piece.numel * DTYPES[dtype].itemsize))
                 for piece, offset, dtype in zip(group, layout.offsets, layout.dtypes)
             ]
+            if any(dtype != kind.out for dtype in layout.dtypes):
+                pieces = self._cast(pieces, layout, read, kind.out, worker)
             for output_index, out in enumerate(self.plan.outputs):
-                if out.step == step:
+                if kind.frozen or out.step == step:
                     self._emit(output_index, pieces)
         # counted as read at every step, so that progress adds up to the plan's total
         self._progress(sum(layout.nbytes for layout in layouts.values()), 0)
+
+    def _cast(self, pieces: list[tuple[Slice, memoryview]], layout: _Layout, read: int, dtype: str, worker: _Worker) -> list[tuple[Slice, memoryview]]:
+        """A frozen group's slices cast to the output dtype (torch's rounding, as the averaged tensors get)."""
+        itemsize = DTYPES[dtype].itemsize
+        out = worker.take_host(sum(piece.numel for piece, _ in pieces) * itemsize)
+        cast, position = [], out
+        for (piece, _), offset, source_dtype in zip(pieces, layout.offsets, layout.dtypes):
+            nbytes = piece.numel * itemsize
+            values = worker.tensor(read + offset, piece.numel * DTYPES[source_dtype].itemsize, source_dtype, host=True)
+            target = worker.tensor(position, nbytes, dtype, host=True)
+            if not fits(values, dtype) or not all_finite(target.copy_(values)):
+                raise DataError(
+                    f"tensor {piece.name!r} (frozen: the same in every checkpoint) does not fit in --dtype "
+                    f"{DTYPES[dtype].torch_name}; choose a wider --dtype"
+                )
+            cast.append((piece, worker.view(position, nbytes)))
+            position += nbytes
+        return cast
 
     def _emit(self, output_index: int, pieces: list[tuple[Slice, memoryview]]) -> None:
         """Hand output slices (each with its bytes) to the sink: one worker per output at a time, unless the sink is
@@ -724,9 +748,25 @@ class Engine:
                     f"tensor {piece.name!r} has NaN or Inf values {at} ({info.path}); "
                     "the run diverged there: narrow the steps with --max-step, or drop that checkpoint"
                 )
+        out = DTYPES[self.plan.output_dtypes[piece.name]]
+        if out.saturates_beyond is not None:
+            raise DataError(
+                f"tensor {piece.name!r}: its average has values beyond ±{out.saturates_beyond:g}, which {out.name} cannot "
+                "hold (torch would clamp them silently); choose a wider --dtype"
+            )
         raise DataError(
             f"averaging tensor {piece.name!r} overflowed to Inf or NaN; try --accum-dtype float64 or another --dtype"
         )
+
+
+def fits(values: torch.Tensor, dtype: str) -> bool:
+    """Whether `values` can be cast to `dtype` without torch clamping them silently (float8 E4M3 has no Inf: its
+    cast saturates, even NaN-free overflow and Inf, to ±448). Other dtypes overflow to Inf, which `all_finite`
+    catches after the cast."""
+    limit = DTYPES[dtype].saturates_beyond
+    if limit is None or values.numel() == 0:
+        return True
+    return bool((values.abs() <= limit).all())
 
 
 def all_finite(values: torch.Tensor) -> bool:

@@ -1,11 +1,12 @@
 """The C kernel (`_kernel.c`): BEMA's arithmetic on float32 or bf16 values in memory, with the bits of torch's ops
-(tests/test_kernel.py), and without torch:
+(tests/engine/test_kernel.py and test_kernel_ops.py), and without torch:
 
 - `Program`: a whole group replayed at once, from every step's values already in memory. The EMA updates
-  (`ema.mul_(1 - beta).add_(theta, alpha=beta)`) and the outputs (`ema + alpha * (theta - theta0)` or the EMA,
-  rounded to the output dtype, with a finiteness check) run block by block, so each block of every EMA stays in
-  L1 from the first step to the last: memory traffic is the checkpoints' bytes and the outputs', whatever the
-  number of EMAs (torch needs an upcast pass plus three passes per EMA and step);
+  (`ema.mul_(1 - beta).add_(theta, alpha=beta)`), the weighted sums of the other averages (`torch.mul(theta, w)`,
+  then `acc.add_(theta, alpha=w)` per further step) and the outputs (`ema + alpha * (theta - theta0)`, an EMA or a
+  sum, rounded to the output dtype, with a finiteness check) run block by block, so each block of every EMA and
+  sum stays in L1 from the first step to the last: memory traffic is the checkpoints' bytes and the outputs',
+  whatever the number of outputs (torch needs an upcast pass plus three passes per EMA and step);
 - whether a tensor still equals θ0 (a frozen parameter), without upcasting it;
 - the upcast of a checkpoint to float32 (θ0), a copy cast to the output dtype, and a finiteness check.
 
@@ -15,11 +16,13 @@ GPUs). Because this module never imports torch, a run the kernel covers never lo
 
 The kernel takes raw addresses: every function here checks the lengths and dtypes of its `Floats` first.
 
-Set `BEMA_OFFLINE_KERNEL=0` to run torch's ops even where the kernel is built (to compare the two).
+Set `BEMA_OFFLINE_KERNEL=0` to run torch's ops even where the kernel is built (to compare the two), or
+`BEMA_OFFLINE_KERNEL=generic` (read at import) to run the kernel's generic loops on a CPU with AVX2 and FMA.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,11 +63,26 @@ class Floats:
 
 class Program:
     """A group's replay on the kernel: ops added in step order, then `run()` executes them block by block over the
-    group's elements (see `_kernel.c`), so the EMAs stay in L1 from the first step to the last.
+    group's elements (see `_kernel.c`), so the EMAs and sums stay in L1 from the first step to the last.
+
+    A slot holds an EMA (`start`, then `update`s) or a weighted sum (`scale`, then `accumulate`s); `output` writes
+    either.
 
     Args:
         thetas (`Sequence[Floats]`): each read step's values, float32 or bf16, all of one length.
-        slots (`int`): how many EMAs the ops name.
+        slots (`int`): how many EMAs and sums the ops name.
+
+    Example (a uniform average of three steps, `values` being their `Floats` and `out` a float32 or bf16 buffer):
+
+    ```python
+    >>> program = Program(values, slots=1)
+    >>> program.scale(0, 0, 1 / 3)
+    >>> program.accumulate(0, 1, 1 / 3)
+    >>> program.accumulate(0, 2, 1 / 3)
+    >>> program.output(0, 2, None, None, out)
+    >>> program.run()  # whether every value written is finite
+    [True]
+    ```
     """
 
     def __init__(self, thetas: Sequence[Floats], slots: int) -> None:
@@ -86,13 +104,28 @@ class Program:
         self._check(slot, step)
         self.ops.append((1, slot, step, 1 - beta, beta))
 
-    def output(self, slot: int, step: int, theta0: Floats, alpha: float | None, out: Floats) -> None:
-        """`out = ema + alpha * (theta - theta0)` as torch computes it on float32 (or `out = ema` when `alpha` is
-        None), with theta the values of step index `step`, rounded to `out`'s dtype."""
+    def scale(self, slot: int, step: int, weight: float) -> None:
+        """Start a weighted sum: `acc = theta * fl32(weight)`, the bits of `torch.mul(theta, weight)` on float32,
+        with theta the values of step index `step`."""
         self._check(slot, step)
-        _require("Program.output", "theta0", theta0, self.numel, float32=True)
+        self.ops.append((3, slot, step, _weight("Program.scale", weight)))
+
+    def accumulate(self, slot: int, step: int, weight: float) -> None:
+        """Add a term to a weighted sum: `acc = fma(theta, fl32(weight), acc)`, the bits of
+        `acc.add_(theta, alpha=weight)` on float32."""
+        self._check(slot, step)
+        self.ops.append((4, slot, step, _weight("Program.accumulate", weight)))
+
+    def output(self, slot: int, step: int, theta0: Floats | None, alpha: float | None, out: Floats) -> None:
+        """`out = ema + alpha * (theta - theta0)` as torch computes it on float32 (or `out = ema` when `alpha` is
+        None: an EMA or a weighted sum as it stands), with theta the values of step index `step`, rounded to `out`'s
+        dtype. `theta0` may be None when `alpha` is."""
+        self._check(slot, step)
+        if alpha is not None or theta0 is not None:
+            _require("Program.output", "theta0", theta0, self.numel, float32=True)
         _require("Program.output", "out", out, self.numel)
-        self.ops.append((2, slot, step, theta0.address, alpha is not None, alpha or 0.0, out.address, out.bf16))
+        address = theta0.address if theta0 is not None else 0
+        self.ops.append((2, slot, step, address, alpha is not None, alpha or 0.0, out.address, out.bf16))
 
     def run(self) -> list[bool]:
         """Execute the ops; for each output, in order, whether every value it wrote is finite."""
@@ -127,7 +160,18 @@ def all_finite(values: Floats) -> bool:
     return _kernel.all_finite(values.address, values.bf16, values.numel)
 
 
-def _require(function: str, name: str, values: Floats, numel: int, *, float32: bool = False) -> None:
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _weight(function: str, weight: float) -> float:
+    """A weight the kernel rounds to float32: finite there (a larger one would not round to a float32 at all)."""
+    weight = float(weight)
+    if not (math.isfinite(weight) and abs(weight) <= _FLOAT32_MAX):
+        raise ValueError(f"{function}: the weight {weight!r} is not a finite float32")
+    return weight
+
+
+def _require(function: str, name: str, values: Floats | None, numel: int, *, float32: bool = False) -> None:
     """Refuse what the kernel cannot read safely: it takes raw addresses, so lengths and dtypes are checked here."""
-    if values.numel != numel or (float32 and values.bf16):
+    if values is None or values.numel != numel or (float32 and values.bf16):
         raise ValueError(f"{function}: {name} must hold {numel} {'float32' if float32 else 'float32 or bf16'} values")

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from ..dtypes import FLOAT_DTYPES
 from ..errors import DataError, UsageError
+from ..files import FileIdentity
 from ..methods.schedule import KINDS, BEMASchedule, effective_weights
-from ..sources.run import BASE_STEP, WeightSource, _steps_text, find_checkpoints, load_source, read_trainer_state
+from ..sources.run import BASE_STEP, WeightSource, _steps_text, find_checkpoints, load_source, read_trainer_state, sidecar_origins
 from ..sources.tensors import TensorInfo
 
 
@@ -24,7 +25,8 @@ class ScheduleRun:
     name: str  # "" when the run has a single schedule
     schedule: BEMASchedule
     update_steps: list[int]  # present update steps, in order
-    missing_steps: list[int]  # update steps with no checkpoint (skipped with allow_missing)
+    missing_steps: list[int]  # the first update steps with no checkpoint (skipped with allow_missing)
+    missing_count: int = 0  # how many update steps have no checkpoint
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Plan:
     base_model: str | None = None
     trainer_state: dict | None = None
     notes: list[str] = field(default_factory=list)
+    sidecars: dict[int, dict[str, Path]] = field(default_factory=dict)  # output step -> sidecar file -> where from
 
     @property
     def read_steps(self) -> list[int]:
@@ -58,6 +61,11 @@ class Plan:
     @property
     def ignored_steps(self) -> list[int]:
         return [s for s in self.found_steps if s not in self.sources]
+
+    @property
+    def identities(self) -> dict[Path, FileIdentity]:
+        """Every input file, as it was when planned (the engine refuses a file that changed since)."""
+        return {path: identity for source in self.sources.values() for path, identity in source.identities.items()}
 
     @property
     def bytes_to_read(self) -> int:
@@ -118,7 +126,7 @@ def make_plan(
                 )
             sources[step] = load_source(Path(base_model_dir), BASE_STEP)
         else:
-            sources[step] = load_source(found[step], step)
+            sources[step] = _load_checkpoint(found, step)
     reference = sources[needed[-1]]
     notes = _check_sources(reference, sources)
     output_dtypes = {
@@ -137,10 +145,31 @@ def make_plan(
         base_model=base_model if base_model is not None else (str(base_model_dir) if base_model_dir else None),
         trainer_state=read_trainer_state(newest),
         notes=notes,
+        sidecars={step: _sidecars(sources, step, Path(run_dir)) for step in sorted({out.step for out in outputs})},
     )
 
 
+def _sidecars(sources: dict[int, WeightSource], step: int, run_dir: Path) -> dict[str, Path]:
+    """An output's config and tokenizer files: from the newest source at or before its step, then older ones, the
+    base model (a sharded FSDP checkpoint has none) and the run folder."""
+    newest_first = [sources[s].folder for s in sorted(sources, reverse=True) if s <= step]
+    return sidecar_origins(newest_first + [run_dir])
+
+
+def _load_checkpoint(found: dict[int, Path], step: int) -> WeightSource:
+    """`load_source`, with a hint when the newest checkpoint is the broken one (a run killed while saving it)."""
+    try:
+        return load_source(found[step], step)
+    except DataError as e:
+        older = [s for s in found if s < step]
+        if step != max(found) or not older:
+            raise
+        raise DataError(f"{e}; if the run was killed while saving checkpoint-{step}, leave it out with --max-step {max(older)}") from e
+
+
 def _schedule_run(name: str, schedule: BEMASchedule, found: dict[int, Path], allow_missing: bool) -> ScheduleRun:
+    """The update steps a schedule replays, computed from the checkpoints found (never by walking every step: a stray
+    `checkpoint-1000000000000` costs nothing), with the fitting hint when some have no checkpoint."""
     where = f" (config {name})" if name else ""
     tau = schedule.theta0_step
     if tau != BASE_STEP and tau not in found:
@@ -148,23 +177,68 @@ def _schedule_run(name: str, schedule: BEMASchedule, found: dict[int, Path], all
             f"update_after is {tau}{where}, so θ0 is checkpoint-{tau}, which is not among the checkpoints "
             f"(steps {_steps_text(found)}); choose --update-after from those steps"
         )
-    update_steps = schedule.update_steps(found)
-    schedule.check_steps(update_steps)
-    missing = [s for s in update_steps if s not in found]
-    present = [s for s in update_steps if s in found]
-    if missing and not allow_missing:
-        cadence = _save_cadence(found)
-        hint = f"; checkpoints are {cadence} steps apart, so try --update-freq {cadence}" if cadence else ""
+    present = [step for step in found if schedule.is_update_step(step)]
+    schedule.check_steps(present)
+    missing, missing_count = _missing_update_steps(schedule, present, max(found))
+    if missing_count and not allow_missing:
         raise DataError(
-            f"update steps {_steps_text(missing)} have no checkpoint{where}, so an exact replay is impossible"
-            f"{hint}, or pass --allow-missing to skip them"
+            f"update steps {_steps_text(missing, total=missing_count)} have no checkpoint{where}, so an exact replay is "
+            f"impossible; {_missing_hint(schedule, found, present, missing)}"
         )
     if not present:
         raise DataError(
             f"no checkpoint falls on an update step{where} (update_after {tau}, update_freq "
             f"{schedule.update_freq}; found steps {_steps_text(found)})"
         )
-    return ScheduleRun(name, schedule, present, missing)
+    return ScheduleRun(name, schedule, present, missing, missing_count)
+
+
+MISSING_LISTED = 100  # missing update steps listed in the provenance (all are counted)
+
+
+def _missing_update_steps(schedule: BEMASchedule, present: list[int], last: int) -> tuple[list[int], int]:
+    """The first `MISSING_LISTED` update steps up to `last` that have no checkpoint, and how many there are."""
+    if schedule.convention == "paper":  # every checkpoint is an update step: none can be missing
+        return [], 0
+    tau, phi = schedule.update_after, schedule.update_freq
+    total = max(0, (last - tau) // phi)
+    have = set(present)
+    listed, step = [], tau + phi
+    while len(listed) < MISSING_LISTED and len(listed) < total - len(present) and step <= last:
+        if step not in have:
+            listed.append(step)
+        step += phi
+    return listed, total - len(present)
+
+
+def _missing_hint(schedule: BEMASchedule, found: dict[int, Path], present: list[int], missing: list[int]) -> str:
+    """What fixes a replay with missing update steps, without repeating what the user already passed."""
+    hints = []
+    exact_from = _exact_start(schedule, found) if schedule.convention == "trl" else None
+    if exact_from is not None and exact_from != schedule.update_after:
+        older = " (the older checkpoints were deleted, e.g. by save_total_limit)" if exact_from == min(found) else ""
+        hints.append(f"replay exactly from checkpoint-{exact_from} with --update-after {exact_from}{older}")
+    cadence = _save_cadence(found)
+    if cadence and cadence != schedule.update_freq and exact_from is None:
+        hints.append(f"checkpoints are {cadence} steps apart, so try --update-freq {cadence}")
+    steps = sorted(found)
+    if len(steps) > 1 and missing and missing[0] > steps[-2]:
+        hints.append(f"leave out the far checkpoint-{steps[-1]} with --max-step {steps[-2]}")
+    allow = "pass --allow-missing to skip them"
+    if present:
+        theta0_weight = effective_weights(schedule, present, [present[-1]])[present[-1]][schedule.theta0_step]
+        allow += f" (θ0 would then weigh {theta0_weight:.3f} in the output)"
+    return "; ".join(hints + [("or " if hints else "") + allow])
+
+
+def _exact_start(schedule: BEMASchedule, found: dict[int, Path]) -> int | None:
+    """The oldest of the first few checkpoints from which, as θ0, the schedule's update steps all have a checkpoint."""
+    last = max(found)
+    for start in sorted(found)[:5]:
+        later = sum(1 for step in found if step > start and (step - start) % schedule.update_freq == 0)
+        if later and later == (last - start) // schedule.update_freq:
+            return start
+    return None
 
 
 def _save_cadence(found: dict[int, Path]) -> int | None:

@@ -116,13 +116,23 @@ class BEMASchedule:
         return 1 + self.multiplier * time, 1 + time
 
     def check_steps(self, steps: Iterable[int]) -> None:
-        """Raise a `UsageError` if β or α is undefined at one of `steps` (a non-positive base)."""
+        """Raise a `UsageError` if β or α is undefined at one of `steps`: a non-positive base, or a power that
+        overflows (a base below 1 with a large power)."""
         for step in steps:
             beta_base, alpha_base = self._clock(step)
             if beta_base <= 0 or alpha_base <= 0:
                 raise UsageError(
                     f"at step {step} the schedule base lag + multiplier*step is {min(beta_base, alpha_base):g} <= 0; "
                     "choose lag and multiplier so that it stays positive"
+                )
+            try:
+                factors = (self.beta(step), self.alpha(step))
+            except OverflowError:
+                factors = (math.inf,)
+            if not all(math.isfinite(f) for f in factors):
+                raise UsageError(
+                    f"at step {step} the schedule base is {min(beta_base, alpha_base):g}, so β = base^-{self.ema_power:g} "
+                    f"or α = base^-{self.bias_power:g} overflows; use a base of at least 1 (lag, multiplier) or smaller powers"
                 )
 
     def beta(self, step: int) -> float:
@@ -189,3 +199,124 @@ def effective_weights(
                 out[theta0] -= alpha
             weights[step] = {source: w for source, w in out.items() if source == theta0 or source <= step}
     return weights
+
+
+MISSING_LISTED = 100  # update steps without a checkpoint that are listed (all are counted)
+
+
+@dataclass(frozen=True)
+class UpdateSteps:
+    """The update steps of a schedule on a run's checkpoints.
+
+    Attributes:
+        present (`list[int]`): the update steps that have a checkpoint, in order; the last is the output's step.
+        missing (`list[int]`): the first `MISSING_LISTED` update steps without one (skipped with `allow_missing`).
+        missing_count (`int`): how many update steps have no checkpoint.
+    """
+
+    present: list[int]
+    missing: list[int]
+    missing_count: int
+
+
+def checked_update_steps(
+    schedule: BEMASchedule, steps: Iterable[int], *, base: bool, allow_missing: bool = False, where: str = ""
+) -> UpdateSteps:
+    """The schedule's update steps on these checkpoints, after checking that the schedule can be replayed from them.
+
+    Works in O(checkpoints) whatever the steps' values (a stray `checkpoint-1000000000000` costs nothing); when update
+    steps have no checkpoint, the error says what would fix the replay.
+
+    Args:
+        schedule (`BEMASchedule`): the parameters.
+        steps (`Iterable[int]`): the checkpoints' steps.
+        base (`bool`): whether the model before training (step 0) is available.
+        allow_missing (`bool`, defaults to False): skip update steps without a checkpoint instead of failing.
+        where (`str`, defaults to ""): put after the messages' subject, e.g. " (config slow)".
+
+    Raises:
+        `UsageError`: θ0 is the base model (update_after 0) and none is given, or β or α is undefined.
+        `DataError`: θ0's checkpoint is missing, update steps have no checkpoint (unless `allow_missing`), or no
+            checkpoint falls on an update step.
+    """
+    from ..errors import DataError
+
+    steps = sorted(set(steps))
+    tau = schedule.theta0_step
+    if tau == 0 and not base:
+        raise UsageError(
+            f"update_after is 0{where}, so θ0 is the model before training: pass --base-model "
+            "(a local folder or a Hub repo id), or set --update-after to a saved step"
+        )
+    if tau != 0 and tau not in steps:
+        raise DataError(
+            f"update_after is {tau}{where}, so θ0 is checkpoint-{tau}, which is not among the checkpoints "
+            f"(steps {_steps_text(steps)}); choose --update-after from those steps"
+        )
+    present = [step for step in steps if schedule.is_update_step(step)]
+    schedule.check_steps(present)
+    missing, missing_count = _missing_update_steps(schedule, present, steps[-1] if steps else 0)
+    if missing_count and not allow_missing:
+        raise DataError(
+            f"update steps {_steps_text(missing, total=missing_count)} have no checkpoint{where}, so an exact replay is "
+            f"impossible; {_missing_hint(schedule, steps, present, missing)}"
+        )
+    if not present:
+        raise DataError(
+            f"no checkpoint falls on an update step{where} (update_after {tau}, update_freq "
+            f"{schedule.update_freq}; found steps {_steps_text(steps)})"
+        )
+    return UpdateSteps(present, missing, missing_count)
+
+
+def _missing_update_steps(schedule: BEMASchedule, present: list[int], last: int) -> tuple[list[int], int]:
+    """The first `MISSING_LISTED` update steps up to `last` that have no checkpoint, and how many there are."""
+    if schedule.convention == "paper":  # every checkpoint is an update step: none can be missing
+        return [], 0
+    tau, phi = schedule.update_after, schedule.update_freq
+    total = max(0, (last - tau) // phi)
+    have = set(present)
+    listed, step = [], tau + phi
+    while len(listed) < MISSING_LISTED and len(listed) < total - len(present) and step <= last:
+        if step not in have:
+            listed.append(step)
+        step += phi
+    return listed, total - len(present)
+
+
+def _missing_hint(schedule: BEMASchedule, steps: list[int], present: list[int], missing: list[int]) -> str:
+    """What fixes a replay with missing update steps, without repeating what the user already passed."""
+    hints = []
+    exact_from = _exact_start(schedule, steps) if schedule.convention == "trl" else None
+    if exact_from is not None and exact_from != schedule.update_after:
+        older = " (the older checkpoints were deleted, e.g. by save_total_limit)" if exact_from == steps[0] else ""
+        hints.append(f"replay exactly from checkpoint-{exact_from} with --update-after {exact_from}{older}")
+    gaps = {b - a for a, b in zip(steps, steps[1:])}
+    cadence = gaps.pop() if len(gaps) == 1 else None
+    if cadence and cadence != schedule.update_freq and exact_from is None:
+        hints.append(f"checkpoints are {cadence} steps apart, so try --update-freq {cadence}")
+    if len(steps) > 1 and missing and missing[0] > steps[-2]:
+        hints.append(f"leave out the far checkpoint-{steps[-1]} with --max-step {steps[-2]}")
+    allow = "pass --allow-missing to skip them"
+    if present:
+        theta0_weight = effective_weights(schedule, present, [present[-1]])[present[-1]][schedule.theta0_step]
+        allow += f" (θ0 would then weigh {theta0_weight:.3f} in the output)"
+    return "; ".join(hints + [("or " if hints else "") + allow])
+
+
+def _exact_start(schedule: BEMASchedule, steps: list[int]) -> int | None:
+    """The oldest of the first few checkpoints from which, as θ0, the schedule's update steps all have a checkpoint."""
+    last = steps[-1]
+    for start in steps[:5]:
+        later = sum(1 for step in steps if step > start and (step - start) % schedule.update_freq == 0)
+        if later and later == (last - start) // schedule.update_freq:
+            return start
+    return None
+
+
+def _steps_text(steps: Sequence[int], limit: int = 12, *, total: int | None = None) -> str:
+    """Steps for a message: the first `limit`, and how many there are in all."""
+    steps = sorted(steps)
+    total = len(steps) if total is None else total
+    shown = ", ".join(str(s) for s in steps[:limit])
+    return shown + (f", ... ({total} in all)" if total > limit else "")

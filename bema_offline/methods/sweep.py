@@ -1,70 +1,204 @@
-"""Sweeps: many schedule configs computed in one read of the checkpoints.
+"""Sweeps: many configs, possibly of different methods, computed in one read of the checkpoints.
 
-A sweep is a list of `(name, BEMASchedule)` pairs; `average(schedule=...)` writes one folder per config,
-`OUTPUT/NAME/`. Two ways to write one down:
+A sweep is a list of `(name, Method)` pairs; each config gets one folder, `OUTPUT/NAME/`. Two ways to write one:
 
-- a grid, the Cartesian product of values per field: `["ema_power=0.3,0.5,0.7", "bias_power=0.1,0.2"]`;
-- a file (YAML or JSON) with a list of configs, each a mapping of `BEMASchedule` fields and an optional `name`,
-  or a mapping from names to such mappings.
+- a grid, the Cartesian product of values per field: `["method=bema,uniform", "last=4,8"]`. A field that does not
+  apply to a method is left out of that method's configs (`uniform` takes `last`, `bema` does not), and configs that
+  come out the same are kept once;
+- a file (YAML or JSON) with a list of configs, each a mapping of fields (`method:`, its parameters, schedule fields)
+  and an optional `name`, or a mapping from names to such mappings.
 
-Fields not given keep the base schedule's values (the command line's). A config without a name is named after
-the fields that set it, in order: `ema_power=0.3,bias_power=0.1`.
+Fields not given keep the command line's values (`MethodOptions`): its method, its method options where the
+config's method takes them, and its schedule. A config without a name is named after what it sets: the method's
+short label when it sets the method or its parameters (`uniform-last4`), then the schedule fields it sets
+(`ema_power=0.3,bias_power=0.1`).
+
+Sweep files are untrusted input: they are read only if they are small regular files, YAML aliases are refused (a
+"billion laughs" never expands), a bool is not a number, and every name must be a plain folder name.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
-from collections.abc import Iterable, Sequence
+import math
+import os
+import re
+import stat
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError, UsageError
+from .base import Method
+from .registry import FIELDS, METHODS, SCHEDULE_FIELDS, applicable_fields, make_method, parse_value
+from .replay import BEMA
 from .schedule import BEMASchedule
 
-FIELDS = {field.name: field.type for field in dataclasses.fields(BEMASchedule)}
-_INTS = {"update_freq", "update_after"}
-_STRINGS = {"convention"}
+MAX_SWEEP_BYTES = 1 << 20  # a sweep file is a few lines; anything larger is refused before it is read
+MAX_CONFIGS = 1000  # configs in one sweep: each is an output folder, all computed in one pass
+MAX_NAME_BYTES = 200  # a config name is a folder name (most file systems allow 255 bytes; some room is kept)
+FILE_SUFFIXES = (".safetensors", ".json", ".md", ".png", ".svg", ".txt", ".model", ".jinja", ".bin", ".pt", ".pth")
 
 
-def config_name(params: dict[str, object]) -> str:
-    """The folder name of a config: its parameters in order, `ema_power=0.3,bias_power=0.1`."""
-    return ",".join(f"{key}={_text(value)}" for key, value in params.items())
+@dataclass(frozen=True)
+class MethodOptions:
+    """What the command line says: the method, the method options given (None for those not given), and the
+    schedule (TRL's options, used by the methods that take a schedule).
+
+    Example:
+
+    ```python
+    >>> MethodOptions("uniform", {"last": 4}).build().label()
+    'uniform-last4'
+    ```
+    """
+
+    method: str = "bema"
+    params: Mapping[str, object] = field(default_factory=dict)
+    schedule: BEMASchedule = BEMASchedule()
+
+    def build(self, where: str = "") -> Method:
+        """The one method these options describe (no grid, no sweep)."""
+        return make_method(self.method, self.params, schedule=self.schedule, where=where)
+
+    def given(self) -> dict[str, object]:
+        return {key: value for key, value in self.params.items() if value is not None}
 
 
-def _text(value: object) -> str:
-    """A value as written by hand: 0.3, 10 (not 10.0), 0.0001."""
-    text = repr(value) if isinstance(value, float) else str(value)
-    return text[:-2] if text.endswith(".0") else text
+def method_configs(
+    options: MethodOptions = MethodOptions(), *, grid: Sequence[str] = (), sweep: str | Path | None = None
+) -> list[tuple[str, Method]]:
+    """The named configs of a command line: one config named "" without `grid` or `sweep`, else the sweep's.
+
+    Raises:
+        `UsageError`: bad options, or an option that applies to none of the configs; `DataError`: a bad sweep file.
+    """
+    if grid and sweep is not None:
+        raise UsageError("--grid and --sweep exclude each other")
+    if grid:
+        return grid_configs(grid, options)
+    if sweep is not None:
+        return sweep_configs(sweep, options)
+    return [("", options.build())]
 
 
-def _value(field: str, text: object, where: str) -> object:
-    if field not in FIELDS:
-        raise UsageError(f"{where}: unknown schedule field {field!r}; choose from {', '.join(FIELDS)}")
-    if field in _STRINGS:
-        return str(text)
-    try:
-        if field in _INTS:
-            if isinstance(text, float) and not text.is_integer():
-                raise ValueError
-            return int(text)
-        if isinstance(text, bool):
-            raise ValueError
-        return float(text)
-    except (TypeError, ValueError):
-        kind = "an integer" if field in _INTS else "a number"
-        raise UsageError(f"{where}: {field} must be {kind}, got {text!r}") from None
-
-
-def parse_grid(specs: Iterable[str], base: BEMASchedule = BEMASchedule()) -> list[tuple[str, BEMASchedule]]:
-    """The configs of a grid: every combination of the values given per field.
+def grid_configs(specs: Iterable[str], options: MethodOptions = MethodOptions()) -> list[tuple[str, Method]]:
+    """The configs of a grid: every combination of the values given per field, the first field varying slowest.
 
     Args:
         specs (`Iterable[str]`): `FIELD=V1,V2,...` items (several may share one string, separated by spaces).
-        base (`BEMASchedule`, defaults to TRL's defaults): values of the fields the grid does not name.
+        options (`MethodOptions`, defaults to BEMA with TRL's defaults): the values of the fields the grid does not
+            name.
 
-    Returns:
-        `list[tuple[str, BEMASchedule]]`: named configs, the first field varying slowest.
+    Example:
+
+    ```python
+    >>> [name for name, _ in grid_configs(["method=bema,uniform", "last=4,8"])]
+    ['bema', 'uniform-last4', 'uniform-last8']
+    ```
+    """
+    axes: dict[str, list[object]] = {}
+    for item in (part for spec in specs for part in spec.split()):
+        key, sep, values = item.partition("=")
+        key = _field_name(key)
+        where = f"--grid {item}"
+        if not sep or not values.strip(","):
+            raise UsageError(f"{where}: write FIELD=V1,V2,... e.g. ema_power=0.3,0.5")
+        if key in axes:
+            raise UsageError(f"{where}: {key} is given twice; list all its values once")
+        parsed = [parse_value(key, text, where) for text in values.split(",") if text.strip()]
+        axes[key] = list(dict.fromkeys(parsed))
+    if not axes:
+        raise UsageError("--grid: give at least one FIELD=V1,V2,... item")
+    combinations = math.prod(len(values) for values in axes.values())
+    if combinations > MAX_CONFIGS:
+        raise UsageError(f"--grid: {combinations} combinations; one run takes at most {MAX_CONFIGS} configs")
+    configs: dict[str, Method] = {}
+    used: set[str] = set()
+    for combination in itertools.product(*axes.values()):
+        chosen = dict(zip(axes, combination))
+        method = _known(str(chosen.pop("method", options.method)), "--grid method")
+        own = {key: value for key, value in chosen.items() if key in applicable_fields(method, {**options.given(), **chosen})}
+        used |= own.keys() | ({"method"} if "method" in axes else set())
+        name, config = _config(method, own, options, where=f"--grid {_params_text(chosen, method)}", named="method" in axes)
+        if name in configs and configs[name] != config:  # pragma: no cover - names follow from the fields
+            raise UsageError(f"--grid: two configs are named {name!r}")
+        configs.setdefault(name, config)
+    unused = [key for key in axes if key not in used]
+    if unused:
+        raise UsageError(f"--grid: {unused[0]} applies to none of the grid's methods ({', '.join(_methods(configs))})")
+    return _checked(configs, options, source="--grid")
+
+
+def sweep_configs(path: str | Path, options: MethodOptions = MethodOptions()) -> list[tuple[str, Method]]:
+    """The configs of a sweep file (`.yaml`, `.yml` or `.json`).
+
+    Example file:
+
+    ```yaml
+    - name: slow
+      ema_power: 0.3
+    - method: uniform        # named uniform-last4
+      last: 4
+    - method: power-ema      # named power-ema-sigma0.1
+      sigma_rel: 0.1
+    ```
+    """
+    path = Path(path)
+    data = _load(path)
+    if isinstance(data, dict):
+        entries = [_named(name, params) for name, params in data.items()]
+    elif isinstance(data, list):
+        entries = data
+    else:
+        raise DataError(f"--sweep {path}: expected a list of configs (or a mapping of names to configs)")
+    if not entries:
+        raise DataError(f"--sweep {path}: no configs in it")
+    if len(entries) > MAX_CONFIGS:
+        raise DataError(f"--sweep {path}: {len(entries)} configs; one run takes at most {MAX_CONFIGS}")
+    configs: list[tuple[str, Method]] = []
+    for number, entry in enumerate(entries, 1):
+        where = f"--sweep {path}, config {number}"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: expected a mapping of fields, got {_short(entry)}")
+        fields = {_field_name(str(key)): value for key, value in entry.items() if key != "name"}
+        if len(fields) + ("name" in entry) < len(entry):
+            raise UsageError(f"{where}: a field is given twice (e.g. sigma-rel and sigma_rel)")
+        params = {key: parse_value(key, value, where) for key, value in fields.items() if value is not None}
+        method = _known(str(params.pop("method", options.method)), where)
+        name, config = _config(method, params, options, where=where, named="method" in fields)
+        if entry.get("name") is not None:
+            name = _name_text(entry["name"], where)
+        configs.append((name, config))
+    return check_names(_check_options_used(configs, options, source=f"--sweep {path}"), source=f"--sweep {path}")
+
+
+def check_names(configs: Sequence[tuple[str, object]], *, source: str) -> list:
+    """Config names must be distinct, and each a plain folder name: no separator, no leading dot, no control
+    character, valid Unicode, at most `MAX_NAME_BYTES` bytes, and not named like a file of a model folder or a
+    checkpoint."""
+    seen = set()
+    for name, _ in configs:
+        problem = _name_problem(name)
+        if problem:
+            raise UsageError(f"{source}: config name {name!r} {problem}")
+        if name in seen:
+            raise UsageError(f"{source}: two configs are named {name!r}; names must be distinct")
+        seen.add(name)
+    return list(configs)
+
+
+def config_name(params: dict[str, object]) -> str:
+    """The folder name of a config that sets these schedule fields, in order: `ema_power=0.3,bias_power=0.1`."""
+    return ",".join(f"{key}={_text(value)}" for key, value in params.items())
+
+
+# --- the schedule-only interface of earlier versions --------------------------------------------------------------
+
+
+def parse_grid(specs: Iterable[str], base: BEMASchedule = BEMASchedule()) -> list[tuple[str, BEMASchedule]]:
+    """A grid of BEMA schedules (`grid_configs` with schedule fields only).
 
     Example:
 
@@ -73,85 +207,209 @@ def parse_grid(specs: Iterable[str], base: BEMASchedule = BEMASchedule()) -> lis
     ['ema_power=0.3,bias_power=0.1', 'ema_power=0.3,bias_power=0.2', 'ema_power=0.5,bias_power=0.1', 'ema_power=0.5,bias_power=0.2']
     ```
     """
-    axes: dict[str, list[object]] = {}
+    specs = list(specs)
     for item in (part for spec in specs for part in spec.split()):
-        field, sep, values = item.partition("=")
-        where = f"--grid {item}"
-        if not sep or not values.strip(","):
-            raise UsageError(f"{where}: write FIELD=V1,V2,... e.g. ema_power=0.3,0.5")
-        if field in axes:
-            raise UsageError(f"{where}: {field} is given twice; list all its values once")
-        parsed = [_value(field, text, where) for text in values.split(",") if text.strip()]
-        axes[field] = list(dict.fromkeys(parsed))
-    if not axes:
-        raise UsageError("--grid: give at least one FIELD=V1,V2,... item")
-    configs = []
-    for combination in itertools.product(*axes.values()):
-        params = dict(zip(axes, combination))
-        configs.append((config_name(params), _schedule(base, params, f"--grid {config_name(params)}")))
-    return check_names(configs, source="--grid")
+        key = item.partition("=")[0]
+        if "=" in item and key not in SCHEDULE_FIELDS:
+            raise UsageError(f"--grid {item}: unknown schedule field {key!r}; choose from {', '.join(SCHEDULE_FIELDS)}")
+    return _schedules(grid_configs(specs, MethodOptions(schedule=base)))
 
 
 def load_sweep(path: str | Path, base: BEMASchedule = BEMASchedule()) -> list[tuple[str, BEMASchedule]]:
-    """The configs of a sweep file (`.yaml`, `.yml` or `.json`).
+    """A sweep file of BEMA schedules (`sweep_configs` with schedule fields only)."""
+    configs = sweep_configs(path, MethodOptions(schedule=base))
+    for number, (_, config) in enumerate(configs, 1):
+        if type(config) is not BEMA:
+            raise UsageError(f"--sweep {path}, config {number}: {config.name} is not a BEMA schedule")
+    return _schedules(configs)
 
-    Example file:
 
-    ```yaml
-    - name: slow
-      ema_power: 0.3
-    - ema_power: 0.7
-      bias_power: 0.1   # named ema_power=0.7,bias_power=0.1
-    ```
-    """
-    path = Path(path)
+def _schedules(configs: list[tuple[str, Method]]) -> list[tuple[str, BEMASchedule]]:
+    return [(name, config.schedule) for name, config in configs]  # type: ignore[attr-defined]
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------------
+
+
+def _config(
+    method: str, params: dict[str, object], options: MethodOptions, *, where: str, named: bool
+) -> tuple[str, Method]:
+    """A config's method (the command line's options, then `params`) and its default name."""
+    # the command line's method options follow the config where its method takes them
+    inherited = {key: value for key, value in options.given().items() if key not in params}
+    applicable = applicable_fields(method, {**inherited, **params})
+    own = {**{key: value for key, value in inherited.items() if key in applicable}, **params}
+    config = make_method(method, own, schedule=options.schedule, where=where)
+    method_set = named or any(key not in SCHEDULE_FIELDS for key in params)
+    parts = [config.label()] if method_set else []
+    parts += [f"{key}={_text(value)}" for key, value in params.items() if key in SCHEDULE_FIELDS]
+    return ",".join(parts) or "default", config
+
+
+def _check_options_used(configs: list[tuple[str, Method]], options: MethodOptions, *, source: str) -> list[tuple[str, Method]]:
+    """A method option on the command line must apply to at least one config (else it is a mistake)."""
+    for key in options.given():
+        if not any(key in applicable_fields(config.name, config.params()) for _, config in configs):
+            raise UsageError(f"--{key.replace('_', '-')} applies to none of the configs of {source} ({', '.join(_methods(configs))})")
+    return configs
+
+
+def _checked(configs: dict[str, Method], options: MethodOptions, *, source: str) -> list[tuple[str, Method]]:
+    return check_names(_check_options_used(list(configs.items()), options, source=source), source=source)
+
+
+def _known(method: str, where: str) -> str:
+    if method not in METHODS:
+        raise UsageError(f"{where}: unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return method
+
+
+def _methods(configs) -> list[str]:
+    items = configs.values() if isinstance(configs, dict) else (config for _, config in configs)
+    return list(dict.fromkeys(config.name for config in items))
+
+
+def _field_name(key: str) -> str:
+    return key.strip().replace("-", "_")
+
+
+def _params_text(params: Mapping[str, object], method: str) -> str:
+    return ",".join([f"method={method}", *(f"{key}={_text(value)}" for key, value in params.items())])
+
+
+def _text(value: object) -> str:
+    """A value as written by hand: 0.3, 10 (not 10.0), 0.0001, 100:200."""
+    if isinstance(value, tuple):
+        return ":".join("" if end is None else str(end) for end in value)
+    text = repr(value) if isinstance(value, float) else str(value)
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _named(name: object, params: object) -> object:
+    if params is None:
+        return {"name": name}
+    return {**params, "name": name} if isinstance(params, dict) else params
+
+
+def _name_text(name: object, where: str) -> str:
+    if isinstance(name, bool) or not isinstance(name, (str, int, float)):
+        raise UsageError(f"{where}: name must be text, got {_short(name)}")
+    return str(name)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_CHECKPOINT_LIKE = re.compile(r"checkpoint-.*", re.IGNORECASE | re.DOTALL)
+
+
+def _name_problem(name: object) -> str | None:
+    if not isinstance(name, str) or not name.strip():
+        return "cannot be a folder name (it is empty)"
+    if "/" in name or "\\" in name or name.startswith("."):
+        return "cannot be a folder name (no '/', no leading '.')"
     try:
-        text = path.read_text()
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "cannot be a folder name (it is not valid Unicode: a lone surrogate)"
+    if any(not c.isprintable() for c in name):
+        return "cannot be a folder name (it holds a control character such as NUL or a line break)"
+    if size > MAX_NAME_BYTES:
+        return f"is too long for a folder name ({size} bytes; at most {MAX_NAME_BYTES})"
+    lowered = name.lower()
+    if lowered.endswith(FILE_SUFFIXES):
+        return "is named like a file of a model folder (config.json, model.safetensors, README.md, ...); rename it"
+    if _CHECKPOINT_LIKE.fullmatch(name):
+        return "is named like a checkpoint folder, which a later run would read as one; rename it"
+    return None
+
+
+def _load(path: Path) -> object:
+    """The parsed sweep file: a small regular file of YAML (without aliases) or JSON."""
+    text = _read_small_text(path)
+    kind = path.suffix.lower().lstrip(".") or "yaml"
+    try:
+        if kind == "json":
+            return json.loads(text)
+        import yaml
+
+        return yaml.load(text, Loader=_loader())
+    except _AliasRefused as e:
+        raise DataError(f"--sweep {path}: {e}; write each config out in full") from None
+    except RecursionError:
+        raise DataError(f"--sweep {path}: nested too deeply to be a list of configs") from None
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError, ValueError
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"--sweep {path}: malformed {kind} ({first_line})") from e
+
+
+def _read_small_text(path: Path) -> str:
+    """The file's text, if it is a regular file of at most `MAX_SWEEP_BYTES` bytes (a FIFO, a device or a huge file
+    is refused before anything is read from it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--sweep {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from e
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UsageError(f"--sweep {path}: not a regular file; give a YAML or JSON file")
+        if info.st_size > MAX_SWEEP_BYTES:
+            raise DataError(f"--sweep {path}: {info.st_size} bytes, more than a sweep file's {MAX_SWEEP_BYTES}")
+        chunks, size = [], 0
+        while size <= MAX_SWEEP_BYTES:
+            chunk = os.read(fd, MAX_SWEEP_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_SWEEP_BYTES:
+            raise DataError(f"--sweep {path}: grew past a sweep file's {MAX_SWEEP_BYTES} bytes while being read")
     except OSError as e:
         raise UsageError(f"--sweep {path}: cannot read it ({e.strerror or e})") from e
+    finally:
+        os.close(fd)
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"--sweep {path}: malformed {path.suffix.lstrip('.') or 'YAML'} ({first_line})") from e
-    if isinstance(data, dict):
-        entries = [{**(params or {}), "name": name} if isinstance(params, dict) or params is None else params for name, params in data.items()]
-    elif isinstance(data, list):
-        entries = data
-    else:
-        raise DataError(f"--sweep {path}: expected a list of configs (or a mapping of names to configs)")
-    if not entries:
-        raise DataError(f"--sweep {path}: no configs in it")
-    configs = []
-    for number, entry in enumerate(entries, 1):
-        where = f"--sweep {path}, config {number}"
-        if not isinstance(entry, dict):
-            raise DataError(f"{where}: expected a mapping of schedule fields, got {entry!r}")
-        params = {key: _value(str(key), value, where) for key, value in entry.items() if key != "name"}
-        name = str(entry["name"]) if entry.get("name") is not None else config_name(params)
-        configs.append((name or "default", _schedule(base, params, where)))
-    return check_names(configs, source=f"--sweep {path}")
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"--sweep {path}: not UTF-8 text (byte {e.start})") from None
 
 
-def check_names(configs: Sequence[tuple[str, BEMASchedule]], *, source: str) -> list[tuple[str, BEMASchedule]]:
-    """Config names must be distinct and usable as one folder name each."""
-    seen = set()
-    for name, _ in configs:
-        if name in seen:
-            raise UsageError(f"{source}: two configs are named {name!r}; names must be distinct")
-        if "/" in name or "\\" in name or name.startswith(".") or not name.strip():
-            raise UsageError(f"{source}: config name {name!r} cannot be a folder name (no '/', no leading '.')")
-        seen.add(name)
-    return list(configs)
+class _AliasRefused(Exception):
+    pass
 
 
-def _schedule(base: BEMASchedule, params: dict[str, object], where: str) -> BEMASchedule:
-    try:
-        return base.replace(**params)
-    except UsageError as e:
-        raise UsageError(f"{where}: {e}") from None
+_LOADER = None
+
+
+def _loader():
+    """yaml's SafeLoader, refusing aliases: `*name` (and merge keys `<<: *name`) would expand shared nodes, which a
+    hostile file nests into billions of them."""
+    global _LOADER
+    if _LOADER is None:
+        import yaml
+
+        class SweepLoader(yaml.SafeLoader):
+            def compose_node(self, parent, index):
+                if self.check_event(yaml.events.AliasEvent):
+                    mark = self.peek_event().start_mark
+                    raise _AliasRefused(f"line {mark.line + 1} uses a YAML alias (*{self.peek_event().anchor})")
+                return super().compose_node(parent, index)
+
+        _LOADER = SweepLoader
+    return _LOADER
+
+
+__all__ = [
+    "FIELDS",
+    "MethodOptions",
+    "check_names",
+    "config_name",
+    "grid_configs",
+    "load_sweep",
+    "method_configs",
+    "parse_grid",
+    "sweep_configs",
+]

@@ -7,16 +7,19 @@ repo it pushes to (the load snippet names the repo) without the checkpoints at h
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import re
 from pathlib import Path
 
 from .._version import __version__
 from ..engine.plan import OutputSpec, Plan
+from ..files import replace_file
 from ..sources.run import BASE_STEP
 from ..sources.runinfo import TrainingInfo, detect_training, is_hub_id
 
 PROVENANCE_FILE = "bema_offline.json"
+PROVENANCE_LIMIT = 64 * 2**20  # the record lists every input file and weight: a few KiB to a few MiB
 CARD_FILE = "README.md"
 CHART_FILE = "effective_weights.png"
 BEMA_PAPER = "https://arxiv.org/abs/2508.00180"
@@ -53,7 +56,8 @@ def provenance(plan: Plan, output: OutputSpec, *, settings: dict, training: Trai
         "steps": {
             "found": plan.found_steps,
             "update_steps_used": [s for s in run.update_steps if s <= output.step],
-            "update_steps_missing_skipped": run.missing_steps,
+            "update_steps_missing_skipped": run.missing_steps,  # the first ones; all are counted below
+            "update_steps_missing_count": run.missing_count,
             "ignored": [s for s in plan.found_steps if s not in plan.sources],
             "theta0": run.schedule.theta0_step,
         },
@@ -64,18 +68,16 @@ def provenance(plan: Plan, output: OutputSpec, *, settings: dict, training: Trai
             {
                 "step": step,
                 "folder": str(source.folder.resolve()),
-                "files": [_file_record(path) for path in source.files],
+                "files": [
+                    {"name": path.name, "size": identity.size, "mtime_ns": identity.mtime_ns}
+                    for path, identity in sorted(source.identities.items())
+                ],
             }
             for step, source in sorted(plan.sources.items())
             if step in output.weights
         ],
         "tensors": len(plan.tensors),
     }
-
-
-def _file_record(path: Path) -> dict:
-    stat = os.stat(path)
-    return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def weights_bar_chart(weights: dict[int, float], *, width: int = 40) -> str:
@@ -115,7 +117,9 @@ def weights_png(weights: dict[int, float], path: Path, *, title: str) -> bool:
     axes.set_title(title, fontsize=10)
     # fixed margins in inches (tight_layout doubles the cost)
     figure.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.3, top=0.88)
-    figure.savefig(path, format="png")
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    replace_file(path, png.getvalue())
     return True
 
 
@@ -138,8 +142,8 @@ def write_card(
     weights = {entry["step"]: entry["weight"] for entry in record["effective_weights"]}
     path = folder / CHART_FILE
     drawn = chart and weights_png(weights, path, title=f"{_what(record)} at step {record['step']}: effective weights")
-    if not drawn and path.exists():
-        path.unlink()  # a stale chart from an earlier render would contradict the card
+    if not drawn and os.path.lexists(path):
+        os.unlink(path)  # a stale chart from an earlier render would contradict the card
     if drawn:
         note = None
     elif chart:
@@ -153,7 +157,8 @@ def write_card(
             "(with matplotlib: `pip install 'bema-offline[plot]'`)."
         )
     card = model_card(record, repo_id=repo_id, revision=revision, chart_file=CHART_FILE if drawn else None, chart_note=note)
-    (folder / CARD_FILE).write_text(card, encoding="utf-8")
+    # a path that is not valid UTF-8 (a byte the file system allows) is shown escaped, never fails the write
+    replace_file(folder / CARD_FILE, card.encode("utf-8", errors="backslashreplace"))
     return folder / CARD_FILE
 
 

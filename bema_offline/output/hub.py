@@ -13,7 +13,6 @@ file goes up. The model card is rendered again for its repo, so that its load sn
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,8 +21,9 @@ from typing import TYPE_CHECKING
 
 from .._version import __version__
 from ..errors import BemaError, DataError, UsageError
+from ..files import read_json_file
 from ..sources.run import INDEX_FILE, SINGLE_FILE
-from .card import CARD_FILE, PROVENANCE_FILE, write_card
+from .card import CARD_FILE, PROVENANCE_FILE, PROVENANCE_LIMIT, write_card
 
 if TYPE_CHECKING:  # imported when used, not at startup
     from huggingface_hub import HfApi
@@ -106,12 +106,9 @@ def find_outputs(output_dir: str | Path) -> list[tuple[str, Path]]:
 
 def read_record(folder: Path) -> dict:
     path = folder / PROVENANCE_FILE
-    try:
-        record = json.loads(path.read_text())
-        if not isinstance(record, dict) or "effective_weights" not in record:
-            raise ValueError("not a bema-offline provenance record")
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable ({e}); re-run bema-average for this output") from e
+    record = read_json_file(path, what="provenance record", hint="re-run bema-average for this output", limit=PROVENANCE_LIMIT)
+    if not isinstance(record, dict) or "effective_weights" not in record:
+        raise DataError(f"{path}: not a bema-offline provenance record; re-run bema-average for this output")
     return record
 
 

@@ -12,6 +12,7 @@ import fcntl
 import os
 import shutil
 import signal
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from ..errors import DataError, OutputExistsError, UsageError
 from ..faults import fault_point
+from ..files import create_new_file
+from ..sources.run import CHECKPOINT_NAME
 
 
 def staging_path(output: Path) -> Path:
@@ -43,7 +46,7 @@ def leftovers(output: Path) -> list[Path]:
 
 def _lock_is_held(path: Path) -> bool:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return False
     try:
@@ -56,8 +59,14 @@ def _lock_is_held(path: Path) -> bool:
 
 
 def check_output(output: Path, *, overwrite: bool, run_dir: Path, source_folders: list[Path]) -> None:
-    """Refuse an output that exists (unless `overwrite`), that is or holds an input, or that lies inside a model
-    folder being read. An output inside the run's folder is fine."""
+    """Refuse an output that could change an input.
+
+    Refused: an output that exists (unless `overwrite`); one that is or holds an input folder, or lies inside a
+    model folder being read; one inside the run folder that is, or is named like, a checkpoint (the next run would
+    read it as one); and one holding any file that an input folder's files are (by device and inode: a link or a hard
+    link from an input into the output would change the input when the output is replaced). Another folder inside
+    the run's folder is fine (the default output is `RUN/bema-offline`).
+    """
     try:
         resolved = output.resolve()
     except (OSError, RuntimeError) as e:  # Python 3.11 raises RuntimeError on a symlink loop
@@ -68,16 +77,61 @@ def check_output(output: Path, *, overwrite: bool, run_dir: Path, source_folders
     for folder in source_folders:
         if resolved.is_relative_to(folder.resolve()):
             raise UsageError(f"--output {output} lies inside the input {folder}; choose another folder")
+    run = run_dir.resolve()
+    if resolved.is_relative_to(run) and resolved != run:
+        first = resolved.relative_to(run).parts[0]
+        if CHECKPOINT_NAME.fullmatch(first):
+            raise UsageError(
+                f"--output {output}: {run / first} is named like a checkpoint of the run, so it would replace one or "
+                "be read as one by the next run; choose another folder (e.g. RUN/bema-offline)"
+            )
     if os.path.lexists(output) and not overwrite:
         left = leftovers(output)
         hint = f"; a killed run also left {' '.join(map(str, left))}: delete them (rm -r)" if left else ""
         raise OutputExistsError(
             f"--output {output} already exists; pass --overwrite to replace it, or choose another folder{hint}"
         )
+    if os.path.isdir(output):
+        _refuse_shared_files(output, source_folders)
+
+
+def _refuse_shared_files(output: Path, source_folders: list[Path]) -> None:
+    """Refuse an existing output (about to be replaced) that holds a file an input folder also holds, through a link
+    or a hard link."""
+    inputs: dict[tuple[int, int], Path] = {}
+    for folder in source_folders:
+        for entry in _entries(folder):
+            try:
+                status = os.stat(entry)  # links followed: where the input's bytes really are
+            except OSError:
+                continue
+            inputs[(status.st_dev, status.st_ino)] = entry
+    for root, _, files in os.walk(output):  # links in the output are not followed
+        for name in files:
+            path = Path(root, name)
+            status = os.lstat(path)
+            shared = inputs.get((status.st_dev, status.st_ino))
+            if shared is not None and not os.path.islink(path):
+                raise UsageError(
+                    f"--output {output}: its file {path} is the input {shared} (a link or a hard link), so replacing "
+                    "the output would change the input; choose another folder"
+                )
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return [folder / name for name in os.listdir(folder)]
+    except OSError:
+        return []
 
 
 class OutputLock:
-    """An exclusive, non-blocking lock on an output path, held for the whole run."""
+    """An exclusive, non-blocking lock on an output path, held for the whole run.
+
+    The lock file is created by this run (`O_EXCL | O_NOFOLLOW`) and written to only then. One left by a killed run
+    is removed (by name, never opened for writing) once it is shown to be a small, unlocked file of this tool's; a
+    link or anything else at the lock's path is refused, so that a planted link cannot make the run write through it.
+    """
 
     def __init__(self, output: Path) -> None:
         self.path = lock_path(output)
@@ -86,19 +140,27 @@ class OutputLock:
 
     def __enter__(self) -> OutputLock:
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
+        for _ in range(3):
+            try:
+                fd = create_new_file(self.path)
+            except FileExistsError:
+                self._remove_stale()
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != _identity(self.path):
+                    raise BlockingIOError  # another run replaced it between the create and the lock
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._fd = fd
+            break
+        else:
             raise UsageError(
-                f"--output {self.output} is being written by another bema-offline run (pid {holder}); "
-                "wait for it to finish or choose another folder"
-            ) from None
-        self._fd = fd
+                f"--output {self.output} is being written by another bema-offline run; wait for it to finish or choose "
+                "another folder"
+            )
         try:
-            os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
         except OSError as e:
             self.release()
@@ -108,6 +170,34 @@ class OutputLock:
             raise
         return self
 
+    def _remove_stale(self) -> None:
+        """Remove the lock file a killed run left, after checking that it is one; refuse if a live run holds it."""
+        try:
+            status = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1 or status.st_size > 32:
+            raise UsageError(
+                f"{self.path}: not a lock file of bema-offline's (a link, a folder, or a file with other content); "
+                "remove it if no run is writing this output"
+            )
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise UsageError(
+                f"--output {self.output} is being written by another bema-offline run (pid {holder}); "
+                "wait for it to finish or choose another folder"
+            ) from None
+        finally:
+            os.close(fd)
+        if _identity(self.path) == (status.st_dev, status.st_ino):
+            os.unlink(self.path)
+
     def __exit__(self, *exc) -> None:
         self.release()
 
@@ -115,12 +205,18 @@ class OutputLock:
         """Remove the lock file and give up the lock (again: a no-op)."""
         if self._fd is not None:
             fault_point("unlock")
-            try:
+            if _identity(self.path) == (os.fstat(self._fd).st_dev, os.fstat(self._fd).st_ino):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
             os.close(self._fd)
             self._fd = None
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 def fresh_staging(output: Path) -> tuple[Path, bool]:
@@ -208,7 +304,7 @@ def _fsync_tree(folder: Path) -> None:
     """Flush every file and folder under `folder` to disk, so that a published output survives a power cut."""
     for root, dirs, files in os.walk(folder):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            fd = os.open(os.path.join(root, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 os.fsync(fd)
             finally:

@@ -33,7 +33,7 @@ def plan_report(plan: Plan, output_paths: list[str]) -> str:
         params = ", ".join(f"{k}={v}" for k, v in s.to_dict().items())
         lines += ["", f"{title}: {params}", f"  θ0: {source_name(s.theta0_step)}"]
         if run.missing_steps:
-            lines.append(f"  skipped update steps (no checkpoint): {_steps_text(run.missing_steps)}")
+            lines.append(f"  skipped update steps (no checkpoint): {_steps_text(run.missing_steps, total=run.missing_count)}")
         lines.append(f"  {'step':>8}  {'beta':>10}  {'alpha':>10}")
         for step in run.update_steps:
             clamp = "  (clamped)" if s.beta_is_clamped(step) else ""
@@ -42,3 +42,25 @@ def plan_report(plan: Plan, output_paths: list[str]) -> str:
         lines += ["", f"output {path}: {spec.kind} at step {spec.step}, effective weights (sum {sum(spec.weights.values()):.6f}):"]
         lines.append(weights_bar_chart(spec.weights))
     return "\n".join(lines)
+
+
+def run_warnings(plan: Plan) -> list[str]:
+    """What a finished run says beside its outputs: skipped update steps, ignored checkpoints, a lone checkpoint."""
+    lines = []
+    for run in plan.schedules:
+        if run.missing_count:
+            where = f" (config {run.name})" if run.name else ""
+            lines.append(
+                f"warning: skipped {run.missing_count} update step{'s' if run.missing_count > 1 else ''} without a checkpoint{where}: "
+                f"{_steps_text(run.missing_steps, total=run.missing_count)}"
+            )
+    if plan.ignored_steps:
+        lines.append(f"note: ignored checkpoints (not update steps, or after the last output): {_steps_text(plan.ignored_steps)}")
+    for run in plan.schedules:
+        if len(run.update_steps) == 1:
+            where = f"config {run.name}: " if run.name else ""
+            lines.append(
+                f"warning: {where}only one checkpoint (step {run.update_steps[0]}) is averaged, with θ0; "
+                "check --update-freq against the run's save_steps"
+            )
+    return lines

@@ -21,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._version import __version__
 from ..engine.plan import Plan
 from ..errors import DataError
+from ..files import read_json_file, read_small_file, write_new_file
 from .publish import fresh_staging, remove_path, staging_path, trash_path
 from .writer import ShardLayout
 
@@ -47,17 +49,15 @@ def plan_fingerprint(plan: Plan, settings: dict) -> dict:
             {
                 "step": step,
                 "folder": str(source.folder.resolve()),
-                "files": [[path.name, *_size_and_mtime(path)] for path in source.files],
-                "tensors": [[t.name, t.path.name, t.dtype, list(t.shape), t.start] for t in source.tensors.values()],
+                "files": [[path.name, identity.size, identity.mtime_ns] for path, identity in sorted(source.identities.items())],
+                "tensors": [
+                    [t.name, t.dtype, list(t.shape), [[e.path.name, e.offset, e.first, e.stop] for e in t.extents]]
+                    for t in source.tensors.values()
+                ],
             }
             for step, source in sorted(plan.sources.items())
         ],
     }
-
-
-def _size_and_mtime(path: Path) -> tuple[int, int]:
-    stat = os.stat(path)
-    return stat.st_size, stat.st_mtime_ns
 
 
 def fingerprint_hash(fingerprint: object) -> str:
@@ -77,8 +77,14 @@ class Staging:
     def record_done(self, shard: Path) -> None:
         """Record a finished (already flushed) shard, durably, for a later `--resume`."""
         line = shard.relative_to(self.path).as_posix() + "\n"
-        fd = os.open(self.path / DONE_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        path = self.path / DONE_FILE
         try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise DataError(f"{path}: cannot record a finished shard ({e.strerror or e}); remove {self.path} and rerun") from e
+        try:
+            if not _is_own_file(os.fstat(fd)):
+                raise DataError(f"{path}: not the journal this tool writes (a hard link?); remove {self.path} and rerun")
             os.write(fd, line.encode())
             os.fsync(fd)
         finally:
@@ -98,11 +104,34 @@ class Staging:
             (self.path / name).unlink(missing_ok=True)
 
 
+def _is_own_file(status: os.stat_result) -> bool:
+    """A regular file with no other name: what this tool creates in its staging folder (a link or a hard link to
+    some other file is never written to, nor reused as a shard)."""
+    return stat.S_ISREG(status.st_mode) and status.st_nlink == 1
+
+
+def _is_own_path(path: Path) -> bool:
+    """Nothing at `path`, or a file of this tool's (see `_is_own_file`)."""
+    try:
+        return _is_own_file(os.lstat(path))
+    except FileNotFoundError:
+        return True
+
+
 def _is_finished_shard(path: Path, shard: ShardLayout, recorded: bool) -> bool:
-    if not recorded or not path.is_file() or path.stat().st_size != shard.file_size:
+    if not recorded:
         return False
-    with open(path, "rb") as f:
-        return f.read(len(shard.header)) == shard.header
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        status = os.fstat(fd)
+        if not _is_own_file(status) or status.st_size != shard.file_size:
+            return False
+        return os.pread(fd, len(shard.header), 0) == shard.header
+    finally:
+        os.close(fd)
 
 
 def prepare_staging(output: Path, fingerprint: dict, *, resume: bool) -> Staging:
@@ -117,13 +146,16 @@ def prepare_staging(output: Path, fingerprint: dict, *, resume: bool) -> Staging
     removed_trash = trash.exists() or trash.is_symlink()
     if removed_trash:  # the old output that an interrupted --overwrite had moved aside
         remove_path(trash)
-    if resume and path.is_dir():
+    if resume and path.is_dir() and not path.is_symlink():
         previous = _read_plan(path)
-        if previous is not None and previous.get("plan_hash") == plan_hash:
+        if not all(_is_own_path(path / name) for name in (PLAN_FILE, DONE_FILE)):
+            note = f"the leftovers at {path} hold links where this tool keeps its own files; started over"
+        elif previous is not None and previous.get("plan_hash") == plan_hash:
             return Staging(path, plan_hash, _read_done(path), removed_leftovers=removed_trash)
-        note = (
-            f"the leftovers at {path} are not from the same plan ({_what_changed(previous, fingerprint)}); started over"
-        )
+        else:
+            note = (
+                f"the leftovers at {path} are not from the same plan ({_what_changed(previous, fingerprint)}); started over"
+            )
     else:
         note = f"no interrupted run to resume at {path}; started from scratch" if resume else None
     path, removed = fresh_staging(output)
@@ -133,16 +165,16 @@ def prepare_staging(output: Path, fingerprint: dict, *, resume: bool) -> Staging
 
 def _read_plan(staging: Path) -> dict | None:
     try:
-        record = json.loads((staging / PLAN_FILE).read_text())
-    except (OSError, ValueError, RecursionError):
+        record = read_json_file(staging / PLAN_FILE, what="resume plan", hint="ignored", limit=2**20)
+    except DataError:
         return None
     return record if isinstance(record, dict) else None
 
 
 def _read_done(staging: Path) -> set[str]:
     try:
-        text = (staging / DONE_FILE).read_text(errors="replace")
-    except OSError:
+        text = read_small_file(staging / DONE_FILE, what="resume journal", limit=64 * 2**20).decode(errors="replace")
+    except DataError:
         return set()
     return {line for line in text.split("\n") if line}  # a torn last line names no real shard and is ignored
 
@@ -152,10 +184,7 @@ def _write_plan(staging: Path, plan_hash: str, fingerprint: dict) -> None:
     parts = {key: fingerprint_hash(value) for key, value in fingerprint.items()}
     path = staging / PLAN_FILE
     try:
-        with open(path, "w") as f:
-            json.dump({"plan_hash": plan_hash, "parts": parts}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        write_new_file(path, json.dumps({"plan_hash": plan_hash, "parts": parts}, indent=1).encode(), fsync=True)
     except OSError as e:
         raise DataError(f"{path}: cannot write ({e.strerror or e}); free some disk space or choose another --output") from e
 

@@ -29,11 +29,11 @@ from ..engine.engine import Engine, Sink, Slice, all_finite
 from ..engine.kernels import KERNEL_DTYPES, kernel_name
 from ..engine.plan import OutputSpec, Plan, ScheduleRun
 from ..errors import BemaError, DataError
-from ..files import OpenFiles, parse_json
+from ..files import OpenFiles, read_json_file
 from ..methods.schedule import KINDS, BEMASchedule, effective_weights
 from ..sources.run import BASE_STEP, INDEX_FILE, SINGLE_FILE, WeightSource, load_source
 from ..sources.tensors import TensorInfo
-from .card import PROVENANCE_FILE
+from .card import PROVENANCE_FILE, PROVENANCE_LIMIT
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 # Tensors whose first dimension is the vocabulary and second the hidden size, in common architectures.
@@ -94,7 +94,8 @@ def check_folder(folder: Path, *, expected: Mapping[str, tuple[str, tuple[int, .
 
 
 def _index_total_size(index: Path) -> int | None:
-    metadata = parse_json(index.read_bytes(), what=f"{index}: malformed index", hint="re-save it").get("metadata")
+    content = read_json_file(index, what="index", hint="re-save it")
+    metadata = content.get("metadata") if isinstance(content, dict) else None
     total = metadata.get("total_size") if isinstance(metadata, dict) else None
     return total if isinstance(total, int) and not isinstance(total, bool) else None
 
@@ -206,7 +207,7 @@ def check_config(folder: Path, tensors: dict[str, TensorInfo]) -> list[str]:
     path = folder / "config.json"
     if not path.is_file():
         return [f"{folder}: no config.json; transformers cannot load the folder without one"]
-    config = parse_json(path.read_bytes(), what=f"{path}: malformed JSON", hint="fix or re-copy it from a checkpoint")
+    config = read_json_file(path, what="JSON", hint="fix or re-copy it from a checkpoint")
     if not isinstance(config, dict):
         raise DataError(f"{path}: not a JSON object; fix or re-copy it from a checkpoint")
     notes = []
@@ -279,7 +280,7 @@ def _chunk_finite(dtype: str, view: memoryview, address: int, count: int) -> boo
 def read_provenance(folder: Path) -> dict:
     """Parse `bema_offline.json` and check that it has the fields verify relies on."""
     path = folder / PROVENANCE_FILE
-    record = parse_json(path.read_bytes(), what=f"{path}: malformed JSON", hint="it was edited or damaged")
+    record = read_json_file(path, what="provenance record", hint="it was edited or damaged", limit=PROVENANCE_LIMIT)
     required = {"tool": str, "kind": str, "step": int, "schedule": dict, "settings": dict, "steps": dict,
                 "effective_weights": list, "inputs": list, "tensors": int}  # fmt: skip
     if not isinstance(record, dict) or any(not isinstance(record.get(k), t) for k, t in required.items()):

@@ -12,9 +12,8 @@ import math
 import os
 import queue
 import re
-import shutil
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,43 +21,42 @@ from ..dtypes import DTYPES
 from ..engine.engine import Sink, Slice
 from ..errors import DataError, UsageError
 from ..faults import fault_point
-from ..files import OpenFiles, parse_json, preallocate
+from ..files import OpenFiles, create_new_file, parse_json, preallocate, read_small_file, replace_file
 
 INDEX_FILE = "model.safetensors.index.json"
 WRITEBACK_BYTES = 64 * 2**20
-SIDECAR_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-)
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(I)?)?(B)?\s*", re.IGNORECASE)
 
 
-def parse_size(text: str | int, *, option: str = "size") -> int:
-    """Bytes from `5GB` (decimal, as huggingface_hub counts), `512MiB` (binary), or a plain integer."""
-    if isinstance(text, int):
-        return text
-    match = _SIZE.fullmatch(text)
-    if not match:
+def parse_size(text: str | int, *, option: str = "size", minimum: int = 1, unit_required: bool = False) -> int:
+    """Bytes from `5GB` (decimal, as huggingface_hub counts), `512MiB` (binary), `8000B`, or a plain integer.
+
+    Args:
+        text (`str | int`): the size as written, or bytes.
+        option (`str`): the option's name, for messages.
+        minimum (`int`, defaults to 1): the smallest size allowed.
+        unit_required (`bool`, defaults to False): refuse a number without a unit (for `--max-memory`, where `512`
+            alone is a slip for 512MiB, not 512 bytes).
+
+    Raises:
+        `UsageError`: not a size, no unit where one is required, or below `minimum`.
+    """
+    if isinstance(text, bool) or not isinstance(text, (int, str)):
         raise UsageError(f"{option} {text!r}: not a size; write e.g. 5GB, 512MiB or 1000000")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    scale = _UNITS[unit[:1] if unit[:1] in "KMGT" else ""]
-    if "I" in unit:
-        scale = 1024 ** ("KMGT".index(unit[0]) + 1)
-    return int(number * scale)
+    if isinstance(text, int):
+        value = text
+    else:
+        match = _SIZE.fullmatch(text)
+        if not match or not match.group(1)[0].isdigit():
+            raise UsageError(f"{option} {text!r}: not a size; write e.g. 5GB, 512MiB or 1000000")
+        number, prefix, binary, byte = match.groups()
+        if unit_required and not (prefix or byte):
+            raise UsageError(f"{option} {text}: give a unit, e.g. {text}MiB (or {text}B for bytes)")
+        power = "KMGT".index(prefix.upper()) + 1 if prefix else 0
+        value = int(float(number) * (1024**power if binary else 1000**power))
+    if value < minimum:
+        raise UsageError(f"{option} {text}: at least {minimum} bytes are needed; write e.g. 512MiB")
+    return value
 
 
 @dataclass(frozen=True)
@@ -124,6 +122,22 @@ def shard_layout(tensors: Sequence[TensorSpec], max_shard_size: int) -> list[Sha
     return [ShardLayout(name, specs, _shard_header(specs)) for name, specs in zip(names, shards)]
 
 
+def _create_shard(path: Path, shard: ShardLayout) -> None:
+    """Create a shard at its final size with its header; a leftover of an interrupted run at `path` is unlinked, never
+    written through (see `files.create_new_file`)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = create_new_file(path)
+    try:
+        os.pwrite(fd, shard.header, 0)
+        os.ftruncate(fd, shard.file_size)
+        preallocate(fd, shard.file_size)
+    finally:
+        os.close(fd)
+
+
 class ModelFolderWriter:
     """Creates a folder's safetensors shards at their final size; `write` fills them slice by slice.
 
@@ -164,10 +178,7 @@ class ModelFolderWriter:
             path = folder / shard.name
             if shard.name not in skip:
                 try:
-                    with open(path, "wb") as f:
-                        f.write(shard.header)
-                        f.truncate(shard.file_size)
-                        preallocate(f.fileno(), shard.file_size)
+                    _create_shard(path, shard)
                 except OSError as e:
                     raise DataError(f"{path}: cannot create the shard ({e.strerror or e}); free some disk space or choose another --output") from e
                 fault_point("shard-created")
@@ -228,7 +239,7 @@ class ModelFolderWriter:
             raise DataError(f"{path}: {missing} bytes were never written; the output is incomplete and was not published")
         if index and len(self.shard_names) > 1:
             index_data = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
-            (self.folder / INDEX_FILE).write_text(json.dumps(index_data, indent=2) + "\n")
+            replace_file(self.folder / INDEX_FILE, (json.dumps(index_data, indent=2) + "\n").encode())
         fault_point("index")
 
 
@@ -290,31 +301,27 @@ class FolderSink(Sink):
         self.writers[output_index].write(piece.name, piece.start, data)
 
 
-def copy_sidecar_files(sources: Sequence[Path], folder: Path, *, dtype: str | None = None) -> list[str]:
-    """Copy config, generation config and tokenizer files from the first source folder that has each.
+def copy_sidecar_files(origins: Mapping[str, Path], folder: Path, *, dtype: str | None = None) -> list[str]:
+    """Copy the config, generation config and tokenizer files planned for an output (`Plan.sidecars`).
 
-    When the output dtype differs from the inputs', `config.json` says so (`torch_dtype` and `dtype`).
-    Returns the names copied.
+    A file that disappeared since the plan was made is refused (the folder would not load). When the output dtype
+    differs from the inputs', `config.json` says so (`torch_dtype` and `dtype`). Returns the names copied.
     """
-    origins = {}
-    for name in SIDECAR_FILES:
-        origin = next((source / name for source in sources if (source / name).is_file()), None)
-        if origin is None:
-            continue
-        shutil.copyfile(origin, folder / name)
-        origins[name] = origin
-    copied = list(origins)
-    if dtype is not None and "config.json" in copied:
-        config_path = folder / "config.json"
-        hint = "fix it, or leave out --dtype"
-        config = parse_json(config_path.read_bytes(), what=f"{origins['config.json']}: malformed JSON", hint=hint)
-        if not isinstance(config, dict):
-            raise DataError(f"{origins['config.json']}: not a JSON object; {hint}")
-        for key in ("torch_dtype", "dtype"):
-            if key in config:
-                config[key] = dtype
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return copied
+    for name, origin in origins.items():
+        if not origin.is_file():
+            raise DataError(f"{origin}: disappeared during the run, so the output would lack {name}; rerun once the inputs are complete")
+        data = read_small_file(origin, what=name)
+        if name == "config.json" and dtype is not None:
+            hint = "fix it, or leave out --dtype"
+            config = parse_json(data, what=f"{origin}: malformed JSON", hint=hint)
+            if not isinstance(config, dict):
+                raise DataError(f"{origin}: not a JSON object; {hint}")
+            for key in ("torch_dtype", "dtype"):
+                if key in config:
+                    config[key] = dtype
+            data = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+        replace_file(folder / name, data)
+    return list(origins)
 
 
 def fsync_path(path: Path) -> None:

@@ -13,14 +13,14 @@ from ..errors import DataError, UsageError
 from ..files import read_json_file
 from .dcp import DCP_FOLDER, load_dcp
 from .deepspeed import is_deepspeed_folder, load_deepspeed
+from .runinfo import TRAINER_STATE_LIMIT
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, load_safetensors
 from .tensors import BASE_STEP, TensorInfo, WeightSource
 from .torch_bin import BIN_FILE, BIN_INDEX_FILE, load_torch_bin
 
 __all__ = ["BASE_STEP", "INDEX_FILE", "SINGLE_FILE", "TensorInfo", "WeightSource", "find_checkpoints", "load_source"]
 
-TRAINER_STATE_LIMIT = 64 * 2**20  # a trainer_state.json logs every step; a long run's is a few MiB
-_CHECKPOINT_NAME = re.compile(r"checkpoint-(.*)", re.DOTALL)
+CHECKPOINT_NAME = re.compile(r"checkpoint-(.*)", re.DOTALL)
 _STEP_NUMBER = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also accepts '²', which int() refuses
 
 
@@ -41,7 +41,7 @@ def find_checkpoints(run_dir: str | Path, *, min_step: int | None = None, max_st
         raise DataError(f"{run_dir}: cannot list the folder ({e.strerror or e})") from e
     found: dict[int, Path] = {}
     for entry in entries:
-        match = _CHECKPOINT_NAME.fullmatch(entry)
+        match = CHECKPOINT_NAME.fullmatch(entry)
         if not match:
             continue
         path = run_dir / entry
@@ -139,6 +139,61 @@ def resolve_base_model(base_model: str | Path) -> Path:
         ) from e
 
 
+SIDECAR_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+def sidecar_origins(folders: list[Path]) -> dict[str, Path]:
+    """Where each sidecar file (config, generation config, tokenizer) comes from: the first folder that has it."""
+    origins = {}
+    for name in SIDECAR_FILES:
+        origin = next((folder / name for folder in folders if (folder / name).is_file()), None)
+        if origin is not None:
+            origins[name] = origin
+    return origins
+
+
+DEFAULT_UPDATE_FREQ = 400  # TRL's
+
+
+def run_cadence(run_dir: str | Path, *, min_step: int | None = None, max_step: int | None = None) -> tuple[int, str]:
+    """The run's own checkpoint cadence, for `--update-freq` when none is given, and where it was read.
+
+    The newest checkpoint's `trainer_state.json` gives the Trainer's `save_steps`; else the checkpoints' spacing,
+    when it is even; else TRL's default (400).
+
+    Raises:
+        `DataError`: the run has no checkpoints (as `find_checkpoints`).
+    """
+    found = find_checkpoints(run_dir, min_step=min_step, max_step=max_step)
+    newest = max(found)
+    state = read_trainer_state(found[newest])
+    save_steps = state.get("save_steps") if state else None
+    if isinstance(save_steps, (int, float)) and not isinstance(save_steps, bool) and save_steps >= 1 and float(save_steps).is_integer():
+        return int(save_steps), f"the run's save_steps (trainer_state.json of checkpoint-{newest})"
+    steps = sorted(found)
+    gaps = {b - a for a, b in zip(steps, steps[1:])}
+    if len(gaps) == 1:
+        (gap,) = gaps
+        return gap, f"the spacing of the {len(steps)} checkpoints (no save_steps in trainer_state.json)"
+    return DEFAULT_UPDATE_FREQ, "TRL's default: the run states no save_steps and its checkpoints are not evenly spaced"
+
+
 def read_trainer_state(folder: Path) -> dict | None:
     """The few facts worth reporting from a checkpoint's `trainer_state.json`, or None if there is none."""
     path = folder / "trainer_state.json"
@@ -153,7 +208,9 @@ def read_trainer_state(folder: Path) -> dict | None:
     return {key: state.get(key) for key in ("global_step", "max_steps", "save_steps", "num_train_epochs")}
 
 
-def _steps_text(steps, limit: int = 12) -> str:
+def _steps_text(steps, limit: int = 12, *, total: int | None = None) -> str:
+    """Steps for a message: the first `limit`, and how many there are in all (`total`, when more exist than given)."""
     steps = sorted(steps)
+    total = len(steps) if total is None else total
     shown = ", ".join(str(s) for s in steps[:limit])
-    return shown + (f", ... ({len(steps)} in all)" if len(steps) > limit else "")
+    return shown + (f", ... ({total} in all)" if total > limit else "")

@@ -13,17 +13,22 @@ The card wins when it names a method; the metrics are the fallback.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..errors import DataError
+from ..files import read_json_file, read_small_file
+from ..safe_yaml import load_yaml
 
 # Tags that name a training method or library, as TRL's trainers write them (`_tag_names`).
 METHOD_TAGS = (
     "trl", "sft", "dpo", "orpo", "kto", "cpo", "bco", "grpo", "rloo", "ppo", "online-dpo", "xpo", "nash-md",
     "gkd", "prm", "reward-trainer",
 )  # fmt: skip
+CARD_LIMIT = 4 * 2**20  # a run's README.md: its metadata block is at the top
+TRAINER_STATE_LIMIT = 64 * 2**20  # a trainer_state.json logs every step; a long run's is a few MiB
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -86,12 +91,10 @@ def _read_card_metadata(folders: Sequence[Path]) -> dict:
     for folder in folders:
         path = folder / "README.md"
         if path.is_file():
-            import yaml  # PyYAML, which huggingface_hub needs too; imported only where a card exists
-
             try:
-                match = _FRONT_MATTER.match(path.read_text(encoding="utf-8"))
-                metadata = yaml.safe_load(match.group(1)) if match else {}
-            except Exception:  # a malformed card says nothing; it must not stop an average
+                match = _FRONT_MATTER.match(read_small_file(path, limit=CARD_LIMIT, what="model card").decode("utf-8"))
+                metadata = load_yaml(match.group(1), what=str(path)) if match else {}
+            except (DataError, ValueError):  # a malformed card says nothing; it must not stop an average
                 return {}
             return metadata if isinstance(metadata, dict) else {}
     return {}
@@ -99,9 +102,12 @@ def _read_card_metadata(folders: Sequence[Path]) -> dict:
 
 def _logged_metric_names(checkpoint_folders: Sequence[Path]) -> set[str]:
     for folder in checkpoint_folders:
+        path = folder / "trainer_state.json"
+        if not path.exists():
+            continue
         try:
-            state = json.loads((folder / "trainer_state.json").read_text())
-        except (OSError, ValueError):
+            state = read_json_file(path, what="trainer state", hint="ignored", limit=TRAINER_STATE_LIMIT)
+        except DataError:
             continue
         history = state.get("log_history") if isinstance(state, dict) else None
         if isinstance(history, list):

@@ -22,6 +22,7 @@ import datetime
 import difflib
 import gc
 import json
+import os
 import types
 import typing
 import warnings
@@ -194,11 +195,13 @@ def dpo_config(
     bf16: bool | None = None,
     precompute_ref_log_probs: bool = False,
     overrides: dict[str, Any] | None = None,
+    progress: bool | None = None,
 ):
     """The round's `DPOConfig`: TRL's defaults, then checkpoints every `save_steps` steps with the model only
     (`save_only_model=True`, overridable), then the options given, then `overrides`.
 
-    `bf16=None` uses bf16 mixed precision when a CUDA GPU supports it, fp32 otherwise.
+    `bf16=None` uses bf16 mixed precision when a CUDA GPU supports it, fp32 otherwise. `progress=False` turns the
+    Trainer's progress bar off (`disable_tqdm`, unless `overrides` sets it): it then prints its logs as lines.
     """
     from trl import DPOConfig
 
@@ -214,6 +217,8 @@ def dpo_config(
     }
     settings.update({key: value for key, value in given.items() if value is not None})
     settings["precompute_ref_log_probs"] = precompute_ref_log_probs
+    if progress is not None:
+        settings["disable_tqdm"] = not progress
     settings.update(overrides or {})
     try:
         with warnings.catch_warnings():
@@ -298,6 +303,9 @@ def train_dpo(
     bf16: bool | None = None,
     precompute_ref_log_probs: bool = False,
     config_overrides: dict[str, Any] | None = None,
+    resume_from_checkpoint: str | Path | None = None,
+    callbacks: Sequence[Any] = (),
+    progress: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> DPOResult:
     """Run one DPO round with TRL against a frozen reference, saving `checkpoint-N/` folders for `bema-average`.
@@ -315,6 +323,12 @@ def train_dpo(
         precompute_ref_log_probs (`bool`, defaults to False): compute the reference log-probs before training
             and drop the reference model.
         config_overrides (`dict`, *optional*): any other DPOConfig fields (see `parse_config_overrides`).
+        resume_from_checkpoint (`str | Path`, *optional*): a `checkpoint-N` folder in `output_dir`, written by an
+            interrupted run of the same round with its optimizer state (`save_only_model=False`); training goes on
+            from there, through the Trainer's own `resume_from_checkpoint`.
+        callbacks (`Sequence[TrainerCallback]`, *optional*): more callbacks for the Trainer.
+        progress (`bool`, *optional*): the Trainer's progress bar; None leaves TRL's default, False prints the
+            Trainer's logs as lines instead (for a log file).
         log (`Callable[[str], None]`, defaults to print): receives progress lines.
 
     Returns:
@@ -341,9 +355,17 @@ def train_dpo(
         bf16=bf16,
         precompute_ref_log_probs=precompute_ref_log_probs,
         config_overrides=config_overrides,
+        resume=resume_from_checkpoint is not None,
+        progress=progress,
         log=log,
     )
-    trainer.train()
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    if resume_from_checkpoint is not None:
+        log(f"resuming training from {resume_from_checkpoint}")
+        trainer.train(resume_from_checkpoint=str(resume_from_checkpoint))
+    else:
+        trainer.train()
     if trainer.ref_model is not None:
         check_reference(trainer.ref_model, setup.reference, setup.fingerprint, when="after training")
         log("reference unchanged by training (fingerprint checked again)")
@@ -356,8 +378,9 @@ def train_dpo(
         **setup.record,
         "global_step": trainer.state.global_step,
         "checkpoints": checkpoints,
+        "resumed_from": Path(resume_from_checkpoint).name if resume_from_checkpoint is not None else None,
     }
-    (output_dir / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_json_atomically(output_dir / RECORD_FILE, record)
     log(
         f"wrote checkpoints {', '.join(map(str, checkpoints))} to {output_dir}; next: bema-average {output_dir} "
         f"--base-model {record['policy']['path'] or '<policy folder>'} --update-freq {record['dpo']['save_steps']}"
@@ -372,6 +395,7 @@ def build_trainer(
     *,
     policy: str | Path | PreTrainedModel | None = None,
     config_overrides: dict[str, Any] | None = None,
+    resume: bool = False,
     log: Callable[[str], None] = print,
     **settings: Any,
 ):
@@ -379,13 +403,14 @@ def build_trainer(
 
     `settings` are `dpo_config`'s keyword arguments. The trainer's `ref_model` is the verified frozen
     reference, or None with `precompute_ref_log_probs` (the log-probs are in `trainer.train_dataset`).
+    `output_dir` must hold no checkpoints, unless `resume` (the caller resumes from one of them).
     """
     require_dpo_extra()
     from transformers import AutoTokenizer
     from trl import DPOTrainer
 
     output_dir = Path(output_dir)
-    if output_dir.is_dir() and any(p.name.startswith("checkpoint-") for p in output_dir.iterdir()):
+    if not resume and output_dir.is_dir() and any(p.name.startswith("checkpoint-") for p in output_dir.iterdir()):
         raise UsageError(f"--output-dir {output_dir} already holds checkpoint folders; use a new folder for each round")
     ref_folder = Path(ref_model)
     if not ref_folder.is_dir():
@@ -439,6 +464,16 @@ def build_trainer(
         },
     }
     return trainer, RoundSetup(ref_folder, fingerprint, record)
+
+
+def write_json_atomically(path: Path, content: dict) -> None:
+    """Write a JSON file through a temporary file and a rename, so that a killed run never leaves it half written."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w") as f:
+        f.write(json.dumps(content, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
 
 
 def _average_summary(folder: Path) -> dict | None:

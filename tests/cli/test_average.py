@@ -129,7 +129,7 @@ def test_allow_missing_skips_and_records(tmp_path, capsys):
     assert_clean_failure(code, err, 1, "update step", "6", "--allow-missing", output=out)
     code, _, err = run_cli([run_dir, "--base-model", base_dir, "--update-freq", "2", "-o", out, "--allow-missing"], capsys)
     assert code == 0
-    assert "skipped update steps without a checkpoint: 6" in err
+    assert "skipped 1 update step without a checkpoint: 6" in err
     assert json.loads((out / "bema_offline.json").read_text())["steps"]["update_steps_missing_skipped"] == [6]
 
 
@@ -216,6 +216,13 @@ def test_non_finite_input_names_tensor_and_step(run, tmp_path, capsys, bad):
         (["--lag", "-100", "--update-freq", "2"], "lag + multiplier*step"),
         (["--update-freq", "2", "--save", "foo"], "--save"),
         (["--update-freq", "2", "--max-memory", "lots"], "--max-memory"),
+        (["--update-freq", "2", "--max-memory", "5iB"], "--max-memory '5iB': not a size"),
+        (["--update-freq", "2", "--max-memory", "0"], "--max-memory 0: give a unit"),
+        (["--update-freq", "2", "--max-memory", "0B"], "--max-memory 0B: at least 4096 bytes"),
+        (["--update-freq", "2", "--max-memory", "1B"], "--max-memory 1B: at least 4096 bytes"),
+        (["--update-freq", "2", "--max-memory", "512"], "--max-memory 512: give a unit, e.g. 512MiB"),
+        (["--update-freq", "2", "--max-shard-size", "0"], "--max-shard-size 0: at least 1 bytes"),
+        (["--update-freq", "1", "--lag", "0.5", "--multiplier", "0", "--bias-power", "2000"], "overflows"),
         (["--update-freq", "2", "--steps", "3"], "--steps 3"),
         (["--update-freq", "2", "--every-update", "--steps", "4"], "exclude"),
     ],
@@ -272,3 +279,19 @@ def test_group_and_version(capsys):
     assert code == 0 and "bema-offline" in out
     code, out, _ = run_cli(["average", "--help"], capsys, group=True)
     assert code == 0 and "Schedule (TRL's BEMACallback):" in out and "Performance:" in out
+
+
+def test_a_path_that_is_not_utf8_gets_a_card_and_verifies(tmp_path, capsys):
+    """A folder name holding a byte that is not UTF-8 (Linux allows it): the run writes its card and provenance
+    (the card shows the byte escaped) and the output verifies against its sources."""
+    import os
+
+    from bema_offline.output.verify import verify
+
+    root = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/r\xffun"))
+    run_dir, base_dir, _ = make_run(root, [1, 2])
+    code, _, err = run_cli([run_dir, "--base-model", base_dir, "--update-freq", "1", "-q"], capsys)
+    assert code == 0, err
+    out = run_dir / "bema-offline"
+    assert "\\udcff" in (out / "README.md").read_text(encoding="utf-8")
+    assert verify(out, recompute=5, seed=0)[0].recomputed

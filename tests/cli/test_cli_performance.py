@@ -20,7 +20,7 @@ def common(tmp_path):
 
 def test_threads_do_not_change_the_output(common, tmp_path, capsys):
     for threads in (1, 3):
-        code, _, err = run_cli([*common, "--threads", threads, "--max-memory", "8000", "-o", tmp_path / f"t{threads}"], capsys)
+        code, _, err = run_cli([*common, "--threads", threads, "--max-memory", "8000B", "-o", tmp_path / f"t{threads}"], capsys)
         assert code == 0, err
     for shard in sorted((tmp_path / "t1").glob("*.safetensors")):
         assert shard.read_bytes() == (tmp_path / "t3" / shard.name).read_bytes()

@@ -27,15 +27,22 @@ def test_healthy_output(output):
     lines = stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [f"ok {output / 'bema'}", f"ok {output / 'ema'}"]
     for line in lines:
-        assert "5 tensors in 1 shards, all finite" in line and "bema_offline.json matches" in line
+        assert "5 tensors in 1 shard, all finite" in line and "bema_offline.json matches" in line
         assert "shapes and dtypes match the sources (steps base, 2, 4)" in line
         assert "2 tensors recomputed bit for bit (--seed 7)" in line
 
 
 def test_a_random_seed_is_printed(output):
     code, stdout, _ = verify_cli(output / "bema", "--recompute", "1")
-    assert code == 0 and "1 tensors recomputed bit for bit (--seed " in stdout
+    assert code == 0 and "1 tensor recomputed bit for bit (--seed " in stdout
     assert verify_cli(output / "bema", "-q") == (0, "", "")
+
+
+def test_a_folder_without_provenance_says_what_was_not_checked(tmp_path):
+    _, base_dir, _ = make_run(tmp_path, [2])
+    code, stdout, stderr = verify_cli(base_dir)
+    assert code == 0 and stderr == ""
+    assert stdout == f"ok {base_dir}: 5 tensors in 1 shard, all finite; index and headers consistent; no bema_offline.json: provenance and sources not checked\n"
 
 
 def test_damage_is_one_error_line_and_exit_code_1(output):

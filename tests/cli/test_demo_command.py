@@ -14,6 +14,7 @@ def test_demo_trains_averages_and_reports(tmp_path, capsys):
         record = json.loads((workdir / "averaged" / kind / "bema_offline.json").read_text())
         assert record["kind"] == kind and record["step"] == 60
     assert "held-out loss:" in out and "BEMA at step 60" in out and "checkpoint-60 +" in out
+    assert "\r" not in out + err and "\x1b" not in out + err  # no progress bars when the output is not a terminal
     # a second demo replaces the first; anything else at --workdir is refused
     code, _, err = run_cli(["demo", "--workdir", workdir, "--steps", "20", "--save-every", "20", "-q"], capsys, group=True)
     assert code == 0, err

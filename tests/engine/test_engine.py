@@ -206,7 +206,7 @@ def test_sweep_state_fits_the_budget_with_smaller_groups(tmp_path):
 def test_budget_too_small_for_a_sweep_says_so(tmp_path):
     run_dir, base_dir, _ = make_run(tmp_path, [1, 2])
     configs = [(f"c{i}", BEMASchedule(update_freq=1, lag=1 + i)) for i in range(64)]
-    with pytest.raises(DataError, match="too small for 64 configs; give at least"):
+    with pytest.raises(UsageError, match="too small for 64 configs; give at least"):
         average(run_dir, tmp_path / "o", schedule=configs, base_model=base_dir, max_memory=4096)
 
 

@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from huggingface_hub import ModelCard
 from hub_fake import FakeApi
+from huggingface_hub import ModelCard
 from synthetic import make_run
 
 from bema_offline import BEMASchedule, average

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from bema_offline.output import publish as publish_module
 from bema_offline.errors import OutputExistsError
+from bema_offline.output import publish as publish_module
 from bema_offline.output.publish import (
     OutputLock,
     check_output,
@@ -94,7 +94,16 @@ def test_the_old_output_moved_aside_by_a_killed_overwrite_is_removed(tmp_path):
     assert staging.removed_leftovers and not trash_path(out).exists()
 
 
-def test_ctrl_c_while_publishing_is_held_off(tmp_path):
+@pytest.fixture
+def ctrl_c_as_in_a_terminal():
+    """Python's KeyboardInterrupt handler for SIGINT during the test: pytest run as a background job (`pytest &`)
+    starts with SIGINT ignored, and the Ctrl-C this test sends would then do nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_while_publishing_is_held_off(tmp_path, ctrl_c_as_in_a_terminal):
     out = tmp_path / "out"
     staging = staged(out, "a", "1")
     with interrupts_deferred():

@@ -8,8 +8,7 @@ import pytest
 from faultkit import snapshot
 from synthetic import make_run
 
-from bema_offline import BEMASchedule, BemaError, average, faults
-from bema_offline import api
+from bema_offline import BemaError, BEMASchedule, api, average, faults
 from bema_offline.output.publish import lock_path, staging_path
 from bema_offline.output.resume import DONE_FILE, PLAN_FILE
 
@@ -132,3 +131,29 @@ def test_resume_files_never_reach_the_output(run, tmp_path):
     run_dir, base_dir, _ = run
     average(run_dir, tmp_path / "single", schedule=SCHEDULE, base_model=base_dir)  # staging is the model folder itself
     assert not list((tmp_path / "single").glob(".bema-*"))
+
+
+@pytest.mark.parametrize("planted", ["model-00002-of-", DONE_FILE])
+def test_links_planted_in_a_resumed_staging_folder_are_never_written_through(run, tmp_path, monkeypatch, planted):
+    """A link named like a shard or the journal, left in the staging folder, is replaced, never followed; the result
+    is still the reference bytes, and the file it pointed to is untouched."""
+    run_dir, base_dir, reference = run
+    out = tmp_path / "out"
+    interrupted(run_dir, base_dir, out, monkeypatch, recorded=1)
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"keep me")
+    staging = staging_path(out)
+    if planted == DONE_FILE:
+        target = staging / DONE_FILE
+        target.unlink()
+    else:
+        target = next(p for p in sorted((staging / "bema").glob("*.safetensors")) if p.name.startswith(planted))
+        target.unlink()
+    target.symlink_to(precious)
+    try:
+        average(run_dir, out, schedule=SCHEDULE, base_model=base_dir, resume=True, **OPTIONS)
+    except BemaError as e:  # refusing is fine too, as long as nothing was written through the link
+        assert "journal" in str(e) or "link" in str(e), e
+    else:
+        assert model_files(out) == reference
+    assert precious.read_bytes() == b"keep me"

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from bema_offline import UsageError
+from bema_offline import DataError, UsageError
 from bema_offline.files import OpenFiles, writable_view
 from bema_offline.output.writer import ModelFolderWriter, TensorSpec, copy_sidecar_files, parse_size, shard_tensors
+from bema_offline.sources.run import sidecar_origins
 
 
 @pytest.mark.parametrize(
@@ -60,11 +61,32 @@ def test_sidecar_files_come_from_the_first_source_that_has_them(tmp_path):
     (base / "config.json").write_text("{}")
     (base / "tokenizer.json").write_text("{}")
     (base / "optimizer.pt").write_text("no")
-    copied = copy_sidecar_files([newest, base], out, dtype="bfloat16")
+    copied = copy_sidecar_files(sidecar_origins([newest, base]), out, dtype="bfloat16")
     assert copied == ["config.json", "tokenizer.json"]
     config = json.loads((out / "config.json").read_text())
     assert config == {"torch_dtype": "bfloat16", "dtype": "bfloat16", "hidden_size": 8}
     assert not (out / "optimizer.pt").exists()
+
+
+def test_a_sidecar_that_disappeared_since_planning_is_refused(tmp_path):
+    base, out = tmp_path / "base", tmp_path / "out"
+    base.mkdir(), out.mkdir()
+    (base / "config.json").write_text("{}")
+    planned = sidecar_origins([base])
+    (base / "config.json").unlink()
+    with pytest.raises(DataError, match="config.json: disappeared during the run"):
+        copy_sidecar_files(planned, out)
+
+
+def test_a_link_left_where_a_sidecar_goes_is_replaced_not_written_through(tmp_path):
+    base, out, precious = tmp_path / "base", tmp_path / "out", tmp_path / "precious"
+    base.mkdir(), out.mkdir()
+    (base / "config.json").write_text('{"a": 1}')
+    precious.write_text("keep")
+    (out / "config.json").symlink_to(precious)  # left in a resumed staging folder, say
+    copy_sidecar_files(sidecar_origins([base]), out)
+    assert precious.read_text() == "keep" and not (out / "config.json").is_symlink()
+    assert (out / "config.json").read_text() == '{"a": 1}'
 
 
 def _fallocate_works(folder: Path) -> bool:

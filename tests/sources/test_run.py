@@ -1,4 +1,3 @@
-import json
 from pathlib import Path
 
 import pytest
@@ -103,3 +102,23 @@ def test_base_model_local_or_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(DataError, match="--base-model org/model: cannot fetch it from the Hub.*local folder"):
         resolve_base_model("org/model")
+
+
+def test_side_files_that_are_fifos_or_devices_never_hang_a_run(tmp_path):
+    """trainer_state.json and config.json are read bounded and only if regular: a FIFO or /dev/zero there is
+    passed over (the run says nothing about its cadence, and the config comes from another folder)."""
+    import os
+
+    from bema_offline import BEMASchedule, average
+
+    run_dir, base_dir, _ = make_run(tmp_path, [1, 2])
+    newest = run_dir / "checkpoint-2"
+    (newest / "trainer_state.json").unlink()
+    os.mkfifo(newest / "trainer_state.json")
+    (newest / "config.json").unlink()
+    os.mkfifo(newest / "config.json")
+    (run_dir / "checkpoint-1" / "trainer_state.json").unlink()
+    (run_dir / "checkpoint-1" / "trainer_state.json").symlink_to("/dev/zero")
+    assert checkpoints.read_trainer_state(newest) is None
+    average(run_dir, tmp_path / "out", schedule=BEMASchedule(update_freq=1), base_model=base_dir)
+    assert (tmp_path / "out" / "config.json").read_text() == (run_dir / "checkpoint-1" / "config.json").read_text()

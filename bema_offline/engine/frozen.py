@@ -1,0 +1,66 @@
+"""Which tensors are frozen: bit-identical in every source a run reads, decided per whole tensor.
+
+TRL's `BEMACallback` averages trainable parameters only; a frozen one stays as it was. The checkpoints do not say
+which parameters were trainable, but a frozen one is the same in every checkpoint, to the bit. Replaying the
+recurrence on it would not give it back exactly (`(1 − β)·x + β·x` rounds), so a frozen tensor is copied instead.
+
+The decision is made per whole tensor, by comparing bytes (so −0.0 and +0.0 differ, and every NaN payload counts),
+before anything is computed. It therefore depends on nothing but the inputs: not on `--max-memory`, `--threads`,
+`--resume` or the number of ranks. A tensor that changed in a single element anywhere is averaged in full, as TRL
+averages it; the embedding rows of tokens that never occur in the data, which never change, are averaged with the
+rest of their tensor.
+
+Comparisons stop at the first difference and start small (a trainable tensor usually differs in its first bytes),
+so the check reads a few KiB per trained tensor; only frozen tensors are read through, once per source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..files import OpenFiles
+from ..sources.tensors import TensorInfo, WeightSource
+
+FIRST_CHUNK = 4096  # bytes compared first; each further chunk is 4 times larger, up to LARGEST_CHUNK
+LARGEST_CHUNK = 4 * 2**20
+
+
+def frozen_tensors(sources: Iterable[WeightSource], names: Iterable[str], files: OpenFiles) -> set[str]:
+    """The float tensors among `names` whose bytes (and dtype) are the same in every source.
+
+    Args:
+        sources (`Iterable[WeightSource]`): every source the run reads (θ0 and the update steps).
+        names (`Iterable[str]`): the tensors to decide for.
+        files (`OpenFiles`): where to read (its identity checks apply).
+    """
+    sources = list(sources)
+    if len(sources) < 2:
+        return set()
+    frozen = set()
+    for name in names:
+        infos = [source.tensors[name] for source in sources]
+        if infos[0].is_float and len({info.dtype for info in infos}) == 1 and _same_bytes(infos, files):
+            frozen.add(name)
+    return frozen
+
+
+def _same_bytes(infos: list[TensorInfo], files: OpenFiles) -> bool:
+    reference, others = infos[0], infos[1:]
+    itemsize = reference.itemsize
+    first, chunk = 0, max(1, FIRST_CHUNK // itemsize)
+    while first < reference.numel:
+        stop = min(reference.numel, first + chunk)
+        expected = _read(reference, first, stop, files)
+        if any(_read(info, first, stop, files) != expected for info in others):
+            return False
+        first, chunk = stop, min(chunk * 4, max(1, LARGEST_CHUNK // itemsize))
+    return True
+
+
+def _read(info: TensorInfo, first: int, stop: int, files: OpenFiles) -> bytes:
+    data = bytearray((stop - first) * info.itemsize)
+    view, done = memoryview(data), 0
+    for path, offset, nbytes in info.ranges(first, stop):
+        files.read_into(path, offset, view[done : done + nbytes])
+        done += nbytes
+    return bytes(data)

@@ -1,0 +1,443 @@
+"""Iterative DPO: K rounds of TRL DPO, each against an average of the round before, resumable at any point.
+
+Round 1 trains from the base model against the base. Each round's checkpoints are averaged (BEMA by default, with
+update_freq = save_steps and θ0 = the weights the round started from), and round k+1's reference is, as
+`reference` says, round k's average (`bema`, `ema`), its last checkpoint (`last`) or always the base (`base`, plain
+multi-round DPO). Round k+1's policy starts from its reference or from round k's last checkpoint (`policy_init`).
+
+Everything lands under the work folder:
+
+    rounds.json            the plan, and each round as it finishes (rewritten atomically)
+    rounds.md, rounds.png  the rounds table, and the evaluation metric per round (with eval data)
+    round-K/               round K's checkpoint-N/ folders; only the newest keeps the optimizer, scheduler and RNG
+                           state that resuming needs
+    round-K-bema/          round K's average (round-K-ema/ with reference "ema")
+
+Running the same plan again on the same folder continues where it stopped: a round killed while training resumes
+from its newest complete checkpoint through the Trainer's `resume_from_checkpoint` (the result is bit-identical
+on the same machine), an average killed while writing reuses its finished shards, and finished rounds are reused
+once the fingerprints of their averages and checkpoints match `rounds.json`. A plan that differs (an option, the
+base model's weights, a round's data) is refused with one line naming the difference. More rounds than before
+extend a finished run.
+
+trl, transformers and datasets (the `dpo` extra) are imported only when a round runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._version import __version__
+from ..api import average
+from ..errors import DataError, UsageError
+from ..output import hub
+from ..output.fingerprint import folder_fingerprint
+from ..sources.run import find_checkpoints
+from .checkpoints import prepare_resume, prune_resume_state, resume_state_pruner
+from .dpo import RECORD_FILE, _first_line, require_dpo_extra, train_dpo, write_json_atomically
+from .rounds_plan import IteratePlan, data_fingerprint, plan_differences, plan_record
+from .rounds_report import TABLE_FILE, rounds_card, rounds_table, write_rounds_table
+
+__all__ = ["IteratePlan", "data_fingerprint", "run_rounds"]
+
+ROUNDS_FILE = "rounds.json"
+LOCK_FILE = ".bema-iterate.lock"
+
+
+# --- the work folder --------------------------------------------------------------------------------------------
+
+
+class WorkdirLock:
+    """An exclusive lock on the work folder for the whole run, so that two runs never share one."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.path = workdir / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> WorkdirLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UsageError(
+                f"--workdir {self.path.parent} is in use by another bema-offline iterate run (pid {holder}); wait for it to finish"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+
+def read_rounds(workdir: Path) -> dict | None:
+    """The work folder's `rounds.json`, or None when there is none."""
+    path = workdir / ROUNDS_FILE
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("rounds"), list) or "plan" not in record:
+            raise ValueError("not a rounds record")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable ({e}); it was not written by bema-offline iterate, use a new --workdir") from e
+    return record
+
+
+# --- the rounds -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """One invocation: the plan, its record, and what it has computed so far."""
+
+    plan: IteratePlan
+    record: dict
+    log: Callable[[str], None]
+    progress: bool
+    fingerprints: dict[str, str] = field(default_factory=dict)  # folder -> fingerprint, within this invocation
+    scorer: Any = None
+    push_token: str | None = None
+    hub_api: Any = None
+
+    def fingerprint(self, folder: Path) -> str:
+        key = str(folder)
+        if key not in self.fingerprints:
+            self.fingerprints[key] = folder_fingerprint(folder)
+        return self.fingerprints[key]
+
+    def save(self) -> None:
+        self.record["updated"] = _now()
+        write_json_atomically(self.plan.workdir / ROUNDS_FILE, self.record)
+
+
+def run_rounds(plan: IteratePlan, *, log: Callable[[str], None] = print, progress: bool = False) -> dict:
+    """Run (or continue) an iterative DPO plan; returns the `rounds.json` record.
+
+    Args:
+        plan (`IteratePlan`): the rounds to run.
+        log (`Callable[[str], None]`, defaults to print): receives one line per round and phase.
+        progress (`bool`, defaults to False): show the averaging's progress bars.
+
+    Returns:
+        `dict`: the record written to `WORKDIR/rounds.json`.
+
+    Raises:
+        `UsageError`: bad settings, or a work folder that holds another plan (the line names what differs).
+        `DataError`: unreadable data, or a reused folder whose fingerprint no longer matches its record.
+
+    Example:
+
+    ```python
+    >>> plan = IteratePlan(Path("base"), (Path("prefs.jsonl"),), rounds=3, workdir=Path("runs/iter"), save_steps=100)
+    >>> record = run_rounds(plan)
+    >>> record["rounds"][-1]["average"]["path"]
+    'runs/iter/round-3-bema'
+    ```
+    """
+    plan.check()
+    require_dpo_extra()
+    token = None
+    if plan.push_to_hub:
+        hub.check_repo_id(plan.push_to_hub)
+        token = hub.find_token()  # a missing token fails now, not after hours of training
+    workdir = plan.workdir
+    existing = read_rounds(workdir) if workdir.is_dir() else None
+    if existing is None and workdir.is_dir() and any(p.name != LOCK_FILE for p in workdir.iterdir()):
+        raise UsageError(f"--workdir {workdir} holds files but no {ROUNDS_FILE}; choose a new or empty folder")
+    for k in range(1, plan.rounds + 1):  # every round's data must be there before anything starts
+        path = plan.dataset_for_round(k)
+        if not path.exists():
+            raise DataError(f"--dataset {path}: no such file or folder")
+    if not plan.base_model.is_dir():
+        raise DataError(f"--base-model {plan.base_model}: no such folder; pass a model folder")
+    if plan.eval_data is not None and not plan.eval_data.exists():
+        raise DataError(f"--eval-data {plan.eval_data}: no such file or folder")
+    workdir.mkdir(parents=True, exist_ok=True)
+    with WorkdirLock(workdir):
+        run = _Run(plan, existing or {}, log, progress, push_token=token)
+        base_fingerprint = run.fingerprint(plan.base_model)
+        wanted = plan_record(plan, base_fingerprint)
+        if existing is None:
+            run.record = {
+                "tool": "bema-offline iterate",
+                "version": __version__,
+                "created": _now(),
+                "plan": wanted,
+                "rounds": [],
+                "in_progress": None,
+            }
+            run.save()
+        else:
+            differences = plan_differences(existing["plan"], wanted)
+            if differences:
+                more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+                raise UsageError(
+                    f"--workdir {workdir} holds a run with another plan: {differences[0]}{more}; "
+                    "rerun with the options of that run, or use a new --workdir"
+                )
+            done = len(existing["rounds"])
+            if done > plan.rounds:
+                raise UsageError(f"--rounds {plan.rounds}: --workdir {workdir} already holds {done} finished rounds; pass --rounds {done} or more")
+            run.record["version"] = __version__
+        if plan.push_to_hub:
+            run.hub_api = hub.make_api(token)
+        for k in range(1, plan.rounds + 1):
+            if k <= len(run.record["rounds"]):
+                _reuse_round(run, k)
+            else:
+                _run_round(run, k)
+            entry = run.record["rounds"][k - 1]
+            if plan.eval_data is not None:
+                _evaluate_round(run, entry)
+            if plan.push_to_hub:
+                _push_round(run, entry)
+            write_rounds_table(run.record, workdir)
+        log(rounds_table(run.record, workdir))
+        last = run.record["rounds"][-1]["average"]["path"]
+        log(f"done: {plan.rounds} rounds; the last average is {last}; see {workdir / ROUNDS_FILE} and {workdir / TABLE_FILE}")
+    return run.record
+
+
+def _inputs_of_round(run: _Run, k: int) -> tuple[dict, dict]:
+    """Round k's reference and policy, `{path, fingerprint, kind}` and `{path, fingerprint}`, from the rounds before."""
+    plan = run.plan
+    base = {"path": str(plan.base_model), "fingerprint": run.fingerprint(plan.base_model)}
+    if k == 1:
+        return {**base, "kind": "base"}, dict(base)
+    previous = run.record["rounds"][k - 2]
+    last = previous["training"]["last_checkpoint"]
+    average_ = {"path": previous["average"]["path"], "fingerprint": previous["average"]["fingerprint"]}
+    if plan.reference == "base":
+        reference = base
+    elif plan.reference == "last":
+        reference = {"path": last["path"], "fingerprint": last["fingerprint"]}
+    else:
+        reference = average_
+    policy = dict(reference) if plan.policy_start == "reference" else {"path": last["path"], "fingerprint": last["fingerprint"]}
+    return {**reference, "kind": plan.reference}, policy
+
+
+def _check_fingerprint(run: _Run, recorded: dict, what: str) -> None:
+    path = Path(recorded["path"])
+    if not path.is_dir():
+        raise DataError(f"{path}: {what} is gone; restore it, or use a new --workdir")
+    found = run.fingerprint(path)
+    if found != recorded["fingerprint"]:
+        raise DataError(
+            f"{path}: {what} changed since {ROUNDS_FILE} recorded it (sha256 {found[:16]}, recorded "
+            f"{recorded['fingerprint'][:16]}); restore it, or use a new --workdir"
+        )
+
+
+def _check_dataset(run: _Run, k: int, recorded: dict) -> dict:
+    path = run.plan.dataset_for_round(k)
+    current = {"path": str(path), "fingerprint": data_fingerprint(path)}
+    if current["fingerprint"] != recorded["fingerprint"]:
+        raise UsageError(
+            f"--dataset {path}: round {k} was trained on other data ({recorded['path']}, sha256 "
+            f"{recorded['fingerprint'][:16]}); rerun with that data, or use a new --workdir"
+        )
+    return current
+
+
+def _reuse_round(run: _Run, k: int) -> None:
+    """A finished round: check its data and the fingerprints of what the next rounds use, and go on."""
+    entry = run.record["rounds"][k - 1]
+    _check_dataset(run, k, entry["dataset"])
+    _check_fingerprint(run, entry["average"], f"round {k}'s average")
+    if k < run.plan.rounds and (run.plan.reference == "last" or run.plan.policy_start == "last"):
+        _check_fingerprint(run, entry["training"]["last_checkpoint"], f"round {k}'s last checkpoint")
+    run.log(f"round {k}/{run.plan.rounds}: finished before; reusing {entry['average']['path']} (fingerprint checked)")
+
+
+def _run_round(run: _Run, k: int) -> None:
+    """Train round k (or resume it), average it, and record it."""
+    plan, log = run.plan, run.log
+    rounds = plan.rounds
+    reference, policy = _inputs_of_round(run, k)
+    dataset_path = plan.dataset_for_round(k)
+    dataset = {"path": str(dataset_path), "fingerprint": data_fingerprint(dataset_path)}
+    started = run.record.get("in_progress")
+    if started and started.get("round") == k:
+        _check_dataset(run, k, started["dataset"])
+        if (started["reference"]["fingerprint"], started["policy"]["fingerprint"]) != (reference["fingerprint"], policy["fingerprint"]):
+            raise DataError(f"round {k} started from other models than round {k - 1} recorded; use a new --workdir")
+    run.record["in_progress"] = {"round": k, "dataset": dataset, "reference": reference, "policy": policy}
+    run.save()
+
+    run_dir = plan.workdir / f"round-{k}"
+    training = _read_training_record(run_dir)
+    if training is not None:
+        log(f"round {k}/{rounds}: training finished before; reusing {run_dir}")
+    else:
+        resume = prepare_resume(run_dir)
+        log(f"round {k}/{rounds}: training: policy {policy['path']}, reference {reference['path']}, data {dataset_path} -> {run_dir}")
+        result = train_dpo(
+            reference["path"],
+            dataset_path,
+            run_dir,
+            policy=policy["path"],
+            beta=plan.beta,
+            learning_rate=plan.learning_rate,
+            max_steps=plan.max_steps,
+            per_device_train_batch_size=plan.per_device_train_batch_size,
+            save_steps=plan.save_steps,
+            bf16=plan.bf16,
+            precompute_ref_log_probs=plan.precompute_ref_log_probs,
+            config_overrides={**plan.config_overrides, "save_only_model": False},
+            resume_from_checkpoint=resume,
+            callbacks=[resume_state_pruner()],
+            progress=run.progress,
+            log=log,
+        )
+        training = result.record
+    if training["reference"]["fingerprint"] != reference["fingerprint"]:
+        raise DataError(f"{run_dir}: trained against another reference than round {k}'s; use a new --workdir")
+    checkpoints = sorted(find_checkpoints(run_dir))
+    last_folder = run_dir / f"checkpoint-{checkpoints[-1]}"
+    prune_resume_state(run_dir, newest=checkpoints[-1] + 1)  # the round is over: no checkpoint needs it any more
+
+    kind = plan.average_kind
+    average_dir = plan.workdir / f"round-{k}-{kind}"
+    log(f"round {k}/{rounds}: averaging the {kind.upper()} of {run_dir} (θ0 {policy['path']}) -> {average_dir}")
+    averaged = average(
+        run_dir,
+        average_dir,
+        schedule=plan.bema_schedule,
+        base_model=policy["path"],
+        save=(kind,),
+        overwrite=True,  # an average published by a run killed before it recorded the round is made again
+        resume=True,  # an average killed while writing reuses its finished shards
+        progress=run.progress,
+    )
+    for note in averaged.plan.notes:
+        log(f"note: {note}")
+    output = averaged.outputs[0]
+    run.fingerprints.pop(str(average_dir), None)
+    entry = {
+        "round": k,
+        "dataset": dataset,
+        "reference": reference,
+        "policy": policy,
+        "training": {
+            "output_dir": str(run_dir),
+            "global_step": training["global_step"],
+            "checkpoints": checkpoints,
+            "resumed_from": training.get("resumed_from"),
+            "last_checkpoint": {"path": str(last_folder), "fingerprint": run.fingerprint(last_folder)},
+            "dpo": training["dpo"],
+        },
+        "average": {
+            "path": str(average_dir),
+            "fingerprint": run.fingerprint(average_dir),
+            "kind": output.kind,
+            "step": output.step,
+            "theta0": policy["path"],
+            "update_steps": averaged.plan.schedules[0].update_steps,
+            "ignored_steps": averaged.plan.ignored_steps,
+            "effective_weights": {str(step): weight for step, weight in sorted(output.weights.items())},
+        },
+        "finished": _now(),
+    }
+    run.record["rounds"].append(entry)
+    run.record["in_progress"] = None
+    run.save()
+    log(f"round {k}/{rounds}: finished; recorded in {plan.workdir / ROUNDS_FILE}")
+
+
+def _read_training_record(run_dir: Path) -> dict | None:
+    """The record `train_dpo` writes when a round's training is over (atomically), or None."""
+    try:
+        record = json.loads((run_dir / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "global_step" in record else None
+
+
+# --- evaluation and Hub -----------------------------------------------------------------------------------------
+
+
+def make_scorer(plan: IteratePlan, record: dict):
+    """The per-round scorer: held-out DPO reward accuracy and margin against the base model.
+
+    This is the one place to swap in other metrics: anything with `score(model_dir, fingerprint=...) -> dict[str,
+    float]` and a `description` string fits the rounds table and plot.
+    """
+    from .reward_eval import PreferenceRewardEval
+
+    dpo = record["plan"]["dpo"]
+    return PreferenceRewardEval(plan.eval_data, plan.base_model, beta=dpo["beta"], max_length=dpo["max_length"])
+
+
+def _evaluate_round(run: _Run, entry: dict) -> None:
+    plan = run.plan
+    data = {"path": str(plan.eval_data), "fingerprint": data_fingerprint(plan.eval_data)}
+    if entry.get("eval", {}).get("data", {}).get("fingerprint") == data["fingerprint"]:
+        return
+    if run.scorer is None:
+        run.scorer = make_scorer(plan, run.record)
+    k = entry["round"]
+    run.log(f"round {k}/{plan.rounds}: scoring the reference, the last checkpoint and the average on {plan.eval_data}")
+    models = {
+        "reference": entry["reference"],
+        "last checkpoint": entry["training"]["last_checkpoint"],
+        "average": entry["average"],
+    }
+    scores = {name: run.scorer.score(model["path"], fingerprint=model["fingerprint"]) for name, model in models.items()}
+    entry["eval"] = {"data": data, "metric": run.scorer.description, "scores": scores}
+    run.save()
+
+
+def _push_round(run: _Run, entry: dict) -> None:
+    plan = run.plan
+    k = entry["round"]
+    branch = f"round-{k}"
+    if entry.get("push", {}).get("repo") == plan.push_to_hub and entry["push"].get("fingerprint") == entry["average"]["fingerprint"]:
+        return
+    run.log(f"round {k}/{plan.rounds}: pushing {entry['average']['path']} to {plan.push_to_hub}@{branch}")
+    hub.push_to_hub(
+        entry["average"]["path"],
+        plan.push_to_hub,
+        private=plan.private,
+        revision=branch,
+        layout="branches",
+        token=run.push_token,
+        api=run.hub_api,
+        commit_message=f"bema-offline iterate: round {k}'s {entry['average']['kind'].upper()}",
+        log=run.log,
+    )
+    pushed = {"repo": plan.push_to_hub, "revision": branch, "fingerprint": entry["average"]["fingerprint"]}
+    card = rounds_card({**run.record, "rounds": run.record["rounds"][:k]}, plan.workdir, repo_id=plan.push_to_hub)
+    try:
+        run.hub_api.upload_file(
+            path_or_fileobj=card.encode(),
+            path_in_repo="README.md",
+            repo_id=plan.push_to_hub,
+            repo_type="model",
+            commit_message=f"bema-offline iterate: rounds table after round {k}",
+        )
+    except Exception as e:  # huggingface_hub raises HTTP, network and validation errors alike
+        raise hub.HubError(
+            f"writing the rounds table to the main branch of {plan.push_to_hub} failed ({_first_line(e)}); "
+            f"round {k} is on branch {branch}; run the same command again to retry"
+        ) from e
+    entry["push"] = pushed  # recorded once the card is up too, so that a rerun retries both
+    run.save()
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,277 @@
+"""`bema_offline.train.iterate`: real TRL DPO rounds on a tiny Llama, their averages and record, Hub pushes, and
+resuming after real SIGKILLs (while training, while averaging, between rounds) to the same bits as a run that was
+never interrupted."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from hub_fake import FakeApi
+from tiny_dpo import make_preference_dataset, make_tiny_llama, make_tokenizer
+
+from bema_offline import faults
+from bema_offline.errors import DataError, UsageError
+from bema_offline.output import hub
+from bema_offline.output.fingerprint import folder_fingerprint
+from bema_offline.sources.run import find_checkpoints
+from bema_offline.train import iterate
+from bema_offline.train.iterate import IteratePlan, data_fingerprint, run_rounds
+
+# fp32 on the CPU, deterministic, quiet
+FAST = {"gradient_checkpointing": False, "use_cpu": True, "max_length": 32, "report_to": [], "disable_tqdm": True, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A base model, preference data and held-out pairs; one intra-op thread, the datasets cache in tmp."""
+    root = tmp_path_factory.mktemp("iterate")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", str(root / "datasets_cache"))
+        make_tiny_llama(root / "base", make_tokenizer(root / "tokenizer"))
+        make_preference_dataset(8, seed=4).to_json(root / "prefs.jsonl")
+        make_preference_dataset(6, seed=9).to_json(root / "heldout.jsonl")
+        yield root
+    torch.set_num_threads(threads)
+
+
+def plan_for(data: Path, workdir: Path, **changes) -> IteratePlan:
+    settings = dict(
+        base_model=data / "base",
+        datasets=(data / "prefs.jsonl",),
+        rounds=2,
+        workdir=workdir,
+        save_steps=2,
+        max_steps=4,
+        learning_rate=1e-3,
+        per_device_train_batch_size=2,
+        bf16=False,
+        config_overrides=FAST,
+    )
+    return IteratePlan(**{**settings, **changes})
+
+
+@pytest.fixture(scope="module")
+def pushed(data: Path):
+    """Two rounds without interruption, scored on held-out pairs and pushed to a fake Hub."""
+    api = FakeApi()
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hub, "get_token", lambda: "hf_test")
+        patch.setattr(hub, "make_api", lambda token: api)
+        plan = plan_for(data, data / "uninterrupted", eval_data=data / "heldout.jsonl", push_to_hub="my-org/rounds")
+        record = run_rounds(plan, log=lines.append)
+        yield plan, record, api, lines
+
+
+def weights_of(workdir: Path) -> dict[str, str]:
+    """The fingerprint of every model folder a run wrote: each round's checkpoints and average."""
+    folders = [p for p in workdir.glob("round-*") if p.is_dir()]
+    folders += [checkpoint for folder in folders for checkpoint in folder.glob("checkpoint-*")]
+    return {p.relative_to(workdir).as_posix(): folder_fingerprint(p) for p in folders if (p / "config.json").exists()}
+
+
+def test_two_rounds_and_their_record(data: Path, pushed) -> None:
+    plan, record, _, lines = pushed
+    work = plan.workdir
+    assert json.loads((work / "rounds.json").read_text()) == record
+    base = {"path": str(data / "base"), "fingerprint": folder_fingerprint(data / "base")}
+    assert record["plan"]["base_model"] == base
+    assert record["plan"]["schedule"]["update_freq"] == 2 and record["plan"]["schedule"]["update_after"] == 0
+    assert record["plan"]["dpo"]["beta"] == 0.1 and record["plan"]["dpo"]["max_length"] == 32  # TRL's default, resolved
+    assert record["in_progress"] is None
+    first, second = record["rounds"]
+    # round 1 trains from the base against the base; round 2's reference and policy are round 1's BEMA
+    assert first["reference"] == {**base, "kind": "base"} and first["policy"] == base
+    average = {"path": str(work / "round-1-bema"), "fingerprint": folder_fingerprint(work / "round-1-bema")}
+    assert second["reference"] == {**average, "kind": "bema"} and second["policy"] == average
+    assert first["average"]["fingerprint"] != base["fingerprint"]
+    for entry in record["rounds"]:
+        run_dir = Path(entry["training"]["output_dir"])
+        assert entry["training"]["checkpoints"] == sorted(find_checkpoints(run_dir)) == [2, 4]
+        assert entry["training"]["global_step"] == 4 and entry["training"]["resumed_from"] is None
+        assert entry["dataset"] == {"path": str(data / "prefs.jsonl"), "fingerprint": data_fingerprint(data / "prefs.jsonl")}
+        assert entry["average"]["update_steps"] == [2, 4] and entry["average"]["step"] == 4
+        weights = entry["average"]["effective_weights"]
+        assert list(weights) == ["0", "2", "4"] and abs(sum(weights.values()) - 1) < 1e-12
+        assert entry["average"]["theta0"] == entry["policy"]["path"]
+        provenance = json.loads((Path(entry["average"]["path"]) / "bema_offline.json").read_text())
+        assert provenance["base_model"] == entry["policy"]["path"]  # θ0 of the average is where the round started
+        assert json.loads((run_dir / "bema_offline_dpo.json").read_text())["reference"]["fingerprint"] == entry["reference"]["fingerprint"]
+        # once a round is over no checkpoint keeps the optimizer state: only the model files the average reads
+        for folder in find_checkpoints(run_dir).values():
+            assert (folder / "model.safetensors").is_file() and not (folder / "optimizer.pt").exists()
+            assert not list(folder.glob("rng_state*")) and not (folder / "scheduler.pt").exists()
+    assert not (work / ".bema-iterate.lock").exists()
+    assert "round 1/2: training: policy" in "\n".join(lines) and lines[-1].startswith("done: 2 rounds; the last average is")
+
+
+def test_scores_table_and_plot(pushed) -> None:
+    plan, record, _, lines = pushed
+    first, second = record["rounds"]
+    assert first["eval"]["scores"]["reference"] == {"reward_accuracy": 0.0, "reward_margin": 0.0}  # the base against itself
+    assert second["eval"]["scores"]["reference"] == first["eval"]["scores"]["average"]  # round 1's BEMA, scored once
+    assert any(score["reward_margin"] != 0 for score in second["eval"]["scores"].values())
+    table = (plan.workdir / "rounds.md").read_text()
+    assert "| 2 | round-1-bema | round-1-bema | prefs.jsonl | 4 | 2, 4 | round-2-bema |" in table
+    accuracy = first["eval"]["scores"]["average"]["reward_accuracy"]
+    assert "reward accuracy: held-out DPO reward against" in table and f"{accuracy:.4f} |" in table
+    assert table.startswith("\n".join(lines[-2].splitlines()[:3]))  # the same table went to the log
+    assert (plan.workdir / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_round_goes_to_its_branch_and_the_table_to_main(pushed) -> None:
+    plan, record, api, _ = pushed
+    assert [(u["repo_id"], u["revision"]) for u in api.uploads] == [("my-org/rounds", "round-1"), ("my-org/rounds", "round-2")]
+    assert all("model.safetensors" in u["files"] and "bema_offline.json" in u["files"] for u in api.uploads)
+    cards = [kwargs for method, _, kwargs in api.calls if method == "upload_file"]
+    assert [c["path_in_repo"] for c in cards] == ["README.md", "README.md"]
+    card = cards[-1]["content"].decode()
+    assert "| 2 | round-1-bema |" in card and 'revision="round-2"' in card and "- iterative-dpo" in card
+    assert record["rounds"][1]["push"] == {"repo": "my-org/rounds", "revision": "round-2", "fingerprint": record["rounds"][1]["average"]["fingerprint"]}
+
+
+def test_a_finished_run_is_reused_and_a_changed_plan_refused(data: Path, pushed, monkeypatch) -> None:
+    plan, record, api, _ = pushed
+    monkeypatch.setattr(hub, "get_token", lambda: "hf_test")
+    monkeypatch.setattr(hub, "make_api", lambda token: api)
+    before = weights_of(plan.workdir)
+    calls = len(api.calls)
+    lines: list[str] = []
+    again = run_rounds(plan, log=lines.append)
+    assert [r["average"] for r in again["rounds"]] == [r["average"] for r in record["rounds"]]
+    assert sum("finished before; reusing" in line for line in lines) == 2
+    assert len(api.calls) == calls  # nothing pushed twice
+    for change, message in [
+        (dict(beta=0.2), "another plan: --beta was 0.1, now 0.2; rerun with the options of that run"),
+        (dict(reference="ema", policy_init="last"), r"another plan: --policy-init was reference, now last \(and 1 more\)"),
+        (dict(config_overrides={**FAST, "warmup_steps": 1}), "another plan: --config-set warmup_steps was not set, now 1"),
+        (dict(datasets=(data / "heldout.jsonl",)), f"--dataset {data / 'heldout.jsonl'}: round 1 was trained on other data"),
+        (dict(rounds=1), "--rounds 1: --workdir"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            run_rounds(dataclasses.replace(plan, **change), log=lines.append)
+    assert weights_of(plan.workdir) == before
+    # an average changed behind the run's back is not reused
+    changed = dataclasses.replace(plan, push_to_hub=None, eval_data=None, workdir=plan.workdir.parent / "changed")
+    shutil.copytree(plan.workdir, changed.workdir)
+    (changed.workdir / "rounds.json").write_text((plan.workdir / "rounds.json").read_text().replace(str(plan.workdir), str(changed.workdir)))
+    shutil.copy(data / "base" / "model.safetensors", changed.workdir / "round-1-bema" / "model.safetensors")
+    with pytest.raises(DataError, match="round-1-bema: round 1's average changed since rounds.json recorded it"):
+        run_rounds(changed, log=lines.append)
+
+
+@pytest.mark.parametrize(("reference", "policy_init"), [("base", None), ("last", "reference")])
+def test_other_references(data: Path, tmp_path: Path, reference: str, policy_init: str | None) -> None:
+    plan = plan_for(data, tmp_path / "work", reference=reference, policy_init=policy_init, max_steps=3, rounds=2)
+    record = run_rounds(plan, log=lambda line: None)
+    first, second = record["rounds"]
+    last = {"path": str(tmp_path / "work" / "round-1" / "checkpoint-3"), "fingerprint": first["training"]["last_checkpoint"]["fingerprint"]}
+    assert last["fingerprint"] == folder_fingerprint(last["path"])
+    if reference == "base":  # plain multi-round DPO: a fixed reference, the policy goes on from the last checkpoint
+        assert second["reference"] == {**record["plan"]["base_model"], "kind": "base"} and second["policy"] == last
+    else:
+        assert second["reference"] == {**last, "kind": "last"} and second["policy"] == last
+    # the last checkpoint (3) is off the save grid: the average ignores it
+    assert first["average"]["update_steps"] == [2] and first["average"]["ignored_steps"] == [3]
+
+
+def test_bad_plans_are_one_line(data: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    for change, message in [
+        (dict(datasets=(data / "prefs.jsonl",) * 3), r"--dataset given 3 times; give it once, or once per round \(2\)"),
+        (dict(reference="base", policy_init="reference"), "would start every round from the base again; use --policy-init last"),
+        (dict(config_overrides={"save_total_limit": 1}), "--config-set save_total_limit: not allowed, the average of each round needs all its checkpoints"),
+        (dict(datasets=(data / "missing.jsonl",)), f"--dataset {data / 'missing.jsonl'}: no such file or folder"),
+    ]:
+        with pytest.raises((UsageError, DataError), match=message):
+            run_rounds(plan_for(data, work, **change), log=lambda line: None)
+    assert not work.exists()
+    work.mkdir()
+    (work / "mine.txt").write_text("x")
+    with pytest.raises(UsageError, match="holds files but no rounds.json; choose a new or empty folder"):
+        run_rounds(plan_for(data, work), log=lambda line: None)
+
+
+# --- resuming after real kills -----------------------------------------------------------------------------------
+
+
+def killed_child(plan: IteratePlan, arm) -> None:
+    """Run the plan in a forked child that `arm` sets up to SIGKILL itself at one point; check that it died so."""
+    pid = os.fork()
+    if pid == 0:  # the child: it must never return into pytest
+        try:
+            arm()
+            run_rounds(plan, log=lambda line: None)
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"the child was not killed (status {status})"
+
+
+def kill_at_training_step(step: int):
+    def arm() -> None:
+        from trl import DPOTrainer
+
+        original, calls = DPOTrainer.training_step, []
+
+        def training_step(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(self, *args, **kwargs)
+
+        DPOTrainer.training_step = training_step
+
+    return arm
+
+
+def kill_when_round_2_starts() -> None:
+    def train_dpo(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    iterate.train_dpo = train_dpo
+
+
+def test_resume_after_kills_gives_the_uninterrupted_bits(data: Path, pushed, tmp_path: Path) -> None:
+    """Killed at step 3 of round 1 (after checkpoint-2), then while writing round 1's average, then between the
+    rounds: each rerun goes on from where the last stopped, and the end result is the uninterrupted run's, bit for
+    bit (every checkpoint's and average's weights, the effective weights)."""
+    plan = plan_for(data, tmp_path / "work")
+    work = plan.workdir
+
+    killed_child(plan, kill_at_training_step(3))
+    record = json.loads((work / "rounds.json").read_text())
+    assert record["rounds"] == [] and record["in_progress"]["round"] == 1
+    assert sorted(find_checkpoints(work / "round-1")) == [2]
+    assert (work / "round-1" / "checkpoint-2" / "optimizer.pt").is_file()  # the newest keeps what resuming needs
+
+    killed_child(plan, lambda: faults.arm("write", 1, "kill"))
+    assert json.loads((work / "round-1" / "bema_offline_dpo.json").read_text())["resumed_from"] == "checkpoint-2"
+    assert sorted(find_checkpoints(work / "round-1")) == [2, 4]
+    assert (work / ".round-1-bema.bema-partial").is_dir() and not (work / "round-1-bema").exists()
+    assert json.loads((work / "rounds.json").read_text())["rounds"] == []
+
+    killed_child(plan, kill_when_round_2_starts)
+    record = json.loads((work / "rounds.json").read_text())
+    assert [r["round"] for r in record["rounds"]] == [1] and record["in_progress"]["round"] == 2
+    assert not (work / ".round-1-bema.bema-partial").exists()
+
+    lines: list[str] = []
+    record = run_rounds(plan, log=lines.append)
+    assert "round 1/2: finished before; reusing" in lines[0]
+    assert record["rounds"][0]["training"]["resumed_from"] == "checkpoint-2"
+    uninterrupted, _, _, _ = pushed
+    assert weights_of(work) == weights_of(uninterrupted.workdir)
+    for resumed, reference in zip(record["rounds"], pushed[1]["rounds"]):
+        assert resumed["average"]["effective_weights"] == reference["average"]["effective_weights"]
+        assert resumed["average"]["fingerprint"] == reference["average"]["fingerprint"]
