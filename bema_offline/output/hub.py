@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # imported when used, not at startup
 LAYOUTS = ("repos", "branches")
 # Weight files already in the repo (or the branch) that the upload does not replace are deleted in the same commit,
 # so that a repo never mixes the new weights with stale shards of an earlier push.
-DELETE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "effective_weights.png"]
+DELETE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "effective_weights.png", "effective_weights.svg"]
 _REPO_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 

@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, steps_text
 from ..files import read_json_file
 from .dcp import DCP_FOLDER, load_dcp
 from .deepspeed import is_deepspeed_folder, load_deepspeed
@@ -63,7 +63,7 @@ def find_checkpoints(run_dir: str | Path, *, min_step: int | None = None, max_st
     if not narrowed:
         raise DataError(
             f"{run_dir}: no checkpoint between --min-step {min_step} and --max-step {max_step} "
-            f"(found steps {_steps_text(found)})"
+            f"(found steps {steps_text(found)})"
         )
     return narrowed
 
@@ -206,11 +206,3 @@ def read_trainer_state(folder: Path) -> dict | None:
     if not isinstance(state, dict):
         return None
     return {key: state.get(key) for key in ("global_step", "max_steps", "save_steps", "num_train_epochs")}
-
-
-def _steps_text(steps, limit: int = 12, *, total: int | None = None) -> str:
-    """Steps for a message: the first `limit`, and how many there are in all (`total`, when more exist than given)."""
-    steps = sorted(steps)
-    total = len(steps) if total is None else total
-    shown = ", ".join(str(s) for s in steps[:limit])
-    return shown + (f", ... ({total} in all)" if total > limit else "")

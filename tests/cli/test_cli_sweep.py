@@ -3,9 +3,8 @@
 import json
 
 import pytest
-from synthetic import make_run
-
 from cli.test_average import run_cli
+from synthetic import make_run
 
 
 @pytest.fixture
@@ -82,7 +81,7 @@ def test_sweep_file(run, tmp_path, capsys, suffix):
 @pytest.mark.parametrize(
     "args, code, needle",
     [
-        (["--grid", "ema_pow=0.3"], 2, "unknown schedule field 'ema_pow'"),
+        (["--grid", "ema_pow=0.3"], 2, "unknown field 'ema_pow'"),
         (["--grid", "ema_power=fast"], 2, "ema_power must be a number"),
         (["--grid", "update_freq=2.5"], 2, "update_freq must be an integer"),
         (["--grid", "ema_power"], 2, "write FIELD=V1,V2"),

@@ -220,12 +220,12 @@ def test_config_names_must_be_plain_folder_names(name, problem):
 
 
 def test_every_file_the_writer_writes_is_a_refused_name():
-    from bema_offline.output.card import CARD_FILE, CHART_FILE, PROVENANCE_FILE
+    from bema_offline.output.card import CARD_FILE, PROVENANCE_FILE
     from bema_offline.output.chart import CHART_SVG
     from bema_offline.output.writer import INDEX_FILE
     from bema_offline.sources.run import SIDECAR_FILES
 
-    for name in (*SIDECAR_FILES, INDEX_FILE, "model.safetensors", CARD_FILE, CHART_FILE, CHART_SVG, PROVENANCE_FILE):
+    for name in (*SIDECAR_FILES, INDEX_FILE, "model.safetensors", CARD_FILE, "effective_weights.png", CHART_SVG, PROVENANCE_FILE):
         with pytest.raises(UsageError):
             check_names([(name, None)], source="s")
     assert check_names([("ema_power=0.5", None), ("uniform-last4", None), ("power-ema-sigma0.05", None)], source="s")

@@ -19,7 +19,7 @@ SINGLE_FILES = [
     "README.md",
     "bema_offline.json",
     "config.json",
-    "effective_weights.png",
+    "effective_weights.svg",
     "model.safetensors",
 ]
 
