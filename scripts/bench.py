@@ -434,7 +434,7 @@ def section_layouts(args, scratch: Path) -> list[dict]:
     """The same weights (base + 4 checkpoints of 0.5 GiB of fp32) in each layout: `bema-average` and `cat` of the
     files, and `--dry-run` (reading the headers only), beside the safetensors run."""
     run_dir, base_dir = synthetic(args.root, "run-layouts", size=GIB // 2, checkpoints=4, dtype="float32")
-    out, here = scratch / "out", env_with(REPO)
+    out, here = Path("/dev/shm") / f"bema-bench-{os.getpid()}" / "out", env_with(REPO)  # (see NOTES["layouts"])
     tensor_bytes = sum(f.stat().st_size for f in input_files(run_dir, base_dir))  # safetensors: the tensors, plus tiny headers
     runs = [("safetensors", "safetensors (the reference)", run_dir, base_dir)]
     for layout, title in LAYOUTS:
@@ -551,7 +551,7 @@ NOTES = {
                "`bema-average` and each layout's files for `cat`. 'bytes read' is what the process read through read "
                "syscalls (pread included; Python's own startup reads about 5 MiB, see the dry runs): each input byte read "
                "once gives a 'read / input' of 1 plus that. Peak RSS is the same in every layout. The output (0.5 GiB) "
-               "is written and fsynced.",
+               "goes to tmpfs, so that the shared disk's write speed does not blur the comparison of the readers.",
     "groups": "The 'after startup' column is the engine's run; the peak RSS includes the groups' arenas. Small groups "
               "stay in the CPU cache from one step to the next; that is why the engine uses at most 8 MiB per worker "
               "whatever --max-memory allows (engine.CACHE_BYTES).",
