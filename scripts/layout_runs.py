@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import shutil
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -64,7 +65,9 @@ def convert(source: Path, target: Path, layout: str) -> None:
         elif layout == "dcp":
             import torch.distributed.checkpoint as dcp
 
-            dcp.save(state, checkpoint_id=out / "pytorch_model_fsdp_0", no_dist=True)
+            with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.save(state, checkpoint_id=out / "pytorch_model_fsdp_0", no_dist=True)
         else:
             if any(t.dtype != torch.float32 for t in state.values()):
                 raise SystemExit("zero3 holds fp32 master weights: generate the run with --dtype float32")
