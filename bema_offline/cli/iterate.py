@@ -11,6 +11,7 @@ import click
 from click.core import ParameterSource
 
 from ..errors import UsageError
+from ..methods.base import Method
 from ..methods.registry import METHODS, SCHEDULE_FIELDS, applicable_fields
 from ._help import CONTEXT, SectionedCommand, debug_option, option
 from ._methods import (
@@ -101,9 +102,10 @@ def iterate_command(config_file: Path | None, quiet: bool, debug: bool, **option
 
     Each round trains from its policy (the base model in round 1) against its reference, saving checkpoint-N/
     folders every --save-steps; bema-average then averages them (BEMA by default, or the --reference method, with
-    θ0 where the round started), and that average is the next round's reference. rounds.json records each round as it finishes. Running the same command again
-    resumes a killed run: a round killed while training goes on from its last checkpoint, finished rounds and
-    averages are reused once their fingerprints are checked, and a changed plan is refused.
+    θ0 where the round started), and that average is the next round's reference. rounds.json records each round as
+    it finishes. Running the same command again resumes a killed run: a round killed while training goes on from
+    its last checkpoint, finished rounds and averages are reused once their fingerprints are checked, and a changed
+    plan is refused.
     """
     from ..train.dpo import parse_config_overrides, require_dpo_extra
     from ..train.iterate import IteratePlan, run_rounds
@@ -146,7 +148,7 @@ def iterate_command(config_file: Path | None, quiet: bool, debug: bool, **option
         run_rounds(plan, log=(lambda line: None) if quiet else click.echo, progress=progress_bars_wanted(quiet))
 
 
-def average_method(options: dict[str, Any], given: set[str]):
+def average_method(options: dict[str, Any], given: set[str]) -> Method:
     """Each round's average: the --reference method (BEMA with last and base) with its options, on a schedule whose
     update_freq is --save-steps unless given.
 
@@ -164,7 +166,8 @@ def average_method(options: dict[str, Any], given: set[str]):
         own = [f"--{key.replace('_', '-')}" for key in taken if key not in SCHEDULE_FIELDS]
         takes = f"it takes {', '.join(own)}" if own else "it takes no options"
         raise UsageError(f"{prefix}--{unused[0].replace('_', '-')} does not apply to --reference {name} ({takes})")
-    schedule = schedule_from_options(**{**options, "update_freq": options["update_freq"] or options["save_steps"]})
+    update_freq = options["save_steps"] if options["update_freq"] is None else options["update_freq"]
+    schedule = schedule_from_options(**{**options, "update_freq": update_freq})
     try:
         [(_, method)] = method_configs_from_options(schedule=schedule, **{**options, "method": name})
     except UsageError as e:

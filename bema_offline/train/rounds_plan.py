@@ -40,7 +40,7 @@ class IteratePlan:
         datasets (`tuple[Path, ...]`): preference data, one for every round or one per round.
         rounds (`int`): the number of rounds K.
         workdir (`Path`): where the rounds, averages and `rounds.json` go.
-        save_steps (`int`): checkpoint cadence of each round, also the `update_freq` of its average.
+        save_steps (`int`): checkpoint cadence of each round, also the default `update_freq` of its average.
         reference (`str`, defaults to "bema"): round k+1's reference: a method of `bema_offline.methods` ("bema",
             "ema", "dema", "ouema", "uniform", "power-ema", "wsm", "expo"), i.e. that average of round k's
             checkpoints, or "last" (round k's last checkpoint) or "base" (the base model every round).
@@ -54,8 +54,9 @@ class IteratePlan:
             Default: `reference`'s method (BEMA with "last" and "base") with TRL's defaults and `update_freq` =
             `save_steps`. A schedule's `update_freq` and `update_after` must fall on the saved checkpoints
             (multiples of `save_steps`).
-        eval_data (`Path`, *optional*): held-out preference data scored after each round (not part of the plan's
-            fingerprint: it may change between runs, and the scores are then computed again).
+        eval_data (`Path`, *optional*): held-out data evaluated after each round, whose columns choose the metrics
+            (see `rounds_eval`); not part of the plan's fingerprint: it may change between runs, and the scores are
+            then computed again.
         push_to_hub (`str`, *optional*): ORG/NAME; each round's average goes to branch `round-K`.
         private (`bool`, defaults to False): create the Hub repo private.
     """

@@ -32,7 +32,7 @@ def average_title(entry: dict) -> str:
     """How tables name a round's average: BEMA, EMA, or the method's label (uniform-last4, power-ema-sigma0.1)."""
     average = entry["average"]
     label = average.get("label") or average.get("kind", "average")  # (the first rounds.json files had no label)
-    return label.upper() if label in ("bema", "ema", "dema") else label
+    return label.upper() if label in ("bema", "ema", "dema", "ouema") else label
 
 
 def evaluated_rounds(record: dict) -> list[dict]:
@@ -67,7 +67,8 @@ def _number(value: float | str | None) -> float:
 
 
 def rounds_table(record: dict, workdir: Path) -> str:
-    """The rounds as Markdown tables: what each round trained and wrote, then each evaluation metric per round."""
+    """The rounds as Markdown tables: what each round trained and wrote, then the evaluation (a row per round and
+    model, a column per metric)."""
     base = record["plan"]["base_model"]["path"]
     lines = [
         f"Rounds of iterative DPO (base model: {base})",
