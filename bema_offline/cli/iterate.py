@@ -11,8 +11,10 @@ import click
 from click.core import ParameterSource
 
 from ..errors import UsageError
+from ..files import read_small_file
 from ..methods.base import Method
 from ..methods.registry import METHODS, SCHEDULE_FIELDS, applicable_fields
+from ..safe_yaml import load_yaml
 from ._help import CONTEXT, SectionedCommand, debug_option, option
 from ._methods import (
     METHOD_OPTIONS,
@@ -222,42 +224,10 @@ def _relative_to(config: Path, value: Any) -> Any:
 
 
 def load_config(path: Path) -> dict:
-    """A YAML mapping of option names to values; aliases and repeated keys are refused, and YAML 1.1's base-60
-    numbers are read as text (`window: 2:4` is steps 2 to 4, not 124)."""
-    import yaml
-
-    class PlanLoader(yaml.SafeLoader):
-        def compose_node(self, parent, index):
-            if self.check_event(yaml.AliasEvent):
-                event = self.peek_event()
-                raise UsageError(
-                    f"--config {path}, line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed; write the value out"
-                )
-            return super().compose_node(parent, index)
-
-        def construct_sexagesimal_as_text(self, node):
-            if ":" in str(node.value):  # YAML 1.1 reads 2:4 as 2·60 + 4: a window A:B stays text
-                return self.construct_scalar(node)
-            return (self.construct_yaml_int if node.tag.endswith(":int") else self.construct_yaml_float)(node)
-
-        def construct_mapping(self, node, deep=False):
-            keys = [self.construct_object(key_node, deep=True) for key_node, _ in node.value]
-            repeated = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
-            if repeated is not None:
-                raise UsageError(f"--config {path}, line {node.start_mark.line + 1}: key {repeated!r} is given twice")
-            return super().construct_mapping(node, deep=deep)
-
-    for tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
-        PlanLoader.add_constructor(tag, PlanLoader.construct_sexagesimal_as_text)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise UsageError(f"--config {path}: cannot read it ({e.strerror or e})") from e
-    try:
-        data = yaml.load(text, Loader=PlanLoader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"--config {path}: malformed YAML ({first})") from e
+    """A YAML mapping of option names to values, read bounded; aliases and repeated keys are refused, and YAML 1.1's
+    base-60 numbers are read as text (`window: 2:4` is steps 2 to 4, not 124): see `safe_yaml.load_yaml`."""
+    raw = read_small_file(path, limit=2**20, what="plan file", refuse=UsageError)
+    data = load_yaml(raw, what=f"--config {path}", refuse=UsageError)
     if data is None:
         return {}
     if not isinstance(data, dict):
