@@ -19,7 +19,7 @@ from ._help import CONTEXT, SectionedCommand, debug_option, option
 from ._methods import (
     METHOD_OPTIONS,
     method_configs_from_options,
-    method_options,
+    method_parameter_options,
     schedule_from_options,
     schedule_options,
 )
@@ -56,14 +56,6 @@ NOT_IN_CONFIG = ("config_file", "quiet", "debug")
 PATHS = ("base_model", "dataset", "workdir", "eval_data")
 
 
-def reference_method_options(func):
-    """bema-average's method parameters (`--last`, `--window`, `--half-life`, `--sigma-rel`, `--decay`, `--alpha`,
-    `--ref-step`), without its `--method`: here `--reference` names the method."""
-    func = method_options(func)
-    func.__click_params__ = [param for param in func.__click_params__ if param.name != "method"]
-    return func
-
-
 @click.command(cls=SectionedCommand, epilog=EPILOG, context_settings=CONTEXT)
 @option("--config", "config_file", type=click.Path(path_type=Path), section="Plan", help="A YAML file giving the plan: keys are these options' names (base_model, dataset, rounds, ...). Options given on the command line win.")
 @option("--base-model", type=click.Path(path_type=Path), section="Plan", help="Model folder: round 1's policy and reference, and the yardstick of --eval-data. Required.")
@@ -86,7 +78,7 @@ def reference_method_options(func):
 @option("--bf16/--no-bf16", default=None, section=TRAINING, help="bf16 mixed precision. Default: on when a CUDA GPU supports it.")
 @option("--precompute-ref-log-probs", is_flag=True, section=TRAINING, help="Compute the reference log-probs before training, then release the reference model.")
 @option("--config-set", "config_set", multiple=True, metavar="KEY=VALUE", section=TRAINING, help="Any other DPOConfig field, e.g. --config-set warmup_steps=10. Repeatable.")
-@reference_method_options
+@method_parameter_options
 @schedule_options
 @option(
     "--eval-data", type=click.Path(path_type=Path), section="Evaluation",
