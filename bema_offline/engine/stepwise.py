@@ -276,10 +276,8 @@ class StepwiseEngine:
             self.thawed_at: dict[str, int] = {}
             for position, step in enumerate(self.steps):
                 source = self.fetch(step)
-                if source is not self.plan.sources[step]:
-                    from ..sources.hub import check_arrival
-
-                    check_arrival(self.plan.sources[step], source)
+                if source is not self.plan.sources[step] and source.tensors != self.plan.sources[step].tensors:
+                    raise DataError(f"{source.label}: its tensors are not those the plan was made from (did it change since?); rerun")
                 with OpenFiles(identities=source.identities) as files:
                     if position > 0 and self.candidates:
                         still = frozen_tensors([self.kept, source], sorted(self.candidates), files)

@@ -435,7 +435,7 @@ class HubDownloads:
         self._wanted: set[int] = set()  # steps queued, downloading or done
         self._done: dict[int, BaseException | None] = {}  # step -> None when its files are in, or the error
         self._downloaded: dict[int, list[Path]] = {}  # step -> cache files this run downloaded (weights)
-        self._released: set[int] = set()
+        self._planned: dict[int, WeightSource] = {}  # headers read over range requests, checked on arrival
         self._closed = False
         self.downloaded_bytes = 0
         self.peak_bytes = 0  # the most bytes of weights this run downloaded on disk at once
@@ -462,10 +462,18 @@ class HubDownloads:
         if not all(name.endswith(".safetensors") for name in names) or self.api is None:
             return self.fetch(step)
         self._link_small(step)
-        return remote_source(self.run, step, self.folder / f"checkpoint-{step}", self.api)
+        planned = remote_source(self.run, step, self.folder / f"checkpoint-{step}", self.api)
+        self._planned[step] = planned
+        return planned
 
     def fetch(self, step: int) -> WeightSource:
-        """Wait for a step's files (downloading the next `ahead` steps of `order` meanwhile) and read its headers."""
+        """Wait for a step's files (downloading the next `ahead` steps of `order` meanwhile) and read its headers.
+
+        Raises:
+            `ValueError`: not a step of the run (the base model is not on the Hub run: fetch it from the plan).
+        """
+        if step not in self.run.checkpoints:
+            raise ValueError(f"step {step} is not a step of {self.run.url}")
         with self._lock:
             self._want(step)
             if step in self.order:
@@ -477,12 +485,14 @@ class HubDownloads:
             error = self._done[step]
         if error is not None:
             raise error
-        return load_source(self.folder / f"checkpoint-{step}", step)
+        arrived = load_source(self.folder / f"checkpoint-{step}", step)
+        if step in self._planned:
+            check_arrival(self._planned[step], arrived)
+        return arrived
 
     def release(self, step: int) -> None:
         """The engine has read this step: with `keep=False`, delete the weights this run downloaded for it."""
         with self._lock:
-            self._released.add(step)
             files = self._downloaded.pop(step, []) if not self.keep else []
         self._delete(step, files)
 
@@ -626,8 +636,8 @@ class HubDownloads:
 def remote_source(run: HubRun, step: int, folder: Path, api: Any) -> WeightSource:
     """A step's safetensors headers read over HTTP range requests (`HfApi.parse_safetensors_file_metadata`),
     as `load_source` would read them once the files are in `folder`: the same tensors, dtypes, shapes and byte
-    offsets. The engine checks this when the files arrive (`check_arrival`). `identities` stay empty: no file
-    exists yet.
+    offsets. `HubDownloads.fetch` checks this when the files arrive (`check_arrival`). `identities` stay empty: no
+    file exists yet.
 
     The data of a safetensors file ends where the file ends (the safetensors library refuses anything else), so
     the header's length is the file's size less 8 and less the last tensor's end offset.

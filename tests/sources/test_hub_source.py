@@ -247,3 +247,38 @@ def test_headers_over_range_requests_are_exactly_what_the_reader_reads_once_the_
         changed = dataclasses.replace(planned, tensors={**planned.tensors, name: dataclasses.replace(info, dtype="F16")})
         with pytest.raises(DataError, match=f"tensor '{name}' is not as planned from its header"):
             check_arrival(changed, arrived)
+
+
+def test_no_keep_downloads_end_to_end_plans_from_range_reads_and_keeps_one_checkpoint_on_disk(tmp_path, local_run, pushed, monkeypatch):
+    """Phase 2's wiring, emulated: the planner takes each needed step's headers from `HubDownloads.source` (range
+    requests, nothing large downloaded), the step-major engine fetches and releases each step; the output is the
+    local run's, byte for byte, and the downloads are gone afterwards."""
+    from bema_offline.engine import plan as planner
+    from bema_offline.engine.stepwise import StepwiseEngine
+    from bema_offline.files import OpenFiles
+    from bema_offline.output.writer import FolderSink, ModelFolderWriter, TensorSpec
+
+    run_dir, base_dir = local_run
+    cache = tmp_path / "cache"
+    download = FakeDownload(pushed)
+    run = open_hub_run(f"hf://{REPO}", api=FakeHubApi(pushed))
+    schedule = BEMASchedule(update_freq=2)
+    with HubDownloads(run, tmp_path, keep=False, cache_dir=cache, download=download) as hub:
+        monkeypatch.setattr(planner, "_load_checkpoint", lambda found, step: hub.source(step))
+        plan = planner.make_plan(hub.prepare(), [("", schedule)], base_model_dir=base_dir)
+        monkeypatch.undo()
+        assert not any(call.endswith("model.safetensors") for call in download.calls)  # headers only
+        hub.order = plan.read_steps[1:]  # the base model is local
+        out = tmp_path / "out"
+        out.mkdir()
+        specs = [TensorSpec(info.name, plan.output_dtypes[info.name], info.shape) for info in plan.tensors]
+        with OpenFiles(writable=True, max_open=None) as files:
+            writer = ModelFolderWriter(out, specs, max_shard_size=2**40, files=files)
+            StepwiseEngine(plan, FolderSink([writer]), state_dir=tmp_path, max_memory=2**20, fetch=lambda step: hub.fetch(step) if step else plan.sources[step], release=hub.release).run()
+            writer.finish()
+        size = os.path.getsize(run_dir / "checkpoint-8" / "model.safetensors")
+        assert 0 < hub.peak_bytes <= 2 * size
+    blobs = cache / f"models--{REPO.replace('/', '--')}" / "blobs"
+    assert sorted(p.stat().st_size for p in blobs.iterdir()) == sorted(p.stat().st_size for p in blobs.iterdir() if p.stat().st_size < 2000)
+    average(run_dir, tmp_path / "local", schedule=schedule, base_model=base_dir)
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "local" / "model.safetensors").read_bytes()
