@@ -40,24 +40,13 @@ from ..errors import DataError, UsageError
 from ..files import OpenFiles, check_unchanged
 from ..sources.tensors import TensorInfo, WeightSource
 from . import kernels
-from .engine import CACHE_BYTES, MIN_MEMORY, Sink, Slice, _Layout, _Worker, accumulation_dtype, all_finite, default_threads, ema_slots, fits
+from .engine import CACHE_BYTES, MIN_MEMORY, Sink, Slice, _Layout, _Worker, accumulation_dtype, all_finite, default_threads, fits
 from .frozen import frozen_tensors
-from .kernels import KERNEL_DTYPES, Floats, kernel_name
+from .kernels import KERNEL_DTYPES, kernel_name
 from .plan import Plan
+from .program import make_program
 
-REPLAY_KINDS = ("bema", "ema")
 _SCRATCH = 3  # accumulation-dtype buffers besides the state: the upcast input, θ_t − θ0, α·(θ_t − θ0)
-
-
-def weighted_outputs(plan: Plan) -> dict[int, dict[int, float]]:
-    """The hook for outputs that are weighted sums rather than replays: output index -> {step: weight}.
-
-    An output whose kind is a replay ("bema", "ema") is replayed from its schedule; any other kind is the sum
-    Σ w·θ_step of its `weights` over the steps read, in step order: `scale` at the first step, `accumulate` after
-    (torch's `torch.mul(theta, w)` then `acc.add_(theta, alpha=w)`), written at its step. Today every output is a
-    replay, so this returns `{}`.
-    """
-    return {index: dict(out.weights) for index, out in enumerate(plan.outputs) if out.kind not in REPLAY_KINDS}
 
 
 @dataclass(frozen=True)
@@ -102,8 +91,6 @@ class StepwiseEngine:
             when its bytes are needed; defaults to the plan's.
         release (`Callable[[int], None]`, *optional*): called once a step has been read for good.
         on_progress (`Callable[[int, int], None]`, *optional*): called with (bytes read, tensors finished).
-        weighted (`dict[int, dict[int, float]]`, *optional*): weighted-sum outputs; defaults to
-            `weighted_outputs(plan)`.
 
     Example:
 
@@ -126,7 +113,6 @@ class StepwiseEngine:
         fetch: Callable[[int], WeightSource] | None = None,
         release: Callable[[int], None] | None = None,
         on_progress: Callable[[int, int], None] | None = None,
-        weighted: dict[int, dict[int, float]] | None = None,
     ) -> None:
         if max_memory < MIN_MEMORY:
             raise UsageError(f"--max-memory {max_memory} bytes is too small; give at least {MIN_MEMORY} bytes")
@@ -137,7 +123,6 @@ class StepwiseEngine:
         self.release = release or (lambda step: None)
         self._on_progress = on_progress
         self.steps = plan.read_steps
-        self.weighted = weighted_outputs(plan) if weighted is None else weighted
         self._schedule(accum_dtype)
         self.threads = max(1, min(threads or default_threads(), max_memory // MIN_MEMORY))
         self._pack(min(max_memory // self.threads, CACHE_BYTES))
@@ -148,52 +133,23 @@ class StepwiseEngine:
     # --- what happens at each step ----------------------------------------------------------------------------
 
     def _schedule(self, accum_dtype: str) -> None:
-        """`Engine`'s ops, by step: θ0 snapshots, EMA starts and updates (replays), scale and accumulate (weighted
-        sums), and the outputs."""
-        plan = self.plan
+        """`Engine`'s ops (`program.make_program`), by step: EMA starts and updates (replays), scale and accumulate
+        (weighted sums), and the outputs."""
         self.accum_dtype = FLOAT_DTYPES[accum_dtype]
-        replays = [i for i in range(len(plan.outputs)) if i not in self.weighted]
-        slots = ema_slots(plan)
-        used = {slots[plan.outputs[i].schedule_index] for i in replays}
-        last_output: dict[int, int] = {}
-        for i in replays:
-            slot = slots[plan.outputs[i].schedule_index]
-            last_output[slot] = max(plan.outputs[i].step, last_output.get(slot, 0))
+        program = make_program(self.plan)
+        self.theta0_steps = program.theta0_steps
+        self.n_slots = program.slots
         self.ops: dict[int, list[_Op]] = {}
-        self.theta0_steps = sorted({plan.schedules[plan.outputs[i].schedule_index].schedule.theta0_step for i in replays})
-        started = set()
-        for index, run in enumerate(plan.schedules):
-            slot = slots[index]
-            if slot not in used or slot in started:
-                continue
-            started.add(slot)
-            tau = run.schedule.theta0_step
-            self.ops.setdefault(tau, []).append(_Op("start", slot, tau))
-        for index, run in enumerate(plan.schedules):  # starts first, then updates, at any step (as `Engine`)
-            slot = slots[index]
-            if slot not in used or any(slots[j] == slot for j in range(index)):
-                continue
-            for step in run.update_steps:
-                if step in plan.sources and step <= last_output[slot]:
-                    self.ops.setdefault(step, []).append(_Op("update", slot, run.schedule.beta(step)))
-        self.n_slots = max(slots, default=-1) + 1
-        self.outputs_at: dict[int, list[_Output]] = {}
-        for index in replays:
-            out = plan.outputs[index]
-            schedule = plan.schedules[out.schedule_index].schedule
-            bema = out.kind == "bema"
-            self.outputs_at.setdefault(out.step, []).append(
-                _Output(index, slots[out.schedule_index], schedule.theta0_step if bema else None, schedule.alpha(out.step) if bema else None)
-            )
-        for index, weights in sorted(self.weighted.items()):
-            slot = self.n_slots
-            self.n_slots += 1
-            terms = sorted((step, w) for step, w in weights.items() if step in plan.sources)
-            if not terms:
-                raise UsageError(f"output {plan.outputs[index].relpath or index!r}: no weight on a step that is read")
-            for k, (step, w) in enumerate(terms):
-                self.ops.setdefault(step, []).append(_Op("scale" if k == 0 else "accumulate", slot, w))
-            self.outputs_at.setdefault(plan.outputs[index].step, []).append(_Output(index, slot, None, None))
+        for step in self.steps:
+            ops = [_Op("start", slot, step) for slot in program.starts.get(step, ())]
+            ops += [_Op("update", slot, beta) for slot, beta in program.updates.get(step, ())]
+            ops += [_Op("scale" if term.first else "accumulate", term.slot, term.weight) for term in program.sums.get(step, ())]
+            if ops:
+                self.ops[step] = ops
+        self.outputs_at = {
+            step: [_Output(op.index, op.slot, op.theta0_step if op.alpha is not None else None, op.alpha) for op in ops]
+            for step, ops in program.outputs.items()
+        }
         self.output_steps = sorted(self.outputs_at)
 
     def _pack(self, budget: int) -> None:

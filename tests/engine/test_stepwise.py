@@ -3,10 +3,8 @@ once, in order, and releasing it before the next is fetched."""
 
 from __future__ import annotations
 
-import json
 import os
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from bema_offline import BEMASchedule
 from bema_offline.dtypes import DTYPES
 from bema_offline.engine.engine import Engine, Sink
 from bema_offline.engine.plan import make_plan
-from bema_offline.engine.stepwise import StepwiseEngine, weighted_outputs
+from bema_offline.engine.stepwise import StepwiseEngine
 from bema_offline.errors import DataError
 
 
@@ -152,28 +150,18 @@ def test_a_released_step_is_never_read_again(run, tmp_path):
     assert_same_bytes(reference, ours)
 
 
-def test_weighted_sums_are_torch_scale_then_accumulate(run, tmp_path):
-    """The hook for weighted outputs: Σ w·θ in step order, `torch.mul` then `add_(alpha=w)` in float32."""
-    run_dir, base_dir = run
-    plan = make_plan(run_dir, SCHEDULES["defaults"], base_model_dir=base_dir, save=("bema",), steps=[4, 6])
-    assert weighted_outputs(plan) == {}
-    weights = {0: -0.25, 2: 0.5, 3: 0.25, 4: 0.5}
-    sink = MemorySink(plan)
-    StepwiseEngine(plan, sink, state_dir=tmp_path, max_memory=8192, weighted={0: weights}).run()
-    from safetensors.torch import load_file
+def test_weighted_outputs_give_engine_s_bytes(run, tmp_path):
+    """Weighted sums beside replays (a mixed sweep): `scale` at the first source, `accumulate` after, in step order,
+    as `Engine` computes them."""
+    from bema_offline.methods.expo import ExPO
+    from bema_offline.methods.replay import BEMA
+    from bema_offline.methods.windows import Uniform
 
-    loaded = {step: load_file((base_dir if step == 0 else run_dir / f"checkpoint-{step}") / "model.safetensors") for step in weights}
-    got = sink.tensors(0)
-    for name, value in got.items():
-        if not loaded[0][name].is_floating_point():
-            continue
-        if name == "model.norm.weight":  # frozen in every source read: copied
-            assert torch.equal(value, loaded[0][name])
-            continue
-        acc = torch.mul(loaded[0][name].float(), weights[0])
-        for step in (2, 3, 4):
-            acc.add_(loaded[step][name].float(), alpha=weights[step])
-        assert torch.equal(value, acc.to(value.dtype).flatten()), name
+    run_dir, base_dir = run
+    configs = [("uniform", Uniform(last=2)), ("expo", ExPO(alpha=0.5)), ("bema", BEMA(BEMASchedule(update_freq=2)))]
+    plan = make_plan(run_dir, configs, base_model_dir=base_dir)
+    assert [out.replayed for out in plan.outputs] == [False, False, True]
+    run_both(plan, tmp_path, max_memory=8192)
 
 
 def test_a_nan_in_a_checkpoint_is_named(tmp_path):
