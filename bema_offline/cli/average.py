@@ -21,6 +21,7 @@ from ._methods import (
     schedule_options,
     sweep_options,
 )
+from .eval import require_eval_extra
 from .push import AveragePush, push_to_hub_options
 
 EPILOG = """\b
@@ -87,6 +88,8 @@ def _kinds(ctx, param, value: str) -> list[str]:
 @option("--threads", type=int, section="Performance", help="Worker threads. Default: one per core. Results do not depend on it.")
 @option("--device", default="cpu", show_default=True, section="Performance", help="Where the arithmetic runs: cpu, cuda or cuda:N (under torchrun, cuda is each rank's local GPU). Same bits on the CPU whatever --threads; a GPU's are not checked against TRL's here.")
 @option("--accum-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True, section="Performance", help="Accumulation dtype.")
+@option("--select-by", type=click.Path(path_type=Path), section="Selection (needs the eval extra)", help="After a sweep, evaluate every output on this held-out data (JSONL, Parquet or a saved datasets folder; the metric follows its columns, see bema-offline eval) and publish the winner as OUTPUT/best, a real folder whose card carries the leaderboard. With --push-to-hub, only the winner is pushed.")
+@option("--select-metric", section="Selection (needs the eval extra)", help="The metric to rank by. Default: loss, or reward_accuracy for preference data.")
 @push_to_hub_options
 @option("--dry-run", is_flag=True, section="Run", help="Print the plan (steps, β, α, effective weights) and write nothing.")
 @option("--quiet", "-q", is_flag=True, section="Run", help="No progress bars or summary.")
@@ -126,6 +129,13 @@ def average_command(
     folder. Every other method is a weighted sum of the checkpoints (see bema-offline weights). A run of LoRA
     adapters is averaged exactly through its effective weights, W0 + s·Σ wᵢ·Bᵢ·Aᵢ, as a full model or an adapter.
     """
+    select_by, select_metric = options.pop("select_by"), options.pop("select_metric")
+    if select_metric and not select_by:
+        raise click.UsageError("--select-metric needs --select-by DATA")
+    if select_by is not None:
+        if dry_run:
+            raise click.UsageError("--select-by evaluates the outputs written; it cannot run with --dry-run")
+        require_eval_extra()  # before any averaging
     if every_update and steps:
         raise click.UsageError("--every-update and --steps exclude each other")
     if no_bias_correction:
@@ -165,6 +175,8 @@ def average_command(
     )
     if not main_rank:  # rank 0 of a torchrun launch reports for all
         return
+    if select_by is not None and len(result.outputs) < 2:
+        raise click.UsageError("--select-by picks the best of several outputs; this run wrote one (use --grid or --sweep)")
     if dry_run:
         click.echo(plan_report(result.plan, [str(o.path) for o in result.outputs]))
         if cadence:
@@ -173,9 +185,11 @@ def average_command(
             click.echo("\n" + push.describe(output, [o.path for o in result.outputs]))
         click.echo("\ndry run: nothing was written")
         return
+    winner = _select(output, select_by, select_metric, device=device, quiet=quiet) if select_by is not None else None
+    pushed = winner if winner is not None else output  # with --select-by, only the winner goes to the Hub
     if quiet:
         if push:
-            push.run(output)
+            push.run(pushed)
         return
     if result.removed_leftovers:
         click.echo(f"removed the leftovers of an interrupted run at {output}", err=True)
@@ -194,4 +208,15 @@ def average_command(
     nbytes = result.plan.bytes_to_read if result.bytes_read is None else result.bytes_read
     click.echo(f"read {nbytes / 2**20:.1f} MiB from {len(result.plan.sources)} sources in {elapsed:.1f} s")
     if push:
-        push.run(output, echo=click.echo)
+        push.run(pushed, echo=click.echo)
+
+
+def _select(output: Path, data: Path, metric: str | None, *, device: str, quiet: bool) -> Path:
+    """Evaluate the outputs of a finished sweep and publish the winner as OUTPUT/best (see `eval.select_best`)."""
+    from ..eval import select_best
+
+    selection = select_best(output, data, metric=metric, device=device, log=None if quiet else lambda line: click.echo(line, err=True))
+    if not quiet:
+        click.echo(selection.report.table())
+        click.echo(f"published {selection.winner} as {selection.best}")
+    return selection.best

@@ -74,7 +74,7 @@ def provenance(plan: Plan, output: OutputSpec, *, settings: dict, training: Trai
                 "layout": source.layout,
                 "notes": list(source.notes),
                 "files": [
-                    {"name": path.name, "size": identity.size, "mtime_ns": identity.mtime_ns}
+                    {"name": _relative(path, source.folder), "size": identity.size, "mtime_ns": identity.mtime_ns}
                     for path, identity in sorted(source.identities.items())
                 ],
             }
@@ -125,6 +125,14 @@ def lora_record(plan: Plan) -> dict:
             "untied": sorted(layout.untied),
         },
     }
+
+
+def _relative(path: Path, folder: Path) -> str:
+    """A source file's name inside its folder (a sharded FSDP or DeepSpeed checkpoint keeps files in subfolders)."""
+    try:
+        return path.relative_to(folder).as_posix()
+    except ValueError:  # outside its folder (a link into the Hub cache, say): named by its own name
+        return path.name
 
 
 def _local_or_hub(name: str | None) -> str | None:
@@ -281,7 +289,12 @@ The output is an affine combination of the sources; the weights sum to 1 (here {
 `{PROVENANCE_FILE}` records the method and its parameters, the settings, the steps and the input files (names,
 sizes, times).
 """
-    return f"---\n{metadata_yaml(card_metadata(record))}\n---\n{body}"
+    card = f"---\n{metadata_yaml(card_metadata(record))}\n---\n{body}"
+    if record.get("selection"):  # OUTPUT/best of a --select-by sweep: its leaderboard stays in every rendering
+        from ..eval.leaderboard import with_selection
+
+        card = with_selection(card, record["selection"])
+    return card
 
 
 _SHORT_NAMES = {"bema": "BEMA", "ema": "EMA", "dema": "DEMA", "ouema": "OU-EMA", "uniform": "Uniform average",

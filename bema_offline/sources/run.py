@@ -11,10 +11,13 @@ from pathlib import Path
 
 from ..errors import DataError, UsageError, steps_text
 from ..files import read_json_file
-from .peft import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, is_adapter_folder
+from .dcp import DCP_FOLDER, load_dcp
+from .deepspeed import is_deepspeed_folder, load_deepspeed
+from .peft import ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS, is_adapter_folder
 from .runinfo import TRAINER_STATE_LIMIT
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, load_safetensors
 from .tensors import BASE_STEP, TensorInfo, WeightSource
+from .torch_bin import BIN_FILE, BIN_INDEX_FILE, load_torch_bin
 
 __all__ = ["BASE_STEP", "INDEX_FILE", "SINGLE_FILE", "TensorInfo", "WeightSource", "find_checkpoints", "load_source"]
 
@@ -69,6 +72,10 @@ def find_checkpoints(run_dir: str | Path, *, min_step: int | None = None, max_st
 def load_source(folder: Path, step: int) -> WeightSource:
     """Read the headers of one model folder, in whichever layout it was saved.
 
+    The model's own weights come first, as transformers loads them: `model.safetensors` (or its shards), then
+    `pytorch_model.bin` (or its shards); then the layouts that hold no consolidated weights: an FSDP sharded checkpoint
+    (`pytorch_model_fsdp_0/`), then a DeepSpeed ZeRO checkpoint (`latest` and `global_stepN/`).
+
     Raises:
         `DataError`: no weights this tool can read (the message says what the folder holds and what to do), a
             PEFT adapter (its weights are a base model's plus its factors: `sources.peft` reads it), a missing
@@ -79,9 +86,20 @@ def load_source(folder: Path, step: int) -> WeightSource:
             f"{folder}: a PEFT adapter ({ADAPTER_CONFIG}), not a model's full weights; where a model is expected "
             "(--base-model, --ref-model), pass the model it was trained on"
         )
-    if (folder / SINGLE_FILE).exists() or (folder / SINGLE_FILE).is_symlink() or (folder / INDEX_FILE).exists():
+    if _present(folder / SINGLE_FILE) or _present(folder / INDEX_FILE):
         return load_safetensors(folder, step)
+    if _present(folder / BIN_FILE) or _present(folder / BIN_INDEX_FILE):
+        return load_torch_bin(folder, step)
+    if _present(folder / DCP_FOLDER):
+        return load_dcp(folder, step)
+    if is_deepspeed_folder(folder):
+        return load_deepspeed(folder, step)
     raise _no_weights_error(folder)
+
+
+def _present(path: Path) -> bool:
+    """Something is there, be it a broken link (which the reader then names)."""
+    return path.exists() or path.is_symlink()
 
 
 # Files every Trainer checkpoint may hold that are never model weights, whatever their extension.
@@ -94,16 +112,15 @@ def _no_weights_error(folder: Path) -> DataError:
         names = os.listdir(folder) if folder.is_dir() else []
     except OSError as e:
         return DataError(f"{folder}: cannot list the folder ({e.strerror or e})")
-    weights = [n for n in names if n not in NOT_WEIGHTS and not n.startswith("rng_state")]
-    if any(n.endswith(".bin") for n in weights):
-        return DataError(
-            f"{folder}: only PyTorch .bin weights; bema-average streams safetensors: re-save with "
-            "save_safetensors=True (or model.save_pretrained(..., safe_serialization=True))"
-        )
-    if ADAPTER_SAFETENSORS in names:
-        return DataError(f"{folder}: {ADAPTER_SAFETENSORS} without {ADAPTER_CONFIG}, an incomplete PEFT adapter checkpoint; restore its config")
+    if ADAPTER_SAFETENSORS in names or ADAPTER_BIN in names:
+        return DataError(f"{folder}: adapter weights without {ADAPTER_CONFIG}, an incomplete PEFT adapter checkpoint; restore its config")
     held = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "") if names else "nothing"
-    return DataError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}, so no model weights; it holds {held}")
+    state_only = bool(names) and all(n in NOT_WEIGHTS or n.startswith("rng_state") or n.endswith(".json") for n in names)
+    hint = " (only training state and configs: was the model saved with it?)" if state_only else ""
+    return DataError(
+        f"{folder}: no {SINGLE_FILE}, {BIN_FILE}, {DCP_FOLDER}/ or DeepSpeed global_step*/, so no model weights; "
+        f"it holds {held}{hint}"
+    )
 
 
 def resolve_base_model(base_model: str | Path) -> Path:

@@ -89,10 +89,10 @@ def test_sweep_file(run, tmp_path, capsys, suffix):
         (["--grid", "ema_power=0.3", "--sweep", "x.yaml"], 2, "exclude each other"),
         (["--sweep", "SWEEP:- {name: a}\n- {name: a, lag: 3}\n"], 2, "two configs are named 'a'"),
         (["--sweep", "SWEEP:- {name: ../up}\n"], 2, "cannot be a folder name"),
-        (["--sweep", "SWEEP:[1, 2"], 1, "malformed yaml"),
+        (["--sweep", "SWEEP:[1, 2"], 1, "malformed YAML"),
         (["--sweep", "SWEEP:[]"], 1, "no configs"),
         (["--sweep", "SWEEP:- 3\n"], 1, "expected a mapping"),
-        (["--sweep", "missing.yaml"], 2, "cannot read it"),
+        (["--sweep", "missing.yaml"], 2, "cannot read the sweep file"),
     ],
 )
 def test_sweep_errors_are_one_line(run, tmp_path, capsys, args, code, needle):

@@ -174,7 +174,7 @@ def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
     path = tmp_path / "laughs.yaml"
     path.write_text(BILLION_LAUGHS)
     started = time.perf_counter()
-    with pytest.raises(DataError, match=r"laughs.yaml: line 2 uses a YAML alias \(\*a\); write each config out in full"):
+    with pytest.raises(DataError, match=r"laughs.yaml: line 2 uses a YAML alias \(\*a\); write each value out in full"):
         sweep_configs(path)
     assert time.perf_counter() - started < 1
     path.write_text("base: &base {ema_power: 0.3}\nfast:\n  <<: *base\n  lag: 5\n")  # merge keys are aliases too
@@ -247,7 +247,7 @@ def test_names_from_a_sweep_file_are_checked(tmp_path):
 def test_sweep_files_must_be_small_regular_files(tmp_path):
     fifo = tmp_path / "fifo.yaml"
     os.mkfifo(fifo)
-    with pytest.raises(UsageError, match="fifo.yaml: not a regular file"):  # and it does not hang
+    with pytest.raises(UsageError, match="fifo.yaml: the sweep file is not a regular file"):  # and it does not hang
         sweep_configs(fifo)
     with pytest.raises(UsageError, match="not a regular file"):
         sweep_configs("/dev/zero")
@@ -256,7 +256,7 @@ def test_sweep_files_must_be_small_regular_files(tmp_path):
     huge = tmp_path / "huge.yaml"
     with open(huge, "wb") as f:
         f.truncate(64 << 20)
-    with pytest.raises(DataError, match=r"huge.yaml: 67108864 bytes, more than a sweep file's 1048576"):
+    with pytest.raises(DataError, match=r"huge.yaml: the sweep file has 67108864 bytes, more than 1048576"):
         sweep_configs(huge)
     (tmp_path / "bad.yaml").write_bytes(b"- {lag: 3}\n\xff\n")
     with pytest.raises(DataError, match=r"not UTF-8 text \(byte 11\)"):
@@ -270,5 +270,17 @@ def test_deep_nesting_is_one_line(tmp_path):
         sweep_configs(path)
     path = tmp_path / "deep.yaml"
     path.write_text("[" * 5000 + "]" * 5000)
-    with pytest.raises(DataError, match="nested too deeply|malformed yaml"):
+    with pytest.raises(DataError, match="nested too deeply|malformed YAML"):
+        sweep_configs(path)
+
+
+def test_a_window_in_a_sweep_file_is_steps_not_a_base_60_number(tmp_path):
+    """YAML 1.1 reads `2:4` as 2·60 + 4 = 124: a window must stay the steps 2 to 4."""
+    path = tmp_path / "s.yaml"
+    path.write_text("- method: uniform\n  window: 2:4\n- method: uniform\n  window: 8\n")
+    configs = sweep_configs(path)
+    assert names(configs) == ["uniform-steps2-4", "uniform-last8"] and configs[0][1].window == (2, 4)
+    assert configs[0][1].weights([2, 4, 6, 8], base=False) == {2: 0.5, 4: 0.5}
+    path.write_text("- method: uniform\n  last: 2\n  last: 3\n")
+    with pytest.raises(DataError, match="key 'last' is given twice"):
         sweep_configs(path)
