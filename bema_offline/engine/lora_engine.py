@@ -146,7 +146,7 @@ class LoraEngine:
         if largest is not None and largest.minimum > max_memory:
             what = "the whole tensor" if largest.whole else "one tile of rows"
             if largest.fixed:
-                what = f"its factors for {len(plan.outputs)} outputs and {what}"
+                what = f"its factors for {len(plan.outputs)} output{'s' if len(plan.outputs) > 1 else ''} and {what}"
             raise UsageError(
                 f"--max-memory {max_memory} bytes is too small for tensor {largest.name!r} ({what}); "
                 f"give at least {_mib(largest.minimum)} MiB"
