@@ -346,7 +346,7 @@ def _finish_folders(plan: Plan, settings: dict, writers: list[ModelFolderWriter]
         check_folder(folder, expected=expected)  # the light verify, before anything is published
         copy_sidecar_files(plan.sidecars.get(spec.step, {}), folder, dtype=settings["dtype"])
         record = provenance(plan, spec, settings=settings, training=training)
-        record["output_files"] = output_files(folder)
+        record["output_files"] = output_files(folder, writer.digests())  # the shards hashed as written; others are read
         replace_file(folder / PROVENANCE_FILE, (json.dumps(record, indent=2) + "\n").encode())
         write_card(folder, record, chart=False)  # `push` draws the chart PNG for the Hub
         fault_point("sidecars")
