@@ -20,6 +20,7 @@ from .engine.plan import Plan, make_plan
 from .errors import DataError, UsageError
 from .faults import fault_point
 from .files import OpenFiles, check_unchanged, replace_file
+from .methods.base import Method
 from .methods.schedule import BEMASchedule
 from .output.card import PROVENANCE_FILE, provenance, run_training, write_card
 from .output.publish import OutputLock, check_output, discard, interrupts_deferred, publish, staging_path
@@ -35,7 +36,7 @@ from .output.writer import (
     parse_size,
     shard_layout,
 )
-from .sources.run import BASE_STEP, resolve_base_model
+from .sources.run import resolve_base_model
 
 DEFAULT_MAX_MEMORY = "512MiB"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -68,7 +69,7 @@ def average(
     checkpoint_dir: str | Path,
     output: str | Path,
     *,
-    schedule: BEMASchedule | Sequence[tuple[str, BEMASchedule]] = BEMASchedule(),
+    schedule: BEMASchedule | Method | Sequence[tuple[str, BEMASchedule | Method]] = BEMASchedule(),
     base_model: str | Path | None = None,
     save: Sequence[str] = ("bema",),
     steps: str | Sequence[int] = "last",
@@ -87,18 +88,20 @@ def average(
     device: str = "cpu",
     distributed: bool = False,
 ) -> AverageResult:
-    """Average a Trainer run's checkpoints with BEMA or EMA, streaming, and write Hugging Face model folders.
+    """Average a Trainer run's checkpoints, streaming, and write Hugging Face model folders.
 
     Args:
         checkpoint_dir (`str | Path`): the run's output_dir, holding `checkpoint-N/` folders.
         output (`str | Path`): the output folder. With several outputs, each gets a subfolder
             (`CONFIG/`, `KIND/`, `step-N/`, as needed).
-        schedule (`BEMASchedule` or list of `(name, BEMASchedule)`, defaults to TRL's defaults): one schedule,
-            or several named ones computed in the same pass.
+        schedule (`BEMASchedule`, `Method`, or a list of `(name, BEMASchedule | Method)`, defaults to TRL's
+            defaults): what to average: TRL's BEMA on a schedule, any method of `bema_offline.methods` (e.g.
+            `Uniform(last=4)`), or several named configs computed in the same pass (one subfolder each).
         base_model (`str | Path`, *optional*): weights before training (θ0 when update_after is 0): a local
             folder or a Hub repo id.
-        save (`Sequence[str]`, defaults to `("bema",)`): "bema" and/or "ema" (the plain EMA, no correction).
-        steps (`str | Sequence[int]`, defaults to "last"): "last" update step, "every" update step, or a list.
+        save (`Sequence[str]`, defaults to `("bema",)`): for BEMA configs, "bema" and/or "ema" (the plain EMA).
+        steps (`str | Sequence[int]`, defaults to "last"): for BEMA and EMA configs, the "last" update step,
+            "every" update step, or a list.
         min_step, max_step (`int`, *optional*): narrow the checkpoints considered.
         allow_missing (`bool`, defaults to False): skip update steps without a checkpoint instead of failing.
         accum_dtype (`str`, defaults to "float32"): "float32" or "float64" accumulation.
@@ -137,14 +140,12 @@ def average(
         raise UsageError(f"--threads must be at least 1, got {threads}")
     check_device(device)
     shard_size = parse_size(max_shard_size, option="--max-shard-size")
-    schedules = [("", schedule)] if isinstance(schedule, BEMASchedule) else list(schedule)
-    needs_base = any(s.theta0_step == BASE_STEP for _, s in schedules)
-    base_dir = resolve_base_model(base_model) if (base_model is not None and needs_base) else None
+    configs = [("", schedule)] if isinstance(schedule, (BEMASchedule, Method)) else list(schedule)
     plan = make_plan(
         checkpoint_dir,
-        schedules,
-        base_model_dir=base_dir,
+        configs,
         base_model=str(base_model) if base_model is not None else None,
+        resolve_base=resolve_base_model,
         save=save,
         steps=steps,
         min_step=min_step,
@@ -153,13 +154,7 @@ def average(
         dtype=dtype,
     )
     outputs = [
-        AveragedModel(
-            output / spec.relpath if spec.relpath else output,
-            spec.step,
-            spec.kind,
-            plan.schedules[spec.schedule_index].name or None,
-            spec.weights,
-        )
+        AveragedModel(output / spec.relpath if spec.relpath else output, spec.step, spec.kind, spec.config or None, spec.weights)
         for spec in plan.outputs
     ]
     source_folders = [source.folder for source in plan.sources.values()]
@@ -167,7 +162,9 @@ def average(
     if dry_run:
         return AverageResult(plan, outputs, written=False)
 
-    settings = {"accum_dtype": accum_dtype, "dtype": dtype, "max_memory": budget, "max_shard_size": shard_size}
+    settings = {
+        "accum_dtype": accum_dtype, "dtype": dtype, "max_memory": budget, "max_shard_size": shard_size, "allow_missing": allow_missing,
+    }
     share = join() if distributed else None
     if share is not None:  # one of several ranks (torchrun)
         if resume:
@@ -348,7 +345,7 @@ def _finish_folders(plan: Plan, settings: dict, writers: list[ModelFolderWriter]
         record = provenance(plan, spec, settings=settings, training=training)
         record["output_files"] = output_files(folder, writer.digests())  # the shards hashed as written; others are read
         replace_file(folder / PROVENANCE_FILE, (json.dumps(record, indent=2) + "\n").encode())
-        write_card(folder, record, chart=False)  # `push` draws the chart PNG for the Hub
+        write_card(folder, record)
         fault_point("sidecars")
 
 

@@ -8,6 +8,14 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
 
 
+def steps_text(steps, limit: int = 12, *, total: int | None = None) -> str:
+    """Steps for a message: the first `limit`, and how many there are in all (`total`, when more exist than given)."""
+    steps = sorted(steps)
+    total = len(steps) if total is None else total
+    shown = ", ".join(str(s) for s in steps[:limit])
+    return shown + (f", ... ({total} in all)" if total > limit else "")
+
+
 class BemaError(Exception):
     """Base class. `exit_code` is what the command line exits with. The message is always one line."""
 

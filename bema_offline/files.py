@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import DataError
+from .errors import BemaError, DataError
 from .faults import fault_point
 
 if TYPE_CHECKING:
@@ -91,23 +91,27 @@ def check_unchanged(identities: Mapping[Path, FileIdentity]) -> None:
             raise changed_input_error(path, change)
 
 
-def read_small_file(path: Path, *, limit: int = SMALL_FILE_LIMIT, what: str = "file") -> bytes:
-    """The bytes of a small regular file (a config, an index, `trainer_state.json`).
+def read_small_file(path: Path, *, limit: int = SMALL_FILE_LIMIT, what: str = "file", refuse: type[BemaError] = DataError) -> bytes:
+    """The bytes of a small regular file (a config, an index, `trainer_state.json`, a sweep file).
 
     The file is opened without blocking, so a FIFO cannot hang the run; a device (`/dev/zero`), a folder or a file
     larger than `limit` bytes is refused.
 
+    Args:
+        refuse (`type[BemaError]`, defaults to `DataError`): the error for a file that cannot be opened or is not a
+            regular file (`UsageError` where the user named it on the command line).
+
     Raises:
-        `DataError`: not a regular file, too large, or unreadable.
+        `DataError` (or `refuse`): not a regular file, too large, or unreadable.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the {what} ({e.strerror or e})") from e
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+        raise refuse(f"{path}: cannot read the {what} ({getattr(e, 'strerror', None) or e})") from e
     try:
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode):
-            raise DataError(f"{path}: the {what} is not a regular file; replace it with the file the run saved")
+            raise refuse(f"{path}: the {what} is not a regular file; give the file itself")
         if status.st_size > limit:
             raise DataError(f"{path}: the {what} has {status.st_size} bytes, more than {limit}; it cannot be a real {what}")
         chunks, total = [], 0

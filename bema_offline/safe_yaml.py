@@ -25,12 +25,16 @@ def load_yaml(text: str | bytes, *, what: str) -> object:
     class _NoAliases(yaml.SafeLoader):
         def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
             if self.check_event(yaml.AliasEvent):
-                mark = self.peek_event().start_mark
-                raise DataError(f"{what}: YAML aliases (*name) are not allowed (line {mark.line + 1}); write the values out")
+                event = self.peek_event()
+                raise DataError(f"{what}: line {event.start_mark.line + 1} uses a YAML alias (*{event.anchor}); write each value out in full")
             return super().compose_node(parent, index)
 
     try:
         return yaml.load(text, Loader=_NoAliases)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as e:
+    except RecursionError:
+        raise DataError(f"{what}: nested too deeply") from None
+    except DataError:
+        raise
+    except Exception as e:  # yaml.YAMLError, and the ValueErrors and TypeErrors of some malformed documents
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{what}: malformed YAML ({first_line[:200]})") from e

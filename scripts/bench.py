@@ -10,7 +10,7 @@ size and `--max-memory`.
 Sections can be run one at a time (each in a few minutes); results accumulate in `docs/benchmarks.json`, and
 `docs/benchmarks.md` and `docs/benchmarks.png` are rewritten from all of them after each call:
 
-    python scripts/bench.py main sweep budget count linearity --repeat 3
+    python scripts/bench.py main sweep budget count linearity layouts --repeat 3
     python scripts/bench.py report            # only rewrite the Markdown and the plot
 
 Synthetic runs are generated under `--root` (default /tmp/bema-bench) on first use and reused; delete it when done.
@@ -36,26 +36,41 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 GIB = 2**30
-SECTIONS = ("main", "sweep", "budget", "groups", "count", "linearity", "cold")
+SECTIONS = ("main", "sweep", "methods", "budget", "groups", "count", "linearity", "cold", "layouts")
 SWEEP_GRID = ["ema_power=0.3,0.4,0.5,0.6", "bias_power=0.1,0.2"]  # 8 configs
+# 8 configs of 8 methods (a field a method does not take is left out of its config)
+METHODS_GRID = ["method=bema,ema,dema,ouema,uniform,power-ema,wsm,expo", "last=4", "sigma_rel=0.1", "decay=cosine", "alpha=0.3"]
 
 
 # --- measuring --------------------------------------------------------------------------------------------------
 
 
-def measure(command: list[str], *, env: dict | None = None) -> tuple[float, int, str]:
-    """Run a command; return (wall seconds, peak RSS in bytes of the child as the kernel counts it, its stdout)."""
+def measure(command: list[str], *, env: dict | None = None) -> tuple[float, int, str, int | None]:
+    """Run a command; return (wall seconds, peak RSS in bytes of the child as the kernel counts it, its stdout, the
+    bytes it read through read syscalls, pread included: `rchar` of /proc/self/io, to which a reaped child's adds)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         to = subprocess.DEVNULL if command[0] == "cat" else out  # cat's output is the input bytes themselves
+        read_before = bytes_read()
         process = subprocess.Popen(command, env=env, stdout=to, stderr=err)
         _, status, usage = os.wait4(process.pid, 0)
+        read_after = bytes_read()
         wall = time.perf_counter() - started
         out.seek(0), err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{shlex.join(command)} failed:\n{stderr[-2000:]}")
-    return wall, usage.ru_maxrss * 1024, stdout
+    read = read_after - read_before if read_before is not None and read_after is not None else None
+    return wall, usage.ru_maxrss * 1024, stdout, read
+
+
+def bytes_read() -> int | None:
+    """This process's `rchar` (bytes read by syscalls, its reaped children's included), or None off Linux."""
+    try:
+        lines = Path("/proc/self/io").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) for line in lines if line.startswith("rchar:")), None)
 
 
 # the time a tool reports for itself, once its imports are done: `bema-average`'s summary line and
@@ -103,7 +118,7 @@ class Case:
     def run(self, repeat: int, files: list[Path], *, cold: bool = False) -> dict:
         """Time the command `repeat` times (once if it is a slow baseline: its noise matters less)."""
         repeat = 1 if self.slow else repeat
-        walls, rss, loads, inside = [], [], [], []
+        walls, rss, loads, inside, reads = [], [], [], [], []
         warm(files)
         for _ in range(repeat):
             for path in self.cleanup:
@@ -111,10 +126,11 @@ class Case:
             if cold:
                 evict(files)
             loads.append(load())
-            wall, peak, stdout = measure(self.command, env=self.env)
+            wall, peak, stdout, read = measure(self.command, env=self.env)
             walls.append(wall)
             rss.append(peak)
             inside.append(inprocess_seconds(stdout))
+            reads.append(read)
         for path in self.cleanup:
             remove(path)
         row = {
@@ -126,6 +142,7 @@ class Case:
             "rss": rss,
             "load": loads,
             "inprocess": inside,
+            "read_bytes": reads,
             **self.params,
         }
         print(f"  {self.label:<52} best {min(walls):7.2f} s  median {statistics.median(walls):7.2f} s  "
@@ -287,6 +304,27 @@ def section_sweep(args, scratch: Path) -> list[dict]:
     return rows
 
 
+def section_methods(args, scratch: Path) -> list[dict]:
+    """Issue 13: a weighted sum (`--method uniform`) against the BEMA replay on the main run, and 8 outputs of 8
+    methods in one pass against one config plus writing the 7 extra outputs' bytes."""
+    run_dir, base_dir, files, nbytes = main_run(args)
+    out, shm = scratch / "out", Path("/dev/shm") / f"bema-bench-{os.getpid()}" / "out"
+    here = env_with(REPO)
+    cases = [
+        Case("methods", "bema (replay), output on disk", bema(run_dir, base_dir, out), input_bytes=nbytes, env=here, cleanup=[out]),
+        Case("methods", "uniform (weighted sum), output on disk", bema(run_dir, base_dir, out, "--method", "uniform"),
+             input_bytes=nbytes, env=here, cleanup=[out]),
+        Case("methods", "bema (replay), output on tmpfs", bema(run_dir, base_dir, shm), input_bytes=nbytes, env=here, cleanup=[shm]),
+        Case("methods", "uniform (weighted sum), output on tmpfs", bema(run_dir, base_dir, shm, "--method", "uniform"),
+             input_bytes=nbytes, env=here, cleanup=[shm]),
+        raw_write("methods", "raw write of 7 outputs' bytes, fsynced (dd)", out, 7 * GIB),
+        Case("methods", "8 methods in one pass, output on disk", bema(run_dir, base_dir, out, "--grid", *METHODS_GRID),
+             input_bytes=nbytes, env=here, cleanup=[out], params={"configs": 8}),
+    ]
+    shm.parent.mkdir(parents=True, exist_ok=True)
+    return [case.run(args.repeat, files) for case in cases]
+
+
 def section_budget(args, scratch: Path) -> list[dict]:
     run_dir, base_dir, files, nbytes = main_run(args)
     out = scratch / "out"
@@ -383,6 +421,43 @@ def section_cold(args, scratch: Path) -> list[dict]:
     return [case.run(args.repeat, files, cold=True) for case in cases]
 
 
+LAYOUTS = (("bin", "PyTorch .bin (torch.save)"), ("dcp", "FSDP sharded checkpoint (DCP)"), ("zero3", "DeepSpeed ZeRO-3, 2 partitions"))
+
+
+def layout_files(run_dir: Path, base_dir: Path) -> list[Path]:
+    """Every file of a run's checkpoints and base model that holds weights (what `cat` reads)."""
+    names = ("*.safetensors", "*.bin", "pytorch_model_fsdp_0/*", "global_step*/*")
+    return sorted(path for folder in [base_dir, *run_dir.glob("checkpoint-*")] for name in names for path in folder.glob(name) if path.is_file())
+
+
+def section_layouts(args, scratch: Path) -> list[dict]:
+    """The same weights (base + 4 checkpoints of 0.5 GiB of fp32) in each layout: `bema-average` and `cat` of the
+    files, and `--dry-run` (reading the headers only), beside the safetensors run."""
+    run_dir, base_dir = synthetic(args.root, "run-layouts", size=GIB // 2, checkpoints=4, dtype="float32")
+    out, here = Path("/dev/shm") / f"bema-bench-{os.getpid()}" / "out", env_with(REPO)  # (see NOTES["layouts"])
+    tensor_bytes = sum(f.stat().st_size for f in input_files(run_dir, base_dir))  # safetensors: the tensors, plus tiny headers
+    runs = [("safetensors", "safetensors (the reference)", run_dir, base_dir)]
+    for layout, title in LAYOUTS:
+        target = args.root / f"run-layouts-{layout}"
+        print(f"converting to {target} ({layout})...", flush=True)
+        subprocess.run([sys.executable, str(SCRIPTS / "layout_runs.py"), str(run_dir.parent), str(target), "--layout", layout], check=True)
+        runs.append((layout, title, target / "run", target / "base"))
+    rows = []
+    for layout, title, layout_run, layout_base in runs:
+        files = layout_files(layout_run, layout_base)
+        nbytes = sum(f.stat().st_size for f in files)
+        params = {"layout": layout}
+        cases = [
+            Case("layouts", f"{title}: raw read of its files (cat)", ["cat", *map(str, files)], input_bytes=nbytes, params=params),
+            Case("layouts", f"{title}: bema-average --dry-run (headers only)", bema(layout_run, layout_base, out, "--dry-run"),
+                 input_bytes=0, env=here, params=params),
+            Case("layouts", f"{title}: bema-average", bema(layout_run, layout_base, out), input_bytes=tensor_bytes, env=here,
+                 cleanup=[out], params=params),
+        ]
+        rows += [case.run(args.repeat, files) for case in cases]
+    return rows
+
+
 def _size(text: str) -> int:
     units = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
     return int(float(text[:-3]) * units[text[-3:]])
@@ -400,17 +475,24 @@ def machine() -> dict:
             "torch": torch_version, "kernel": platform.release()}
 
 
-def _row(r: dict) -> str:
+def _row(r: dict, *, reads: bool = False) -> str:
     best, median = min(r["walls"]), statistics.median(r["walls"])
     rate = r["input_bytes"] / best / 1e9 if r["input_bytes"] else 0
     inside = [t for t in r.get("inprocess", []) if t is not None]
     after = f"{min(inside):.2f}" if inside else ""
-    return (f"| {r['label']} | {best:.2f} | {median:.2f} | {after} | {len(r['walls'])} | {max(r['rss']) / 2**20:.0f} | "
-            f"{rate:.2f} | {r['load'][0]:.1f} |")
+    row = (f"| {r['label']} | {best:.2f} | {median:.2f} | {after} | {len(r['walls'])} | {max(r['rss']) / 2**20:.0f} | "
+           f"{rate:.2f} | {r['load'][0]:.1f} |")
+    if reads:
+        read = [b for b in r.get("read_bytes", []) if b is not None]
+        ratio = f"{max(read) / r['input_bytes']:.3f}" if read and r["input_bytes"] else ""
+        row += f" {max(read) / 2**20:.0f} | {ratio} |" if read else " | |"
+    return row
 
 
 HEADER = ("| case | best wall (s) | median wall (s) | after startup (s) | runs | peak RSS (MiB) | input GB/s (best wall) "
           "| load avg at start |\n|---|---|---|---|---|---|---|---|")
+READS_HEADER = HEADER.replace(" |\n", " | bytes read (MiB, rchar) | read / input |\n", 1) + "---|---|"
+READS_SECTIONS = ("layouts",)  # sections whose rows also say how many bytes each process read
 
 
 def write_report(results: dict, path: Path) -> None:
@@ -434,8 +516,9 @@ def write_report(results: dict, path: Path) -> None:
         at = f" at commit {section['commit']}" if section.get("commit") else ""
         lines += ["", f"## {TITLES[name]}", "", f"`{section['command']}` on {section['date']}{at} (repeats: {section['repeat']}; "
                   f"load average {section['load_before']:.1f} before, {section['load_after']:.1f} after)", ""]
-        lines += [NOTES.get(name, ""), "", HEADER] if NOTES.get(name) else [HEADER]
-        lines += [_row(r) for r in section["rows"]]
+        header = READS_HEADER if name in READS_SECTIONS else HEADER
+        lines += [NOTES.get(name, ""), "", header] if NOTES.get(name) else [header]
+        lines += [_row(r, reads=name in READS_SECTIONS) for r in section["rows"]]
         lines += ["", "<details><summary>commands</summary>", ""]
         lines += [f"- {r['label']}: `{r['command']}`" for r in section["rows"]]
         lines += ["", "</details>"]
@@ -458,8 +541,17 @@ TITLES = {
     "linearity": "Model size: 0.25 to 4 GiB per checkpoint (2 checkpoints + base, scaled down in count to fit the time)",
     "cold": "Cold page cache (inputs evicted with POSIX_FADV_DONTNEED before each repeat)",
     "groups": "Group size: the engine alone (in-process, no writes), groups capped at N MiB per worker",
+    "layouts": "Checkpoint layouts: the same weights (base + 4 checkpoints of 0.5 GiB of fp32) as safetensors, .bin, FSDP, ZeRO-3",
 }
 NOTES = {
+    "layouts": "Each layout holds the very same fp32 weights (`scripts/layout_runs.py` rewrites the safetensors run): "
+               "`.bin` by torch.save (base included), FSDP by torch.distributed.checkpoint.save in one process, ZeRO-3 in "
+               "DeepSpeed's layout for 2 ranks (each tensor split in two, padded; the optimizer's moments left out); the "
+               "DCP and ZeRO runs use the safetensors base. Input bytes are the tensors' (the safetensors files) for "
+               "`bema-average` and each layout's files for `cat`. 'bytes read' is what the process read through read "
+               "syscalls (pread included; Python's own startup reads about 5 MiB, see the dry runs): each input byte read "
+               "once gives a 'read / input' of 1 plus that. Peak RSS is the same in every layout. The output (0.5 GiB) "
+               "goes to tmpfs, so that the shared disk's write speed does not blur the comparison of the readers.",
     "groups": "The 'after startup' column is the engine's run; the peak RSS includes the groups' arenas. Small groups "
               "stay in the CPU cache from one step to the next; that is why the engine uses at most 8 MiB per worker "
               "whatever --max-memory allows (engine.CACHE_BYTES).",
@@ -471,6 +563,10 @@ NOTES = {
     "main": "`bema-average` writes a 1 GiB output and fsyncs it before publishing (the dd row: the same bytes written "
             "and fsynced, nothing else; this machine's disk is shared, and its speed varies by the minute); the naive "
             "baseline writes without fsync; `cat` writes nothing.",
+    "methods": "One config of each kind on the main run (8 checkpoints + base, 1 GiB of bf16 each): the BEMA replay "
+               "reads the base and 8 checkpoints, the uniform average the 8 checkpoints; then 8 outputs of 8 methods "
+               "(bema, ema, dema, ouema, uniform --last 4, power-ema --sigma-rel 0.1, wsm --decay cosine --last 4, "
+               "expo --alpha 0.3) in one read of the run, beside writing the 7 extra outputs' bytes alone (dd).",
     "sweep": "Each config writes its own output folder (1 or 0.5 GiB): on disk the sweep also measures the disk's "
              "write speed (the dd row: the same bytes written and fsynced, nothing else); on tmpfs, writing 8 outputs costs the "
              "kernel's page allocation and copy (its dd row), and the rest is the engine. Configs that differ only in "
@@ -527,6 +623,17 @@ def _targets(results: dict) -> list[tuple[str, str, bool]]:
             text = f"{sweep / one:.2f}× (4 × 2 grid)" + (f", {distinct / one:.2f}× (8 distinct EMAs)" if distinct else "")
             text += f"; writing the 8 outputs' bytes alone (dd) is {floor / one:.2f}× one config" if floor else ""
             rows.append((f"sweep of 8 configs ≤ 2.5× one config {tag}", text, sweep / one <= 2.5 and (not distinct or distinct / one <= 2.5)))
+    replay, weighted = _best(results, "methods", "bema (replay), output on disk"), _best(results, "methods", "uniform (weighted sum), output on disk")
+    if replay and weighted:
+        replay_shm = _best(results, "methods", "bema (replay), output on tmpfs")
+        weighted_shm = _best(results, "methods", "uniform (weighted sum), output on tmpfs")
+        shm = f"; {weighted_shm / replay_shm:.2f}× with the output on tmpfs" if replay_shm and weighted_shm else ""
+        rows.append(("--method uniform ≤ 1.1× the BEMA replay (issue 13)", f"{weighted / replay:.2f}× on disk{shm}", weighted / replay <= 1.1))
+    eight, extra = _best(results, "methods", "8 methods in one pass"), _best(results, "methods", "raw write of 7 outputs")
+    if replay and eight and extra:
+        budget = replay + 1.3 * extra
+        rows.append(("8 outputs of 8 methods in one pass ≤ one config + 1.3× dd of the 7 extra outputs (issue 13)",
+                     f"{eight:.2f} s against {replay:.2f} + 1.3 × {extra:.2f} = {budget:.2f} s", eight <= budget))
     linear = [(r["input_bytes"] / GIB, min(r["walls"])) for r in results["sections"].get("linearity", {}).get("rows", [])
               if r.get("tool") == "bema-average"]
     if len(linear) >= 3:
@@ -648,8 +755,8 @@ def main() -> None:
     os.chdir(args.root)  # `python -m bema_offline` puts the working folder first on sys.path: keep the repo out of it
     results = json.loads(args.results.read_text()) if args.results.is_file() else {"sections": {}}
     results["meta"] = {"machine": machine()}
-    runners = {"main": section_main, "sweep": section_sweep, "budget": section_budget, "count": section_count,
-               "linearity": section_linearity, "cold": section_cold, "groups": section_groups}
+    runners = {"main": section_main, "sweep": section_sweep, "methods": section_methods, "budget": section_budget, "count": section_count,
+               "linearity": section_linearity, "cold": section_cold, "groups": section_groups, "layouts": section_layouts}
     for name in args.sections:
         if name == "report":
             continue

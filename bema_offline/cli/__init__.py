@@ -21,6 +21,7 @@ from ._help import CONTEXT
 from .average import average_command
 from .demo import demo_command
 from .dpo import dpo_command
+from .eval import eval_command
 from .iterate import iterate_command
 from .push import push_command
 from .verify import verify_command
@@ -69,6 +70,7 @@ cli.add_command(dpo_command, "dpo")
 cli.add_command(iterate_command, "iterate")
 cli.add_command(verify_command, "verify")
 cli.add_command(weights_command, "weights")
+cli.add_command(eval_command, "eval")
 
 # `bema-average` is `bema-offline average` plus --version (a copy, so that the group's command is unchanged)
 average_entry = copy.copy(average_command)

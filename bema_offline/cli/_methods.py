@@ -29,6 +29,7 @@ from ..methods.registry import METHODS, parse_value
 from ..methods.schedule import BEMASchedule
 from ..methods.sweep import MethodOptions, method_configs
 from ..methods.windows import DECAYS
+from ..sources.run import run_cadence
 from ._help import GreedyOption, option
 
 METHOD_SECTION = "Method (what to average; docs/methods.md)"
@@ -76,7 +77,11 @@ _METHOD_DECORATORS = [
 ]
 
 _SCHEDULE_DECORATORS = [
-    option("--update-freq", type=int, default=400, show_default=True, section=SCHEDULE_SECTION, help="φ: update every this many steps. Match the run's save_steps."),
+    option(
+        "--update-freq", type=int, section=SCHEDULE_SECTION,
+        help="φ: update every this many steps. Default: the run's save_steps (trainer_state.json), else the checkpoints' "
+        "even spacing, else TRL's 400; a line says which.",
+    ),
     option("--ema-power", type=float, default=0.5, show_default=True, section=SCHEDULE_SECTION, help="κ: β = (lag + multiplier·t)^-κ; 0 makes the EMA the last iterate."),
     option("--bias-power", type=float, default=0.2, show_default=True, section=SCHEDULE_SECTION, help="η: α = (lag + multiplier·t)^-η; 0 is full correction (α = 1)."),
     option("--lag", type=float, default=10, show_default=True, section=SCHEDULE_SECTION, help="ρ: virtual starting age of the schedule."),
@@ -122,6 +127,15 @@ def sweep_options(func):
     for decorator in reversed(_SWEEP_DECORATORS):
         func = decorator(func)
     return func
+
+
+def cadence_from_run(run_dir: Path, options: dict, *, min_step: int | None, max_step: int | None) -> str | None:
+    """Fill in `--update-freq` from the run (`sources.run.run_cadence`) when it was not given; return the line that
+    says where it came from (printed once the command has succeeded), or None."""
+    if options.get("update_freq") is not None:
+        return None
+    options["update_freq"], origin = run_cadence(run_dir, min_step=min_step, max_step=max_step)
+    return f"--update-freq {options['update_freq']}: {origin}"
 
 
 def schedule_from_options(**options) -> BEMASchedule:

@@ -11,11 +11,17 @@ import click
 
 from ..api import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, average
 from ..engine.distributed import launched
-from ..methods.schedule import BEMASchedule
-from ..methods.sweep import load_sweep, parse_grid
 from ..output.report import plan_report, run_warnings
-from ..sources.run import run_cadence
-from ._help import CONTEXT, GreedyOption, SectionedCommand, debug_option, option
+from ._help import CONTEXT, SectionedCommand, debug_option, option
+from ._methods import (
+    SCHEDULE_SECTION,
+    cadence_from_run,
+    method_configs_from_options,
+    method_options,
+    schedule_options,
+    sweep_options,
+)
+from .eval import require_eval_extra
 from .push import AveragePush, push_to_hub_options
 
 EPILOG = """\b
@@ -50,17 +56,10 @@ def _kinds(ctx, param, value: str) -> list[str]:
 @option("--min-step", type=int, section="Input", help="Ignore checkpoints before this step.")
 @option("--max-step", type=int, section="Input", help="Ignore checkpoints after this step.")
 @option("--allow-missing", is_flag=True, section="Input", help="Skip update steps that have no checkpoint (recorded in the provenance) instead of failing.")
-@option("--update-freq", type=int, section="Schedule (TRL's BEMACallback)", help="φ: update every this many steps. Default: the run's save_steps (from trainer_state.json, else the checkpoints' spacing; TRL's 400 when the run says nothing).")
-@option("--ema-power", type=float, default=0.5, show_default=True, section="Schedule (TRL's BEMACallback)", help="κ: β = (lag + multiplier·t)^-κ; 0 makes the EMA the last iterate.")
-@option("--bias-power", type=float, default=0.2, show_default=True, section="Schedule (TRL's BEMACallback)", help="η: α = (lag + multiplier·t)^-η; 0 is full correction (α = 1).")
-@option("--lag", type=float, default=10, show_default=True, section="Schedule (TRL's BEMACallback)", help="ρ: virtual starting age of the schedule.")
-@option("--update-after", type=int, default=0, show_default=True, section="Schedule (TRL's BEMACallback)", help="τ: burn-in; θ0 is checkpoint-τ when > 0, the base model when 0.")
-@option("--multiplier", type=float, default=1.0, show_default=True, section="Schedule (TRL's BEMACallback)", help="γ: time multiplier.")
-@option("--min-ema-multiplier", type=float, default=0.0, show_default=True, section="Schedule (TRL's BEMACallback)", help="Lower clamp on β.")
-@option("--convention", type=click.Choice(["trl", "paper"]), default="trl", show_default=True, section="Schedule (TRL's BEMACallback)", help="trl: TRL's BEMACallback; paper: the authors' offline code (every checkpoint, their clock).")
-@option("--no-bias-correction", is_flag=True, section="Schedule (TRL's BEMACallback)", help="Write the plain EMA (α = 0), same as --save ema.")
-@option("--grid", multiple=True, cls=GreedyOption, section="Sweep (many configs, one read)", help="Every combination of FIELD=V1,V2,... (schedule fields, e.g. ema_power=0.3,0.5 bias_power=0.1,0.2); one folder per config, OUTPUT/ema_power=0.3,bias_power=0.1/. Other fields come from the options above.")
-@option("--sweep", "sweep_file", type=click.Path(path_type=Path), section="Sweep (many configs, one read)", help="A YAML or JSON list of configs (schedule fields and an optional name); one folder per config, OUTPUT/NAME/.")
+@method_options
+@schedule_options
+@option("--no-bias-correction", is_flag=True, section=SCHEDULE_SECTION, help="Write the plain EMA (α = 0), same as --save ema.")
+@sweep_options
 @option("--output", "-o", type=click.Path(path_type=Path), section="Output", help="Output folder. Default: CKPT_DIR/bema-offline.")
 @option("--save", default="bema", show_default=True, callback=_kinds, section="Output", help="What to write: bema, ema, or ema,bema (one subfolder each).")
 @option("--every-update", is_flag=True, section="Output", help="Write one folder per update step: OUTPUT/step-N/.")
@@ -73,6 +72,8 @@ def _kinds(ctx, param, value: str) -> list[str]:
 @option("--threads", type=int, section="Performance", help="Worker threads. Default: one per core. Results do not depend on it.")
 @option("--device", default="cpu", show_default=True, section="Performance", help="Where the arithmetic runs: cpu, cuda or cuda:N (under torchrun, cuda is each rank's local GPU). Same bits on the CPU whatever --threads; a GPU's are not checked against TRL's here.")
 @option("--accum-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True, section="Performance", help="Accumulation dtype.")
+@option("--select-by", type=click.Path(path_type=Path), section="Selection (needs the eval extra)", help="After a sweep, evaluate every output on this held-out data (JSONL, Parquet or a saved datasets folder; the metric follows its columns, see bema-offline eval) and publish the winner as OUTPUT/best, a real folder whose card carries the leaderboard. With --push-to-hub, only the winner is pushed.")
+@option("--select-metric", section="Selection (needs the eval extra)", help="The metric to rank by. Default: loss, or reward_accuracy for preference data.")
 @push_to_hub_options
 @option("--dry-run", is_flag=True, section="Run", help="Print the plan (steps, β, α, effective weights) and write nothing.")
 @option("--quiet", "-q", is_flag=True, section="Run", help="No progress bars or summary.")
@@ -83,17 +84,7 @@ def average_command(
     min_step: int | None,
     max_step: int | None,
     allow_missing: bool,
-    update_freq: int | None,
-    ema_power: float,
-    bias_power: float,
-    lag: float,
-    update_after: int,
-    multiplier: float,
-    min_ema_multiplier: float,
-    convention: str,
     no_bias_correction: bool,
-    grid: tuple[str, ...],
-    sweep_file: Path | None,
     output: Path | None,
     save: list[str],
     every_update: bool,
@@ -109,47 +100,38 @@ def average_command(
     dry_run: bool,
     quiet: bool,
     debug: bool,
-    **hub: Any,
+    **options: Any,
 ) -> None:
-    """Average the checkpoint-N folders of CKPT_DIR with BEMA (or EMA) and write Hugging Face model folders.
+    """Average the checkpoint-N folders of CKPT_DIR (BEMA by default, or any --method) and write Hugging Face model
+    folders.
 
-    The checkpoints are streamed tensor by tensor within --max-memory, and TRL's BEMACallback is replayed
-    exactly: with fp32 checkpoints the result is bit-identical to TRL's online bema/ folder.
+    The checkpoints are streamed tensor by tensor within --max-memory, in one read whatever the number of configs.
+    TRL's BEMACallback is replayed exactly: with fp32 checkpoints the result is bit-identical to TRL's online bema/
+    folder. Every other method is a weighted sum of the checkpoints (see bema-offline weights).
     """
+    select_by, select_metric = options.pop("select_by"), options.pop("select_metric")
+    if select_metric and not select_by:
+        raise click.UsageError("--select-metric needs --select-by DATA")
+    if select_by is not None:
+        if dry_run:
+            raise click.UsageError("--select-by evaluates the outputs written; it cannot run with --dry-run")
+        require_eval_extra()  # before any averaging
     if every_update and steps:
         raise click.UsageError("--every-update and --steps exclude each other")
     if no_bias_correction:
         if "bema" in save and save != ["bema"]:
             raise click.UsageError("--no-bias-correction writes the plain EMA; do not also ask for --save bema")
         save = ["ema"]
-    if update_freq is None:
-        update_freq, origin = run_cadence(ckpt_dir, min_step=min_step, max_step=max_step)
-        if not quiet:
-            click.echo(f"note: --update-freq {update_freq}: {origin}", err=True)
-    schedule = BEMASchedule(
-        update_freq=update_freq,
-        ema_power=ema_power,
-        bias_power=bias_power,
-        lag=lag,
-        update_after=update_after,
-        multiplier=multiplier,
-        min_ema_multiplier=min_ema_multiplier,
-        convention=convention,
-    )
-    if grid and sweep_file:
-        raise click.UsageError("--grid and --sweep exclude each other")
-    if grid:
-        schedule = parse_grid(grid, base=schedule)
-    elif sweep_file:
-        schedule = load_sweep(sweep_file, base=schedule)
-    push = AveragePush.from_options(hub, dry_run=dry_run)  # a missing token fails here, before any averaging
+    cadence = cadence_from_run(ckpt_dir, options, min_step=min_step, max_step=max_step)
+    configs = method_configs_from_options(**options)
+    push = AveragePush.from_options(options, dry_run=dry_run)  # a missing token fails here, before any averaging
     output = output if output is not None else ckpt_dir / "bema-offline"
     main_rank = not launched() or os.environ.get("RANK", "0") == "0"
     started = time.perf_counter()
     result = average(
         ckpt_dir,
         output,
-        schedule=schedule,
+        schedule=configs if configs[0][0] else configs[0][1],
         base_model=base_model,
         save=save,
         steps="every" if every_update else (steps or "last"),
@@ -170,15 +152,21 @@ def average_command(
     )
     if not main_rank:  # rank 0 of a torchrun launch reports for all
         return
+    if select_by is not None and len(result.outputs) < 2:
+        raise click.UsageError("--select-by picks the best of several outputs; this run wrote one (use --grid or --sweep)")
     if dry_run:
         click.echo(plan_report(result.plan, [str(o.path) for o in result.outputs]))
+        if cadence:
+            click.echo(f"\n{cadence}")
         if push:
             click.echo("\n" + push.describe(output, [o.path for o in result.outputs]))
         click.echo("\ndry run: nothing was written")
         return
+    winner = _select(output, select_by, select_metric, device=device, quiet=quiet) if select_by is not None else None
+    pushed = winner if winner is not None else output  # with --select-by, only the winner goes to the Hub
     if quiet:
         if push:
-            push.run(output)
+            push.run(pushed)
         return
     if result.removed_leftovers:
         click.echo(f"removed the leftovers of an interrupted run at {output}", err=True)
@@ -186,7 +174,7 @@ def average_command(
         click.echo(f"note: {result.resume_note}", err=True)
     if result.reused_shards:
         click.echo(f"resumed an interrupted run: reused {result.reused_shards} finished shards", err=True)
-    for note in result.plan.notes:
+    for note in ([cadence] if cadence else []) + result.plan.notes:
         click.echo(f"note: {note}", err=True)
     for line in run_warnings(result.plan):
         click.echo(line, err=True)
@@ -196,4 +184,15 @@ def average_command(
     nbytes = result.plan.bytes_to_read if result.bytes_read is None else result.bytes_read
     click.echo(f"read {nbytes / 2**20:.1f} MiB from {len(result.plan.sources)} sources in {elapsed:.1f} s")
     if push:
-        push.run(output, echo=click.echo)
+        push.run(pushed, echo=click.echo)
+
+
+def _select(output: Path, data: Path, metric: str | None, *, device: str, quiet: bool) -> Path:
+    """Evaluate the outputs of a finished sweep and publish the winner as OUTPUT/best (see `eval.select_best`)."""
+    from ..eval import select_best
+
+    selection = select_best(output, data, metric=metric, device=device, log=None if quiet else lambda line: click.echo(line, err=True))
+    if not quiet:
+        click.echo(selection.report.table())
+        click.echo(f"published {selection.winner} as {selection.best}")
+    return selection.best

@@ -10,7 +10,7 @@ import click
 from ..api import average
 from ..errors import UsageError
 from ..methods.schedule import BEMASchedule
-from ..output.card import weights_bar_chart
+from ..output.chart import weights_bar_chart
 from ._help import CONTEXT, SectionedCommand, debug_option, option
 from .dpo import progress_bars_wanted
 

@@ -12,7 +12,7 @@ from ..methods.base import Method
 from ..output.chart import plot_weights, source_name, weights_bar_chart
 from ..sources.run import find_checkpoints
 from ._help import CONTEXT, SectionedCommand, debug_option, option
-from ._methods import method_configs_from_options, method_options, schedule_options, sweep_options
+from ._methods import cadence_from_run, method_configs_from_options, method_options, schedule_options, sweep_options
 
 EPILOG = """\b
 Examples:
@@ -52,6 +52,7 @@ def weights_command(
     Every output is an affine combination of the base model and the checkpoints: its weights sum to 1. Some may be
     negative (BEMA's on the base model, DEMA's, ExPO's on θ_ref).
     """
+    cadence = cadence_from_run(ckpt_dir, options, min_step=min_step, max_step=max_step)
     configs = method_configs_from_options(**options)
     steps = sorted(find_checkpoints(ckpt_dir, min_step=min_step, max_step=max_step))
     outputs: dict[str, tuple[Method, dict[int, float]]] = {}
@@ -64,6 +65,7 @@ def weights_command(
             raise
     shown = ", ".join(map(str, steps[:12])) + (f", ... ({len(steps)} in all)" if len(steps) > 12 else "")
     lines = [f"run: {ckpt_dir}", f"checkpoints: {len(steps)} (steps {shown}); base model: {'given' if base_model is not None else 'not given'}"]
+    lines += [cadence] if cadence else []
     for name, (method, weights) in outputs.items():
         title = f"config {name}: " if name else ""
         lines += [

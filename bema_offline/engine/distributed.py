@@ -166,5 +166,5 @@ def plan_digest(plan) -> str:
     for info in plan.tensors:
         digest.update(f"{info.name}:{info.dtype}:{info.shape}:{plan.output_dtypes[info.name]}\n".encode())
     for out in plan.outputs:
-        digest.update(f"{out.schedule_index}:{out.kind}:{out.step}:{out.relpath}\n".encode())
+        digest.update(f"{out.schedule_index}:{out.kind}:{out.step}:{out.relpath}:{sorted(out.weights.items())}\n".encode())
     return digest.hexdigest()

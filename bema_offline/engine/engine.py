@@ -54,6 +54,7 @@ from . import kernels
 from .frozen import frozen_tensors
 from .kernels import KERNEL_DTYPES, Floats, kernel_name
 from .plan import Plan
+from .program import make_program
 
 if TYPE_CHECKING:
     import torch
@@ -93,12 +94,6 @@ class Sink:
 
 
 @dataclass(frozen=True)
-class _Update:
-    slot: int  # which EMA (see `ema_slots`)
-    beta: float
-
-
-@dataclass(frozen=True)
 class _Kind:
     """What a group holds: float slices averaged in `accum` and written as `out`, or non-float slices copied
     (safetensors dtype names). Groups the C kernel replays (`steps`: each read step's input dtype, float32 or bf16)
@@ -112,7 +107,8 @@ class _Kind:
 
 @dataclass(frozen=True)
 class _Counts:
-    """What a run keeps per element of a group, besides the input: θ0 snapshots, EMAs and outputs."""
+    """What a run keeps per element of a group, besides the input: θ0 snapshots, slots (EMAs and sums) and
+    outputs."""
 
     theta0: int
     emas: int
@@ -120,7 +116,8 @@ class _Counts:
 
     @classmethod
     def of(cls, plan: Plan) -> _Counts:
-        return cls(len({run.schedule.theta0_step for run in plan.schedules}), len(set(ema_slots(plan))), len(plan.outputs))
+        program = make_program(plan)
+        return cls(len(program.theta0_steps), program.slots, len(plan.outputs))
 
 
 def accumulation_dtype(input_dtype: str, accum_dtype: str) -> str:
@@ -180,20 +177,6 @@ def _arena_bytes(kind: _Kind, counts: _Counts, *, read: int, numel: int, slices:
     return read_part + (counts.theta0 + counts.emas + _SCRATCH) * _align(numel * DTYPES[kind.accum].itemsize) + out
 
 
-def ema_slots(plan: Plan) -> list[int]:
-    """The EMA each schedule uses. Schedules with the same θ0 and the same update steps and β share one: their
-    EMAs are the same tensors, op for op (in a grid over `bias_power` alone, all configs share one EMA).
-
-    Example: `--grid ema_power=0.3,0.5 bias_power=0.1,0.2` has 4 configs and 2 EMAs; slots `[0, 0, 1, 1]`.
-    """
-    keys: dict[tuple, int] = {}
-    slots = []
-    for run in plan.schedules:
-        key = (run.schedule.theta0_step, tuple((step, run.schedule.beta(step)) for step in run.update_steps))
-        slots.append(keys.setdefault(key, len(keys)))
-    return slots
-
-
 def group_slices(
     plan: Plan,
     *,
@@ -205,8 +188,9 @@ def group_slices(
 ) -> list[list[Slice]]:
     """Cut the tensors into slices and pack them into groups whose working memory fits a budget.
 
-    The working memory of a group counts θ0 (one per distinct `update_after`) and the EMAs (one per distinct EMA, see
-    `ema_slots`), so a sweep of many configs gets smaller groups within the same budget.
+    The working memory of a group counts θ0 (one per distinct `update_after` of the replays) and the slots (one per
+    distinct EMA, see `program.ema_slots`, and one per weighted output), so a sweep of many configs gets smaller
+    groups within the same budget.
 
     Args:
         plan (`Plan`): the run.
@@ -440,31 +424,7 @@ class Engine:
         self.threads = max(1, min(self.threads, len(self.groups)))
         self._on_progress = on_progress
         self._progress_lock = threading.Lock()  # progress callbacks, one at a time; a worker writing its outputs does not stall the others
-        self.theta0_steps = sorted({run.schedule.theta0_step for run in plan.schedules})
-        self.slots = ema_slots(plan)  # schedule -> its EMA
-        last_output = {}  # EMA -> the step of its last output: later updates change nothing written, and are skipped
-        for out in plan.outputs:
-            slot = self.slots[out.schedule_index]
-            last_output[slot] = max(out.step, last_output.get(slot, out.step))
-        self.slot_theta0 = {}  # EMA -> its θ0 step
-        self.starts_at: dict[int, list[int]] = {}  # θ0 step -> EMAs that start there
-        self.updates: dict[int, list[_Update]] = {}  # step -> (EMA, β) updates
-        for index, run in enumerate(plan.schedules):
-            slot = self.slots[index]
-            if slot in self.slot_theta0:
-                continue
-            self.slot_theta0[slot] = run.schedule.theta0_step
-            self.starts_at.setdefault(run.schedule.theta0_step, []).append(slot)
-            for step in run.update_steps:
-                if step in plan.sources and step <= last_output.get(slot, -1):
-                    self.updates.setdefault(step, []).append(_Update(slot, run.schedule.beta(step)))
-        # step -> θ0 step -> [(output index, kind, α, EMA)]: outputs sharing θ0 share θ_t − θ0
-        self.outputs_at: dict[int, dict[int, list[tuple[int, str, float, int]]]] = {}
-        for index, out in enumerate(plan.outputs):
-            schedule = plan.schedules[out.schedule_index].schedule
-            by_theta0 = self.outputs_at.setdefault(out.step, {}).setdefault(schedule.theta0_step, [])
-            by_theta0.append((index, out.kind, schedule.alpha(out.step), self.slots[out.schedule_index]))
-        self.output_steps = sorted({out.step for out in plan.outputs})
+        self.program = make_program(plan)
         self.last_slice = {}
         for group in self.groups:
             for piece in group:
@@ -570,25 +530,28 @@ class Engine:
             offset = worker.take(layouts[step].nbytes)
             self._read(layouts[step], offset, worker)
             thetas[step] = worker.floats(offset, numel, bf16=dtype == "BF16")
+        ops = self.program
         theta0 = {}
-        for step in self.theta0_steps:
+        for step in ops.theta0_steps:
             theta0[step] = worker.floats(worker.take(4 * numel), numel)
             kernels.upcast(thetas[step], theta0[step])
         out_bytes = numel * DTYPES[kind.out].itemsize
         outs = {index: worker.take(out_bytes) for index in range(len(self.plan.outputs))}
         index_of = {step: i for i, step in enumerate(self.plan.read_steps)}
-        program = kernels.Program([thetas[step] for step in self.plan.read_steps], slots=len(self.slot_theta0))
+        program = kernels.Program([thetas[step] for step in self.plan.read_steps], slots=ops.slots)
         written = []  # (output index, its values)
         for step in self.plan.read_steps:
-            for slot in self.starts_at.get(step, ()):
+            for slot in ops.starts.get(step, ()):
                 program.start(slot, theta0[step])
-            for update in self.updates.get(step, ()):
-                program.update(update.slot, index_of[step], update.beta)
-            for tau_step, outputs in self.outputs_at.get(step, {}).items():
-                for output_index, output_kind, alpha, slot in outputs:
-                    out = worker.floats(outs[output_index], numel, bf16=kind.out == "BF16")
-                    program.output(slot, index_of[step], theta0[tau_step], alpha if output_kind == "bema" else None, out)
-                    written.append((output_index, out))
+            for slot, beta in ops.updates.get(step, ()):
+                program.update(slot, index_of[step], beta)
+            for term in ops.sums.get(step, ()):
+                (program.scale if term.first else program.accumulate)(term.slot, index_of[step], term.weight)
+            for op in ops.outputs.get(step, ()):
+                out = worker.floats(outs[op.index], numel, bf16=kind.out == "BF16")
+                tau = theta0[op.theta0_step] if op.alpha is not None else None
+                program.output(op.slot, index_of[step], tau, op.alpha, out)
+                written.append((op.index, out))
         for (output_index, out), finite in zip(written, program.run(), strict=True):
             if not finite:
                 self._raise_non_finite(group, lambda i: kernels.all_finite(out.part(*bounds[i])), worker)
@@ -609,9 +572,10 @@ class Engine:
         def state() -> torch.Tensor:
             return worker.tensor(worker.take(state_bytes), state_bytes, kind.accum)
 
+        ops = self.program
         xa = state()
-        theta0 = {step: state() for step in self.theta0_steps}
-        ema = [state() for _ in self.slot_theta0]
+        theta0 = {step: state() for step in ops.theta0_steps}
+        slots = [state() for _ in range(ops.slots)]
         diff, scratch = state(), state()
         out_bytes = numel * DTYPES[kind.out].itemsize
         out_offset = worker.take(out_bytes)
@@ -626,32 +590,39 @@ class Engine:
             if step in theta0:
                 if x.data_ptr() != theta0[step].data_ptr():
                     theta0[step].copy_(x)
-                for slot in self.starts_at.get(step, ()):
-                    ema[slot].copy_(theta0[step])
-            for update in self.updates.get(step, ()):
-                ema[update.slot].mul_(1 - update.beta).add_(x, alpha=update.beta)
-            for tau_step, outputs in self.outputs_at.get(step, {}).items():
-                tau = theta0[tau_step]
-                if any(output_kind == "bema" for _, output_kind, _, _ in outputs):
-                    torch.sub(x, tau, out=diff)
-                for output_index, output_kind, alpha, slot in outputs:
-                    # ema, or ema + alpha * (x - theta0), op for op
-                    value = ema[slot] if output_kind == "ema" else torch.mul(diff, alpha, out=scratch).add_(ema[slot])
-                    if not fits(value, kind.out):
-                        self._raise_non_finite(group, lambda i: fits(value[slice(*bounds[i])], kind.out), worker)
-                    out.copy_(value)
-                    if not all_finite(out):
-                        self._raise_non_finite(group, lambda i: all_finite(out[slice(*bounds[i])]), worker)
-                    if worker.staged:
-                        worker.tensor(out_host_offset, out_bytes, kind.out, host=True).copy_(out)
-                    self._emit(output_index, self._split(group, bounds, worker.view(out_host_offset, out_bytes), kind.out))
+                for slot in ops.starts.get(step, ()):
+                    slots[slot].copy_(theta0[step])
+            for slot, beta in ops.updates.get(step, ()):
+                slots[slot].mul_(1 - beta).add_(x, alpha=beta)
+            for term in ops.sums.get(step, ()):
+                if term.first:
+                    torch.mul(x, term.weight, out=slots[term.slot])
+                else:
+                    slots[term.slot].add_(x, alpha=term.weight)
+            diff_of = None  # the θ0 step whose θ_t − θ0 `diff` holds (outputs sharing θ0 share it)
+            for op in ops.outputs.get(step, ()):
+                if op.alpha is None:  # an EMA or a weighted sum, as it stands
+                    value = slots[op.slot]
+                else:  # ema + alpha * (x - theta0), op for op
+                    if diff_of != op.theta0_step:
+                        torch.sub(x, theta0[op.theta0_step], out=diff)
+                        diff_of = op.theta0_step
+                    value = torch.mul(diff, op.alpha, out=scratch).add_(slots[op.slot])
+                if not fits(value, kind.out):
+                    self._raise_non_finite(group, lambda i: fits(value[slice(*bounds[i])], kind.out), worker)
+                out.copy_(value)
+                if not all_finite(out):
+                    self._raise_non_finite(group, lambda i: all_finite(out[slice(*bounds[i])]), worker)
+                if worker.staged:
+                    worker.tensor(out_host_offset, out_bytes, kind.out, host=True).copy_(out)
+                self._emit(op.index, self._split(group, bounds, worker.view(out_host_offset, out_bytes), kind.out))
 
     def _copy_group(self, group: list[Slice], kind: _Kind, worker: _Worker) -> None:
         """Copied tensors: a non-float tensor as it is at each output's step; a frozen one (the same in every source)
         read once, and cast when the output dtype differs (`--dtype`), for every output."""
         layouts = self._layouts(group)
         read = worker.take_host(max(layout.nbytes for layout in layouts.values()))
-        for step in self.plan.read_steps[-1:] if kind.frozen else self.output_steps:
+        for step in self.plan.read_steps[-1:] if kind.frozen else self.program.output_steps:
             layout = layouts[step]
             self._fill(layout, read, worker)
             pieces = [

@@ -108,11 +108,6 @@ def number_text(value: float) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
-def steps_text(steps: Sequence[int], limit: int = 12) -> str:
-    shown = ", ".join(str(s) for s in steps[:limit])
-    return shown + (f", ... ({len(steps)} in all)" if len(steps) > limit else "")
-
-
 def nonzero(weights: dict[int, float]) -> dict[int, float]:
     """The weights without the sources that get exactly nothing (the engine need not read them)."""
     return {step: weight for step, weight in weights.items() if weight != 0.0}

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..errors import DataError, UsageError
-from .base import BASE_STEP, Method, checkpoint_steps, nonzero, number_text, require_int, require_number, steps_text
+from ..errors import DataError, UsageError, steps_text
+from .base import BASE_STEP, Method, checkpoint_steps, nonzero, number_text, require_int, require_number
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..errors import UsageError
+from ..errors import DataError, UsageError, steps_text
 
 CONVENTIONS = ("trl", "paper")
 
@@ -239,7 +239,6 @@ def checked_update_steps(
         `DataError`: θ0's checkpoint is missing, update steps have no checkpoint (unless `allow_missing`), or no
             checkpoint falls on an update step.
     """
-    from ..errors import DataError
 
     steps = sorted(set(steps))
     tau = schedule.theta0_step
@@ -251,20 +250,20 @@ def checked_update_steps(
     if tau != 0 and tau not in steps:
         raise DataError(
             f"update_after is {tau}{where}, so θ0 is checkpoint-{tau}, which is not among the checkpoints "
-            f"(steps {_steps_text(steps)}); choose --update-after from those steps"
+            f"(steps {steps_text(steps)}); choose --update-after from those steps"
         )
     present = [step for step in steps if schedule.is_update_step(step)]
     schedule.check_steps(present)
     missing, missing_count = _missing_update_steps(schedule, present, steps[-1] if steps else 0)
     if missing_count and not allow_missing:
         raise DataError(
-            f"update steps {_steps_text(missing, total=missing_count)} have no checkpoint{where}, so an exact replay is "
+            f"update steps {steps_text(missing, total=missing_count)} have no checkpoint{where}, so an exact replay is "
             f"impossible; {_missing_hint(schedule, steps, present, missing)}"
         )
     if not present:
         raise DataError(
             f"no checkpoint falls on an update step{where} (update_after {tau}, update_freq "
-            f"{schedule.update_freq}; found steps {_steps_text(steps)})"
+            f"{schedule.update_freq}; found steps {steps_text(steps)})"
         )
     return UpdateSteps(present, missing, missing_count)
 
@@ -312,11 +311,3 @@ def _exact_start(schedule: BEMASchedule, steps: list[int]) -> int | None:
         if later and later == (last - start) // schedule.update_freq:
             return start
     return None
-
-
-def _steps_text(steps: Sequence[int], limit: int = 12, *, total: int | None = None) -> str:
-    """Steps for a message: the first `limit`, and how many there are in all."""
-    steps = sorted(steps)
-    total = len(steps) if total is None else total
-    shown = ", ".join(str(s) for s in steps[:limit])
-    return shown + (f", ... ({total} in all)" if total > limit else "")

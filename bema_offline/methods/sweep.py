@@ -22,14 +22,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import re
-import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError, UsageError
+from ..files import read_small_file
+from ..safe_yaml import load_yaml
 from .base import Method
 from .registry import FIELDS, METHODS, SCHEDULE_FIELDS, applicable_fields, make_method, parse_value
 from .replay import BEMA
@@ -328,78 +328,19 @@ def _name_problem(name: object) -> str | None:
 
 def _load(path: Path) -> object:
     """The parsed sweep file: a small regular file of YAML (without aliases) or JSON."""
-    text = _read_small_text(path)
-    kind = path.suffix.lower().lstrip(".") or "yaml"
+    raw = read_small_file(path, limit=MAX_SWEEP_BYTES, what="sweep file", refuse=UsageError)
     try:
-        if kind == "json":
-            return json.loads(text)
-        import yaml
-
-        return yaml.load(text, Loader=_loader())
-    except _AliasRefused as e:
-        raise DataError(f"--sweep {path}: {e}; write each config out in full") from None
-    except RecursionError:
-        raise DataError(f"--sweep {path}: nested too deeply to be a list of configs") from None
-    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError, ValueError
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"--sweep {path}: malformed {kind} ({first_line})") from e
-
-
-def _read_small_text(path: Path) -> str:
-    """The file's text, if it is a regular file of at most `MAX_SWEEP_BYTES` bytes (a FIFO, a device or a huge file
-    is refused before anything is read from it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--sweep {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from e
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UsageError(f"--sweep {path}: not a regular file; give a YAML or JSON file")
-        if info.st_size > MAX_SWEEP_BYTES:
-            raise DataError(f"--sweep {path}: {info.st_size} bytes, more than a sweep file's {MAX_SWEEP_BYTES}")
-        chunks, size = [], 0
-        while size <= MAX_SWEEP_BYTES:
-            chunk = os.read(fd, MAX_SWEEP_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > MAX_SWEEP_BYTES:
-            raise DataError(f"--sweep {path}: grew past a sweep file's {MAX_SWEEP_BYTES} bytes while being read")
-    except OSError as e:
-        raise UsageError(f"--sweep {path}: cannot read it ({e.strerror or e})") from e
-    finally:
-        os.close(fd)
-    try:
-        return b"".join(chunks).decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"--sweep {path}: not UTF-8 text (byte {e.start})") from None
-
-
-class _AliasRefused(Exception):
-    pass
-
-
-_LOADER = None
-
-
-def _loader():
-    """yaml's SafeLoader, refusing aliases: `*name` (and merge keys `<<: *name`) would expand shared nodes, which a
-    hostile file nests into billions of them."""
-    global _LOADER
-    if _LOADER is None:
-        import yaml
-
-        class SweepLoader(yaml.SafeLoader):
-            def compose_node(self, parent, index):
-                if self.check_event(yaml.events.AliasEvent):
-                    mark = self.peek_event().start_mark
-                    raise _AliasRefused(f"line {mark.line + 1} uses a YAML alias (*{self.peek_event().anchor})")
-                return super().compose_node(parent, index)
-
-        _LOADER = SweepLoader
-    return _LOADER
+    if path.suffix.lower() != ".json":
+        return load_yaml(text, what=f"--sweep {path}")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise DataError(f"--sweep {path}: nested too deeply to be a list of configs") from None
+    except ValueError as e:
+        raise DataError(f"--sweep {path}: malformed json ({str(e).strip().splitlines()[0]})") from e
 
 
 __all__ = [

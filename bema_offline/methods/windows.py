@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..errors import DataError, UsageError
-from .base import Method, checkpoint_steps, nonzero, require_int, steps_text
+from ..errors import DataError, UsageError, steps_text
+from .base import Method, checkpoint_steps, nonzero, require_int
 
 Window = tuple[int | None, int | None]
 

@@ -7,26 +7,22 @@ repo it pushes to (the load snippet names the repo) without the checkpoints at h
 from __future__ import annotations
 
 import datetime
-import io
-import os
 import re
 from pathlib import Path
 
 from .._version import __version__
 from ..engine.plan import OutputSpec, Plan
+from ..errors import BemaError
 from ..files import replace_file
+from ..methods.base import Method
 from ..sources.run import BASE_STEP
 from ..sources.runinfo import TrainingInfo, detect_training, is_hub_id
+from .chart import card_chart, source_name
 
 PROVENANCE_FILE = "bema_offline.json"
 PROVENANCE_LIMIT = 64 * 2**20  # the record lists every input file and weight: a few KiB to a few MiB
 CARD_FILE = "README.md"
-CHART_FILE = "effective_weights.png"
 BEMA_PAPER = "https://arxiv.org/abs/2508.00180"
-
-
-def source_name(step: int) -> str:
-    return "base" if step == BASE_STEP else f"checkpoint-{step}"
 
 
 def run_training(plan: Plan) -> TrainingInfo:
@@ -36,31 +32,38 @@ def run_training(plan: Plan) -> TrainingInfo:
 
 
 def provenance(plan: Plan, output: OutputSpec, *, settings: dict, training: TrainingInfo) -> dict:
-    """The record of how one output was made: tool, parameters, steps, weights, the inputs' files and what the
-    run says about its training (`run_training`, read once for all the outputs)."""
-    run = plan.schedules[output.schedule_index]
+    """The record of how one output was made: tool, method and parameters, steps, weights, the inputs' files and
+    what the run says about its training (`run_training`, read once for all the outputs). Every path is absolute and
+    resolved (`push` uploads a copy with paths relative to the run)."""
+    run = plan.schedules[output.schedule_index] if output.replayed else None
     base_model_id = plan.base_model if is_hub_id(plan.base_model) else training.base_model_id
+    steps = {
+        "found": plan.found_steps,
+        "used": sorted(output.weights),
+        "ignored": [s for s in plan.found_steps if s not in plan.sources],
+    }
+    if run is not None:
+        steps.update({
+            "update_steps_used": [s for s in run.update_steps if s <= output.step],
+            "update_steps_missing_skipped": run.missing_steps,  # the first ones; all are counted below
+            "update_steps_missing_count": run.missing_count,
+            "theta0": run.schedule.theta0_step,
+        })
     return {
         "tool": "bema-offline",
         "version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "kind": output.kind,
+        "method": output.method.to_dict() if output.method is not None else None,
         "step": output.step,
-        "config": run.name or None,
-        "schedule": run.schedule.to_dict(),
+        "config": output.config or None,
+        "schedule": run.schedule.to_dict() if run is not None else None,
         "settings": settings,
         "run_dir": str(plan.run_dir.resolve()),
-        "base_model": plan.base_model,
+        "base_model": _local_or_hub(plan.base_model),
         "base_model_id": base_model_id,
         "training": training.to_dict(),
-        "steps": {
-            "found": plan.found_steps,
-            "update_steps_used": [s for s in run.update_steps if s <= output.step],
-            "update_steps_missing_skipped": run.missing_steps,  # the first ones; all are counted below
-            "update_steps_missing_count": run.missing_count,
-            "ignored": [s for s in plan.found_steps if s not in plan.sources],
-            "theta0": run.schedule.theta0_step,
-        },
+        "steps": steps,
         "effective_weights": [
             {"step": step, "source": source_name(step), "weight": weight} for step, weight in sorted(output.weights.items())
         ],
@@ -68,6 +71,8 @@ def provenance(plan: Plan, output: OutputSpec, *, settings: dict, training: Trai
             {
                 "step": step,
                 "folder": str(source.folder.resolve()),
+                "layout": source.layout,
+                "notes": list(source.notes),
                 "files": [
                     {"name": path.name, "size": identity.size, "mtime_ns": identity.mtime_ns}
                     for path, identity in sorted(source.identities.items())
@@ -80,83 +85,39 @@ def provenance(plan: Plan, output: OutputSpec, *, settings: dict, training: Trai
     }
 
 
-def weights_bar_chart(weights: dict[int, float], *, width: int = 40) -> str:
-    """Each source's effective weight as a line of text with a bar (negative weights drawn with '-')."""
-    largest = max((abs(w) for w in weights.values()), default=1.0) or 1.0
-    lines = []
-    for step, weight in sorted(weights.items()):
-        bar = ("#" if weight >= 0 else "-") * round(abs(weight) / largest * width)
-        lines.append(f"{source_name(step):>17} {weight:+.6f} {bar}")
-    return "\n".join(lines)
+def _local_or_hub(name: str | None) -> str | None:
+    """A base model as a Hub repo id, or as an absolute local path (one form for every path in the record)."""
+    if name is None or is_hub_id(name):
+        return name
+    return str(Path(name).expanduser().resolve())
 
 
-def weights_png(weights: dict[int, float], path: Path, *, title: str) -> bool:
-    """Draw the effective weights as a bar chart PNG at `path`.
-
-    Returns:
-        `bool`: False, writing nothing, when matplotlib is not installed (it is in the `plot` extra).
-    """
+def record_method(record: dict) -> Method | None:
+    """The method a provenance record names (older records name only a kind and a schedule), or None."""
+    data = record.get("method")
+    if data is None and isinstance(record.get("schedule"), dict):
+        data = {"method": "ema" if record.get("kind") == "ema" else "bema", **record["schedule"]}
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
-    steps = sorted(weights)
-    values = [weights[s] for s in steps]
-    width = min(12.0, max(4.0, 0.3 * len(steps) + 1.5))  # inches
-    figure = Figure(figsize=(width, 3.2), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.bar(range(len(steps)), values, color=["#3b75af" if v >= 0 else "#c44e52" for v in values])
-    axes.axhline(0.0, color="black", linewidth=0.8)
-    every = -(-len(steps) // 30)  # at most 30 tick labels
-    ticks = list(range(0, len(steps), every))
-    axes.set_xticks(ticks, [source_name(steps[i]).replace("checkpoint-", "") for i in ticks], rotation=45)
-    axes.set_xlabel("source (base, then checkpoint step)")
-    axes.set_ylabel("effective weight")
-    axes.set_title(title, fontsize=10)
-    # fixed margins in inches (tight_layout doubles the cost)
-    figure.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.3, top=0.88)
-    png = io.BytesIO()
-    figure.savefig(png, format="png")
-    replace_file(path, png.getvalue())
-    return True
+        return Method.from_dict(data) if isinstance(data, dict) else None
+    except BemaError:
+        return None
 
 
-def write_card(
-    folder: Path, record: dict, *, repo_id: str | None = None, revision: str | None = None, chart: bool = True
-) -> Path:
-    """Write `README.md` (and the weights chart PNG when matplotlib is installed) into an output folder.
+def write_card(folder: Path, record: dict, *, repo_id: str | None = None, revision: str | None = None) -> Path:
+    """Write `README.md` and its chart of the effective weights (`effective_weights.svg`) into an output folder.
 
     Args:
         folder (`Path`): the output folder.
         record (`dict`): its provenance record (`bema_offline.json`).
         repo_id (`str`, *optional*): the Hub repo the folder is pushed to; the load snippet uses it.
         revision (`str`, *optional*): the branch it is pushed to, when not the main one.
-        chart (`bool`, defaults to True): draw the chart PNG. `bema-average` leaves it to `push` (importing
-            matplotlib costs most of a second, in every run); the card then shows the text chart and says so.
 
     Returns:
         `Path`: the card's path.
     """
     weights = {entry["step"]: entry["weight"] for entry in record["effective_weights"]}
-    path = folder / CHART_FILE
-    drawn = chart and weights_png(weights, path, title=f"{_what(record)} at step {record['step']}: effective weights")
-    if not drawn and os.path.lexists(path):
-        os.unlink(path)  # a stale chart from an earlier render would contradict the card
-    if drawn:
-        note = None
-    elif chart:
-        note = (
-            "The chart below is text because matplotlib was not installed when this card was written "
-            "(`pip install 'bema-offline[plot]'` draws it as a PNG)."
-        )
-    else:
-        note = (
-            "The chart below is text; `bema-offline push` draws it as a PNG for the Hub "
-            "(with matplotlib: `pip install 'bema-offline[plot]'`)."
-        )
-    card = model_card(record, repo_id=repo_id, revision=revision, chart_file=CHART_FILE if drawn else None, chart_note=note)
+    chart = card_chart(folder, weights, title=f"{_what(record)} at step {record['step']}: effective weights")
+    card = model_card(record, repo_id=repo_id, revision=revision, chart=chart)
     # a path that is not valid UTF-8 (a byte the file system allows) is shown escaped, never fails the write
     replace_file(folder / CARD_FILE, card.encode("utf-8", errors="backslashreplace"))
     return folder / CARD_FILE
@@ -197,52 +158,53 @@ _PLAIN = re.compile(r"[A-Za-z_][\w./-]*", re.ASCII)
 _YAML_WORDS = {"y", "n", "yes", "no", "true", "false", "on", "off", "null"}  # (YAML 1.1 reads these as booleans or null)
 
 
-def model_card(
-    record: dict,
-    *,
-    repo_id: str | None = None,
-    revision: str | None = None,
-    chart_file: str | None = None,
-    chart_note: str | None = None,
-) -> str:
+def model_card(record: dict, *, repo_id: str | None = None, revision: str | None = None, chart: str = "") -> str:
     """A Hub model card (`README.md`'s text) for one output, from its provenance record.
 
     Args:
         record (`dict`): the output's provenance record.
         repo_id (`str`, *optional*): where it is pushed; the load snippet uses it, else a placeholder path.
         revision (`str`, *optional*): the branch it is pushed to.
-        chart_file (`str`, *optional*): the chart PNG beside the card; without it the card shows the text chart
-            only, after `chart_note` (why there is no PNG).
+        chart (`str`, defaults to ""): the Markdown of the weights chart (`chart.card_chart`).
     """
     steps = record["steps"]
-    schedule = record["schedule"]
     weights = {entry["step"]: entry["weight"] for entry in record["effective_weights"]}
     run_name = Path(record["run_dir"]).name
-    what = _what(record)
     training = record.get("training") or {}
-    method = training.get("method")
-    skipped = [s for s in steps["update_steps_missing_skipped"] if s <= record["step"]]
+    trained_with = training.get("method")
     settings = record.get("settings") or {}
+    method = record.get("method") or {}
+    theta0 = steps.get("theta0")
     parameters = [
         ("output", f"{record['kind']} at step {record['step']}"),
-        ("θ0", f"{source_name(steps['theta0'])}" + (f" (`{record['base_model']}`)" if steps["theta0"] == BASE_STEP else "")),
-        *((name, f"`{value}`") for name, value in schedule.items()),
+        *([("θ0", source_name(theta0) + (f" (`{record['base_model']}`)" if theta0 == BASE_STEP else ""))] if theta0 is not None else []),
+        *((name, f"`{value}`") for name, value in (record.get("schedule") or {k: v for k, v in method.items() if k != "method"}).items()),
         ("accumulation dtype", f"`{settings.get('accum_dtype', 'float32')}`"),
         ("output dtype", f"`{settings.get('dtype') or 'as the checkpoints'}`"),
     ]
     if record.get("config"):
         parameters.insert(0, ("config", f"`{record['config']}`"))
-    chart = f"![effective weight of each checkpoint]({chart_file})" if chart_file else (chart_note or "")
+    if "update_steps_used" in steps:
+        skipped = [s for s in steps.get("update_steps_missing_skipped", []) if s <= record["step"]]
+        step_lines = [
+            f"- Update steps used: {_steps(steps['update_steps_used'])}",
+            f"- Update steps skipped (no checkpoint): {_steps(skipped)}",
+            f"- Checkpoints not on an update step (not used): {_steps(steps['ignored'])}",
+        ]
+    else:
+        step_lines = [f"- Sources used: {_steps(steps.get('used', sorted(weights)))}", f"- Checkpoints not used: {_steps(steps['ignored'])}"]
     model = repo_id or "path/to/this/folder"
     revision_arg = f', revision="{revision}"' if revision else ""
+    negative = " Some weights are negative: the output extrapolates beyond the sources." if min(weights.values()) < 0 else ""
+    newline = "\n"
     body = f"""
-# {what} of `{run_name}` at step {record["step"]}
+# {_what(record)} of `{run_name}` at step {record["step"]}
 
-This model is the {_long_name(record)} of a training run's checkpoints at step {record["step"]}, computed offline by
-[bema-offline](https://pypi.org/project/bema-offline/) {record.get("version", __version__)}, which replays TRL's
-`BEMACallback` schedule from the saved checkpoints ([BEMA: Block & Zhang, arXiv 2508.00180]({BEMA_PAPER})).
+This model averages the checkpoints of a training run: {_long_name(record)}, computed offline by
+[bema-offline](https://pypi.org/project/bema-offline/) {record.get("version", __version__)} from the saved
+checkpoints{" (replaying TRL's `BEMACallback` schedule, [BEMA: Block & Zhang, arXiv 2508.00180](" + BEMA_PAPER + "))" if record["kind"] in ("bema", "ema") and record.get("schedule") else ""}.
 
-- Training run: `{run_name}`{f" ({method.upper()}, read from {training.get('evidence')})" if method else ""}
+- Training run: `{run_name}`{f" ({trained_with.upper()}, read from {training.get('evidence')})" if trained_with else ""}
 - Base model (the weights before training): `{record.get("base_model") or "not given"}`
 
 ## Parameters
@@ -254,24 +216,17 @@ This model is the {_long_name(record)} of a training run's checkpoints at step {
 ## Steps
 
 - Checkpoints found: {_steps(steps["found"])}
-- Update steps used: {_steps(steps["update_steps_used"])}
-- Update steps skipped (no checkpoint): {_steps(skipped)}
-- Checkpoints not on an update step (not used): {_steps(steps["ignored"])}
+{newline.join(step_lines)}
 
 ## Effective weight of each checkpoint
 
-The output is an affine combination of θ0 and the checkpoints; the weights sum to 1
-(here {sum(weights.values()):.6f}).
+The output is an affine combination of the sources; the weights sum to 1 (here {sum(weights.values()):.6f}).{negative}
 
 | source | step | weight |
 |---|---|---|
 {_rows([(source_name(s), str(s), f"{w:+.6f}") for s, w in sorted(weights.items())])}
 
 {chart}
-
-```
-{weights_bar_chart(weights)}
-```
 
 ## Use
 
@@ -287,17 +242,33 @@ print(tokenizer.decode(outputs[0], skip_special_tokens=True))
 
 ## Provenance
 
-`{PROVENANCE_FILE}` records the schedule, the settings, the steps and the input files (names, sizes, times).
+`{PROVENANCE_FILE}` records the method and its parameters, the settings, the steps and the input files (names,
+sizes, times).
 """
-    return f"---\n{metadata_yaml(card_metadata(record))}\n---\n{body}"
+    card = f"---\n{metadata_yaml(card_metadata(record))}\n---\n{body}"
+    if record.get("selection"):  # OUTPUT/best of a --select-by sweep: its leaderboard stays in every rendering
+        from ..eval.leaderboard import with_selection
+
+        card = with_selection(card, record["selection"])
+    return card
+
+
+_SHORT_NAMES = {"bema": "BEMA", "ema": "EMA", "dema": "DEMA", "ouema": "OU-EMA", "uniform": "Uniform average",
+                "power-ema": "Power EMA", "wsm": "WSM merge", "expo": "ExPO extrapolation"}  # fmt: skip
 
 
 def _what(record: dict) -> str:
-    return "BEMA" if record["kind"] == "bema" else "EMA"
+    method = record_method(record)
+    if method is not None and method.name == "ema" and not method.replayed:
+        return "EMA (half-life)"
+    return _SHORT_NAMES.get(record["kind"], record["kind"])
 
 
 def _long_name(record: dict) -> str:
-    return "Bias-Corrected EMA (BEMA)" if record["kind"] == "bema" else "exponential moving average (EMA)"
+    method = record_method(record)
+    if method is None:
+        return "Bias-Corrected EMA (BEMA)" if record["kind"] == "bema" else "exponential moving average (EMA)"
+    return method.describe()
 
 
 def _rows(rows) -> str:

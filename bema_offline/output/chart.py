@@ -9,12 +9,12 @@ deterministic SVG, the same bytes for the same weights, that the Hub and any Mar
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from xml.sax.saxutils import escape
 
 from ..errors import UsageError
+from ..files import replace_file
 
 BASE_STEP = 0
 CHART_SVG = "effective_weights.svg"
@@ -49,7 +49,7 @@ def card_chart(folder: str | Path, weights: Mapping[int, float], *, title: str) 
     """Write the chart of an output's weights into its folder (`effective_weights.svg`) and return the card's
     Markdown for it: the picture, then the same numbers as a text chart. The one call a model card needs.
 
-    The SVG replaces any earlier one without following a link at its name (it is written beside it, then renamed).
+    The SVG replaces any earlier one without following a link at its name (`files.replace_file`).
 
     Args:
         folder (`str | Path`): the output folder (or its staging folder).
@@ -60,7 +60,7 @@ def card_chart(folder: str | Path, weights: Mapping[int, float], *, title: str) 
         `str`: Markdown that shows `effective_weights.svg`, and the text chart in a code block.
     """
     folder = Path(folder)
-    _replace(folder / CHART_SVG, weights_svg(weights, title=title).encode("utf-8"))
+    replace_file(folder / CHART_SVG, weights_svg(weights, title=title).encode("utf-8"))
     return f"![effective weight of each source]({CHART_SVG})\n\n```\n{weights_bar_chart(weights)}\n```"
 
 
@@ -182,18 +182,6 @@ def _ticks(low: float, high: float) -> tuple[float, float, list[float]]:
 def _number(value: float, decimals: int) -> str:
     return f"{value:.{decimals}f}".replace("-", "−") if value < 0 else f"{value:.{decimals}f}"
 
-
-def _replace(path: Path, data: bytes) -> None:
-    """Write `data` at `path`: to a new file beside it (never through a link), then renamed over it."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 __all__ = ["CHART_SVG", "card_chart", "plot_weights", "source_name", "weights_bar_chart", "weights_svg"]

@@ -12,8 +12,7 @@ names are validated, the token is looked up, the upload folders are prepared, an
 
 The local output folder is never modified. Each output goes up from an upload folder beside it
 (`.NAME.bema-push-XXXX`, removed afterwards) that holds hard links to its files (copies where a link cannot be
-made), the model card rendered again for its repo (its load snippet names the repo, and the chart is drawn as a
-PNG), and a copy of `bema_offline.json` without local paths (`redacted_record`): folders inside the run become
+made), the model card rendered again for its repo (its load snippet names the repo) with its chart, and a copy of `bema_offline.json` without local paths (`redacted_record`): folders inside the run become
 relative to it (`checkpoint-400`), other paths their last name. The local record keeps the absolute paths that
 `verify --recompute` needs.
 """
@@ -35,7 +34,8 @@ from .._version import __version__
 from ..errors import BemaError, DataError, UsageError
 from ..files import parse_json, read_json_file, read_small_file, write_new_file
 from ..sources.run import INDEX_FILE, SIDECAR_FILES, SINGLE_FILE
-from .card import CARD_FILE, CHART_FILE, PROVENANCE_FILE, PROVENANCE_LIMIT, write_card
+from .card import CARD_FILE, PROVENANCE_FILE, PROVENANCE_LIMIT, write_card
+from .chart import CHART_SVG
 
 if TYPE_CHECKING:  # imported when used, not at startup
     from huggingface_hub import HfApi
@@ -43,10 +43,11 @@ if TYPE_CHECKING:  # imported when used, not at startup
 LAYOUTS = ("repos", "branches")
 # Weight files already in the repo (or the branch) that the upload does not replace are deleted in the same commit,
 # so that a repo never mixes the new weights with stale shards of an earlier push.
-DELETE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "effective_weights.png"]
+DELETE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "effective_weights.png", "effective_weights.svg"]
 _REPO_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-# What the upload folder holds instead of a link: the files rendered again for the Hub.
-RENDERED_FILES = (CARD_FILE, CHART_FILE, PROVENANCE_FILE)
+# What the upload folder holds instead of a link: the files rendered again for the Hub (and the PNG chart of older
+# versions, which the new card does not show).
+RENDERED_FILES = (CARD_FILE, CHART_SVG, "effective_weights.png", PROVENANCE_FILE)
 # Keys of JSON sidecar files (older transformers wrote them) that hold the local folder a model was loaded from;
 # loaders ignore them. A local path there goes up as its last name.
 NAME_OR_PATH_KEYS = ("_name_or_path", "name_or_path")
@@ -334,7 +335,7 @@ def upload_folders(output_dir: str | Path) -> Iterator[Path]:
 def stage_upload(target: PushTarget, upload: Path) -> Path:
     """Make the folder that goes up for one output: hard links to its files (copies where linking fails), the
     provenance record without local paths, JSON sidecars without the local folder they were loaded from, and the
-    card rendered for the repo (with the chart PNG when matplotlib is installed). The output folder is only read.
+    card rendered for the repo, with its chart. The output folder is only read.
 
     Args:
         target (`PushTarget`): the output and where it goes.

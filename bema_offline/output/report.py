@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..engine.plan import Plan
-from ..sources.run import _steps_text
-from .card import source_name, weights_bar_chart
+from ..errors import steps_text
+from .chart import source_name, weights_bar_chart
 
 
 def _size(nbytes: int) -> str:
@@ -17,14 +17,14 @@ def _size(nbytes: int) -> str:
 
 def plan_report(plan: Plan, output_paths: list[str]) -> str:
     lines = [f"run: {plan.run_dir}"]
-    lines.append(f"checkpoints found: {len(plan.found_steps)} (steps {_steps_text(plan.found_steps)})")
+    lines.append(f"checkpoints found: {len(plan.found_steps)} (steps {steps_text(plan.found_steps)})")
     state = plan.trainer_state
     if state:
         facts = ", ".join(f"{k} {v}" for k, v in state.items() if v is not None)
         lines.append(f"trainer_state.json of the newest checkpoint: {facts}")
     lines.append(f"read: {', '.join(source_name(s) for s in plan.read_steps)} ({_size(plan.bytes_to_read)})")
     if plan.ignored_steps:
-        lines.append(f"ignored (not update steps): {_steps_text(plan.ignored_steps)}")
+        lines.append(f"ignored (no weight in any output): {steps_text(plan.ignored_steps)}")
     lines.append(f"tensors: {len(plan.tensors)}")
     lines.extend(f"note: {note}" for note in plan.notes)
     for run in plan.schedules:
@@ -33,13 +33,15 @@ def plan_report(plan: Plan, output_paths: list[str]) -> str:
         params = ", ".join(f"{k}={v}" for k, v in s.to_dict().items())
         lines += ["", f"{title}: {params}", f"  θ0: {source_name(s.theta0_step)}"]
         if run.missing_steps:
-            lines.append(f"  skipped update steps (no checkpoint): {_steps_text(run.missing_steps, total=run.missing_count)}")
+            lines.append(f"  skipped update steps (no checkpoint): {steps_text(run.missing_steps, total=run.missing_count)}")
         lines.append(f"  {'step':>8}  {'beta':>10}  {'alpha':>10}")
         for step in run.update_steps:
             clamp = "  (clamped)" if s.beta_is_clamped(step) else ""
             lines.append(f"  {step:>8}  {s.beta(step):>10.6f}  {s.alpha(step):>10.6f}{clamp}")
     for spec, path in zip(plan.outputs, output_paths):
-        lines += ["", f"output {path}: {spec.kind} at step {spec.step}, effective weights (sum {sum(spec.weights.values()):.6f}):"]
+        what = spec.method.describe() if spec.method is not None and not spec.replayed else spec.kind
+        negative = "; some are negative: it extrapolates" if min(spec.weights.values()) < 0 and not spec.replayed else ""
+        lines += ["", f"output {path}: {what} at step {spec.step}, effective weights (sum {sum(spec.weights.values()):.6f}{negative}):"]
         lines.append(weights_bar_chart(spec.weights))
     return "\n".join(lines)
 
@@ -52,10 +54,10 @@ def run_warnings(plan: Plan) -> list[str]:
             where = f" (config {run.name})" if run.name else ""
             lines.append(
                 f"warning: skipped {run.missing_count} update step{'s' if run.missing_count > 1 else ''} without a checkpoint{where}: "
-                f"{_steps_text(run.missing_steps, total=run.missing_count)}"
+                f"{steps_text(run.missing_steps, total=run.missing_count)}"
             )
     if plan.ignored_steps:
-        lines.append(f"note: ignored checkpoints (not update steps, or after the last output): {_steps_text(plan.ignored_steps)}")
+        lines.append(f"note: ignored checkpoints (no weight in any output): {steps_text(plan.ignored_steps)}")
     for run in plan.schedules:
         if len(run.update_steps) == 1:
             where = f"config {run.name}: " if run.name else ""

@@ -44,7 +44,10 @@ def plan_fingerprint(plan: Plan, settings: dict) -> dict:
     return {
         "tool": f"bema-offline {__version__}",
         "schedules": [{"name": r.name, **r.schedule.to_dict(), "update_steps": r.update_steps} for r in plan.schedules],
-        "outputs": [{"relpath": o.relpath, "kind": o.kind, "step": o.step, "schedule": o.schedule_index} for o in plan.outputs],
+        "outputs": [
+            {"relpath": o.relpath, "kind": o.kind, "step": o.step, "schedule": o.schedule_index, "weights": sorted(o.weights.items())}
+            for o in plan.outputs
+        ],
         "settings": {key: settings.get(key) for key in PLAN_SETTINGS},
         "tensors": [[info.name, plan.output_dtypes[info.name], list(info.shape)] for info in plan.tensors],
         "inputs": [

@@ -39,7 +39,7 @@ from ..files import OpenFiles, read_json_file
 from ..methods.schedule import KINDS, BEMASchedule, effective_weights
 from ..sources.run import BASE_STEP, INDEX_FILE, SINGLE_FILE, WeightSource, load_source
 from ..sources.tensors import TensorInfo
-from .card import PROVENANCE_FILE, PROVENANCE_LIMIT
+from .card import PROVENANCE_FILE, PROVENANCE_LIMIT, record_method
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 # Tensors whose first dimension is the vocabulary and second the hidden size, in common architectures.
@@ -381,20 +381,25 @@ def read_provenance(folder: Path) -> dict:
     """Parse `bema_offline.json` and check that it has the fields verify relies on."""
     path = folder / PROVENANCE_FILE
     record = read_json_file(path, what="provenance record", hint="it was edited or damaged", limit=PROVENANCE_LIMIT)
-    required = {"tool": str, "kind": str, "step": int, "schedule": dict, "settings": dict, "steps": dict,
+    required = {"tool": str, "kind": str, "step": int, "settings": dict, "steps": dict,
                 "effective_weights": list, "inputs": list, "tensors": int}  # fmt: skip
     if not isinstance(record, dict) or any(not isinstance(record.get(k), t) for k, t in required.items()):
         raise DataError(f"{path}: lacks fields of a bema-offline provenance record; it was edited or damaged")
-    if record["tool"] != "bema-offline" or record["kind"] not in KINDS:
+    method = record_method(record)
+    if record["tool"] != "bema-offline" or method is None:
         raise DataError(f"{path}: not a bema-offline provenance record (tool {record['tool']!r}, kind {record['kind']!r})")
     try:
-        record["_schedule"] = BEMASchedule(**record["schedule"])
+        record["_method"] = method
         record["_weights"] = {int(e["step"]): float(e["weight"]) for e in record["effective_weights"]}
         record["_inputs"] = {
             int(e["step"]): (Path(e["folder"]), [(str(f["name"]), f["size"], f["mtime_ns"]) for f in e["files"]])
             for e in record["inputs"]
         }
-        record["_update_steps"] = [int(s) for s in record["steps"]["update_steps_used"]]
+        if method.replayed:
+            if record["kind"] not in KINDS:
+                raise ValueError(f"kind {record['kind']!r}")
+            record["_schedule"] = BEMASchedule(**record["schedule"])
+            record["_update_steps"] = [int(s) for s in record["steps"]["update_steps_used"]]
     except (BemaError, TypeError, KeyError, ValueError, AttributeError) as e:
         raise DataError(f"{path}: malformed provenance record ({e}); it was edited or damaged") from e
     return record
@@ -419,13 +424,25 @@ def check_provenance(folder: Path, record: dict, tensors: dict[str, TensorInfo],
         for shard, held in by_shard(tensors).items():
             if len(held) > 1 and sum(i.nbytes for i in held) > max_shard:
                 raise DataError(f"{shard}: holds more than the recorded max_shard_size {max_shard} bytes")
-    schedule, update_steps, step = record["_schedule"], record["_update_steps"], record["step"]
-    if not update_steps or update_steps[-1] != step:
-        raise DataError(f"{path}: step {step} is not the last of the update steps used {update_steps}")
-    expected = effective_weights(schedule, update_steps, [step], record["kind"])[step]
+    step = record["step"]
+    if record["_method"].replayed:
+        schedule, update_steps = record["_schedule"], record["_update_steps"]
+        if not update_steps or update_steps[-1] != step:
+            raise DataError(f"{path}: step {step} is not the last of the update steps used {update_steps}")
+        expected = effective_weights(schedule, update_steps, [step], record["kind"])[step]
+    else:
+        try:
+            expected = record["_method"].weights(
+                [int(s) for s in record["steps"]["found"]], base=record.get("base_model") is not None,
+                allow_missing=bool(record["settings"].get("allow_missing")),
+            )
+        except (BemaError, TypeError, ValueError) as e:
+            raise DataError(f"{path}: the recorded method cannot be recomputed ({e}); it was edited or damaged") from e
+        if max(expected) != step:
+            raise DataError(f"{path}: step {step} is not the newest source of the recorded method's weights")
     weights = record["_weights"]
     if set(weights) != set(expected) or any(not math.isclose(weights[s], w, rel_tol=1e-9, abs_tol=1e-12) for s, w in expected.items()):
-        raise DataError(f"{path}: the effective weights do not follow from the recorded schedule; it was edited or damaged")
+        raise DataError(f"{path}: the effective weights do not follow from the recorded method; it was edited or damaged")
     if set(record["_inputs"]) != set(weights):
         raise DataError(f"{path}: the inputs listed are not the steps with a weight")
     return notes
@@ -527,15 +544,18 @@ class _CompareSink(Sink):
 def recompute_tensors(
     record: dict, tensors: dict[str, TensorInfo], sources: dict[int, WeightSource], names: Sequence[str], *, max_memory: int
 ) -> None:
-    """Replay the recorded schedule on `names` only, with the same engine, and compare every slice bit for bit."""
+    """Recompute the recorded method on `names` only, with the same engine, and compare every slice bit for bit."""
     reference = sources[max(sources)]
-    schedule, step, kind = record["_schedule"], record["step"], record["kind"]
-    run = ScheduleRun("", schedule, record["_update_steps"], [])
+    method, step, kind = record["_method"], record["step"], record["kind"]
+    if method.replayed:
+        schedules, output = [ScheduleRun("", record["_schedule"], record["_update_steps"], [])], OutputSpec(0, kind, step, "", record["_weights"])
+    else:
+        schedules, output = [], OutputSpec(None, kind, step, "", record["_weights"], "", method)
     plan = Plan(
         run_dir=Path(record.get("run_dir", ".")),
         found_steps=sorted(s for s in sources if s != BASE_STEP),
-        schedules=[run],
-        outputs=[OutputSpec(0, kind, step, "", record["_weights"])],
+        schedules=schedules,
+        outputs=[output],
         sources=sources,
         tensors=[reference.tensors[name] for name in names],
         output_dtypes={name: _planned_dtype(record, reference.tensors[name]) for name in names},

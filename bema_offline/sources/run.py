@@ -9,11 +9,14 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, steps_text
 from ..files import read_json_file
+from .dcp import DCP_FOLDER, load_dcp
+from .deepspeed import is_deepspeed_folder, load_deepspeed
 from .runinfo import TRAINER_STATE_LIMIT
 from .safetensors_io import INDEX_FILE, SINGLE_FILE, load_safetensors
 from .tensors import BASE_STEP, TensorInfo, WeightSource
+from .torch_bin import BIN_FILE, BIN_INDEX_FILE, load_torch_bin
 
 __all__ = ["BASE_STEP", "INDEX_FILE", "SINGLE_FILE", "TensorInfo", "WeightSource", "find_checkpoints", "load_source"]
 
@@ -60,7 +63,7 @@ def find_checkpoints(run_dir: str | Path, *, min_step: int | None = None, max_st
     if not narrowed:
         raise DataError(
             f"{run_dir}: no checkpoint between --min-step {min_step} and --max-step {max_step} "
-            f"(found steps {_steps_text(found)})"
+            f"(found steps {steps_text(found)})"
         )
     return narrowed
 
@@ -68,13 +71,28 @@ def find_checkpoints(run_dir: str | Path, *, min_step: int | None = None, max_st
 def load_source(folder: Path, step: int) -> WeightSource:
     """Read the headers of one model folder, in whichever layout it was saved.
 
+    The model's own weights come first, as transformers loads them: `model.safetensors` (or its shards), then
+    `pytorch_model.bin` (or its shards); then the layouts that hold no consolidated weights: an FSDP sharded checkpoint
+    (`pytorch_model_fsdp_0/`), then a DeepSpeed ZeRO checkpoint (`latest` and `global_stepN/`).
+
     Raises:
         `DataError`: no weights this tool can read (the message says what the folder holds and what to do), a
             missing shard, or a corrupt header.
     """
-    if (folder / SINGLE_FILE).exists() or (folder / SINGLE_FILE).is_symlink() or (folder / INDEX_FILE).exists():
+    if _present(folder / SINGLE_FILE) or _present(folder / INDEX_FILE):
         return load_safetensors(folder, step)
+    if _present(folder / BIN_FILE) or _present(folder / BIN_INDEX_FILE):
+        return load_torch_bin(folder, step)
+    if _present(folder / DCP_FOLDER):
+        return load_dcp(folder, step)
+    if is_deepspeed_folder(folder):
+        return load_deepspeed(folder, step)
     raise _no_weights_error(folder)
+
+
+def _present(path: Path) -> bool:
+    """Something is there, be it a broken link (which the reader then names)."""
+    return path.exists() or path.is_symlink()
 
 
 # Files every Trainer checkpoint may hold that are never model weights, whatever their extension.
@@ -87,16 +105,15 @@ def _no_weights_error(folder: Path) -> DataError:
         names = os.listdir(folder) if folder.is_dir() else []
     except OSError as e:
         return DataError(f"{folder}: cannot list the folder ({e.strerror or e})")
-    weights = [n for n in names if n not in NOT_WEIGHTS and not n.startswith("rng_state")]
-    if any(n.endswith(".bin") for n in weights):
-        return DataError(
-            f"{folder}: only PyTorch .bin weights; bema-average streams safetensors: re-save with "
-            "save_safetensors=True (or model.save_pretrained(..., safe_serialization=True))"
-        )
-    if "adapter_model.safetensors" in names:
+    if "adapter_model.safetensors" in names or "adapter_model.bin" in names:
         return DataError(f"{folder}: a PEFT adapter checkpoint; merge the adapters into full weights first")
     held = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "") if names else "nothing"
-    return DataError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}, so no model weights; it holds {held}")
+    state_only = bool(names) and all(n in NOT_WEIGHTS or n.startswith("rng_state") or n.endswith(".json") for n in names)
+    hint = " (only training state and configs: was the model saved with it?)" if state_only else ""
+    return DataError(
+        f"{folder}: no {SINGLE_FILE}, {BIN_FILE}, {DCP_FOLDER}/ or DeepSpeed global_step*/, so no model weights; "
+        f"it holds {held}{hint}"
+    )
 
 
 def resolve_base_model(base_model: str | Path) -> Path:
@@ -189,11 +206,3 @@ def read_trainer_state(folder: Path) -> dict | None:
     if not isinstance(state, dict):
         return None
     return {key: state.get(key) for key in ("global_step", "max_steps", "save_steps", "num_train_epochs")}
-
-
-def _steps_text(steps, limit: int = 12, *, total: int | None = None) -> str:
-    """Steps for a message: the first `limit`, and how many there are in all (`total`, when more exist than given)."""
-    steps = sorted(steps)
-    total = len(steps) if total is None else total
-    shown = ", ".join(str(s) for s in steps[:limit])
-    return shown + (f", ... ({total} in all)" if total > limit else "")

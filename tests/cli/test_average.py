@@ -57,7 +57,7 @@ def test_writes_a_complete_model_folder(run, tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, err = run_cli([run_dir, "--base-model", base_dir, "--update-freq", "2", "-o", out, "--quiet"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "bema_offline.json", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "bema_offline.json", "config.json", "effective_weights.svg", "model.safetensors"]
     record = json.loads((out / "bema_offline.json").read_text())
     assert record["step"] == 8 and record["kind"] == "bema"
     assert record["schedule"]["update_freq"] == 2
@@ -105,7 +105,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(run, tmp_path, capsys):
     code, stdout, err = run_cli([run_dir, "--base-model", base_dir, "--update-freq", "4", "-o", out, "--dry-run"], capsys)
     assert code == 0, err
     assert "checkpoints found: 4 (steps 2, 4, 6, 8)" in stdout
-    assert "ignored (not update steps): 2, 6" in stdout
+    assert "ignored (no weight in any output): 2, 6" in stdout
     assert "0.267261" in stdout  # β at step 4: (10 + 4)^-0.5
     assert "checkpoint-8 +" in stdout and "#" in stdout
     assert not out.exists()
@@ -278,13 +278,12 @@ def test_group_and_version(capsys):
     code, out, _ = run_cli(["--version"], capsys, group=True)
     assert code == 0 and "bema-offline" in out
     code, out, _ = run_cli(["average", "--help"], capsys, group=True)
-    assert code == 0 and "Schedule (TRL's BEMACallback):" in out and "Performance:" in out
+    assert code == 0 and "Schedule (TRL's BEMACallback: bema, ema, dema, ouema):" in out and "Method (what to average" in out and "Performance:" in out
 
 
 def test_a_path_that_is_not_utf8_gets_a_card_and_verifies(tmp_path, capsys):
     """A folder name holding a byte that is not UTF-8 (Linux allows it): the run writes its card and provenance
     (the card shows the byte escaped) and the output verifies against its sources."""
-    import os
 
     from bema_offline.output.verify import verify
 

@@ -5,11 +5,10 @@ import sys
 
 import pytest
 import torch
+from cli.test_average import run_cli
 from synthetic import make_run
 
 from bema_offline.engine import kernels
-
-from cli.test_average import run_cli
 
 
 @pytest.fixture

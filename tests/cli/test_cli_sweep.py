@@ -3,9 +3,8 @@
 import json
 
 import pytest
-from synthetic import make_run
-
 from cli.test_average import run_cli
+from synthetic import make_run
 
 
 @pytest.fixture
@@ -82,7 +81,7 @@ def test_sweep_file(run, tmp_path, capsys, suffix):
 @pytest.mark.parametrize(
     "args, code, needle",
     [
-        (["--grid", "ema_pow=0.3"], 2, "unknown schedule field 'ema_pow'"),
+        (["--grid", "ema_pow=0.3"], 2, "unknown field 'ema_pow'"),
         (["--grid", "ema_power=fast"], 2, "ema_power must be a number"),
         (["--grid", "update_freq=2.5"], 2, "update_freq must be an integer"),
         (["--grid", "ema_power"], 2, "write FIELD=V1,V2"),
@@ -90,10 +89,10 @@ def test_sweep_file(run, tmp_path, capsys, suffix):
         (["--grid", "ema_power=0.3", "--sweep", "x.yaml"], 2, "exclude each other"),
         (["--sweep", "SWEEP:- {name: a}\n- {name: a, lag: 3}\n"], 2, "two configs are named 'a'"),
         (["--sweep", "SWEEP:- {name: ../up}\n"], 2, "cannot be a folder name"),
-        (["--sweep", "SWEEP:[1, 2"], 1, "malformed yaml"),
+        (["--sweep", "SWEEP:[1, 2"], 1, "malformed YAML"),
         (["--sweep", "SWEEP:[]"], 1, "no configs"),
         (["--sweep", "SWEEP:- 3\n"], 1, "expected a mapping"),
-        (["--sweep", "missing.yaml"], 2, "cannot read it"),
+        (["--sweep", "missing.yaml"], 2, "cannot read the sweep file"),
     ],
 )
 def test_sweep_errors_are_one_line(run, tmp_path, capsys, args, code, needle):

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 from hub_fake import FakeApi
+from run_entry import run_cli
 from synthetic import make_run
 
 from bema_offline import BEMASchedule, average
-from bema_offline.output import hub
 from bema_offline.cli import average_command, cli
-from run_entry import run_cli
+from bema_offline.output import hub
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_average_then_push(run, api, tmp_path, capsys) -> None:
     assert code == 0, err
     assert api.methods() == ["create_repo"] + ["create_branch"] * 3 + ["upload_folder"] * 3 + ["upload_file"]
     assert [u["revision"] for u in api.uploads] == ["step-2", "step-4", "step-6"]
-    assert api.uploads[0]["files"] == ["README.md", "bema_offline.json", "config.json", "effective_weights.png", "model.safetensors"]
+    assert api.uploads[0]["files"] == ["README.md", "bema_offline.json", "config.json", "effective_weights.svg", "model.safetensors"]
     assert out == ""  # --quiet
 
 

@@ -269,7 +269,7 @@ def test_cuda_without_a_gpu_is_a_clean_error(tmp_path):
 
 
 def test_configs_differing_only_in_bias_power_share_one_ema(tmp_path):
-    from bema_offline.engine.engine import ema_slots
+    from bema_offline.engine.program import ema_slots
 
     run_dir, base_dir, _ = make_run(tmp_path, [1, 2, 3, 4])
     configs = [(f"{e}-{b}", BEMASchedule(update_freq=1, ema_power=e, bias_power=b)) for e in (0.3, 0.5) for b in (0.1, 0.2)]

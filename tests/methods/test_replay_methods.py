@@ -164,37 +164,6 @@ def test_update_steps_are_found_in_o_checkpoints():
     assert time.perf_counter() - started < 1
 
 
-@pytest.mark.parametrize(
-    "schedule, steps",
-    [
-        (BEMASchedule(update_freq=10), [10, 30]),
-        (BEMASchedule(update_freq=10), [10, 20, 10**12]),
-        (BEMASchedule(update_freq=100), [150, 250, 350]),  # pruned by save_total_limit: replay from checkpoint-150
-        (BEMASchedule(update_freq=7), [10, 20, 30]),
-        (BEMASchedule(update_freq=10, update_after=15), [10, 20]),
-        (BEMASchedule(update_freq=100), [10, 20]),
-        (BEMASchedule(update_freq=10, convention="paper", update_after=10), [10, 20, 35]),
-        (BEMASchedule(update_freq=10, lag=0.5, multiplier=0, bias_power=2000), [10]),
-    ],
-)
-def test_the_same_checks_as_the_planner(tmp_path, schedule, steps):
-    """`checked_update_steps` is the scalar home of the planner's checks (`engine.plan._schedule_run`): the same
-    update steps, or the same one-line error, so that the planner can call it."""
-    from bema_offline.engine import plan
-
-    found = {step: tmp_path / f"checkpoint-{step}" for step in steps}
-    for allow_missing in (False, True):
-        try:
-            expected = plan._schedule_run("", schedule, found, allow_missing)
-        except (DataError, UsageError) as e:
-            with pytest.raises(type(e)) as caught:
-                checked_update_steps(schedule, steps, base=True, allow_missing=allow_missing)
-            assert str(caught.value) == str(e)
-            continue
-        got = checked_update_steps(schedule, steps, base=True, allow_missing=allow_missing)
-        assert (got.present, got.missing, got.missing_count) == (expected.update_steps, expected.missing_steps, expected.missing_count)
-
-
 def test_replayed_methods_are_marked_and_keep_their_kind():
     s = BEMASchedule(update_freq=10)
     assert BEMA(s).replayed and EMA(s).replayed and not DEMA(s).replayed and not OUEMA(s).replayed

@@ -174,7 +174,7 @@ def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
     path = tmp_path / "laughs.yaml"
     path.write_text(BILLION_LAUGHS)
     started = time.perf_counter()
-    with pytest.raises(DataError, match=r"laughs.yaml: line 2 uses a YAML alias \(\*a\); write each config out in full"):
+    with pytest.raises(DataError, match=r"laughs.yaml: line 2 uses a YAML alias \(\*a\); write each value out in full"):
         sweep_configs(path)
     assert time.perf_counter() - started < 1
     path.write_text("base: &base {ema_power: 0.3}\nfast:\n  <<: *base\n  lag: 5\n")  # merge keys are aliases too
@@ -220,12 +220,12 @@ def test_config_names_must_be_plain_folder_names(name, problem):
 
 
 def test_every_file_the_writer_writes_is_a_refused_name():
-    from bema_offline.output.card import CARD_FILE, CHART_FILE, PROVENANCE_FILE
+    from bema_offline.output.card import CARD_FILE, PROVENANCE_FILE
     from bema_offline.output.chart import CHART_SVG
     from bema_offline.output.writer import INDEX_FILE
     from bema_offline.sources.run import SIDECAR_FILES
 
-    for name in (*SIDECAR_FILES, INDEX_FILE, "model.safetensors", CARD_FILE, CHART_FILE, CHART_SVG, PROVENANCE_FILE):
+    for name in (*SIDECAR_FILES, INDEX_FILE, "model.safetensors", CARD_FILE, "effective_weights.png", CHART_SVG, PROVENANCE_FILE):
         with pytest.raises(UsageError):
             check_names([(name, None)], source="s")
     assert check_names([("ema_power=0.5", None), ("uniform-last4", None), ("power-ema-sigma0.05", None)], source="s")
@@ -247,7 +247,7 @@ def test_names_from_a_sweep_file_are_checked(tmp_path):
 def test_sweep_files_must_be_small_regular_files(tmp_path):
     fifo = tmp_path / "fifo.yaml"
     os.mkfifo(fifo)
-    with pytest.raises(UsageError, match="fifo.yaml: not a regular file"):  # and it does not hang
+    with pytest.raises(UsageError, match="fifo.yaml: the sweep file is not a regular file"):  # and it does not hang
         sweep_configs(fifo)
     with pytest.raises(UsageError, match="not a regular file"):
         sweep_configs("/dev/zero")
@@ -256,7 +256,7 @@ def test_sweep_files_must_be_small_regular_files(tmp_path):
     huge = tmp_path / "huge.yaml"
     with open(huge, "wb") as f:
         f.truncate(64 << 20)
-    with pytest.raises(DataError, match=r"huge.yaml: 67108864 bytes, more than a sweep file's 1048576"):
+    with pytest.raises(DataError, match=r"huge.yaml: the sweep file has 67108864 bytes, more than 1048576"):
         sweep_configs(huge)
     (tmp_path / "bad.yaml").write_bytes(b"- {lag: 3}\n\xff\n")
     with pytest.raises(DataError, match=r"not UTF-8 text \(byte 11\)"):
@@ -270,5 +270,5 @@ def test_deep_nesting_is_one_line(tmp_path):
         sweep_configs(path)
     path = tmp_path / "deep.yaml"
     path.write_text("[" * 5000 + "]" * 5000)
-    with pytest.raises(DataError, match="nested too deeply|malformed yaml"):
+    with pytest.raises(DataError, match="nested too deeply|malformed YAML"):
         sweep_configs(path)

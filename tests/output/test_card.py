@@ -10,10 +10,10 @@ from huggingface_hub import ModelCard
 from synthetic import make_run
 
 from bema_offline import BEMASchedule, average
-from bema_offline.output.card import CHART_FILE, write_card
+from bema_offline.methods.windows import Uniform
+from bema_offline.output.card import write_card
+from bema_offline.output.chart import CHART_SVG
 from bema_offline.sources.runinfo import detect_training
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _average(tmp_path: Path, steps: list[int], **kwargs) -> Path:
@@ -41,12 +41,9 @@ def test_card_round_trips_with_metadata_tables_and_chart(tmp_path: Path) -> None
     for entry in record["effective_weights"]:
         assert f"| {entry['source']} | {entry['step']} | {entry['weight']:+.6f} |" in card.text
     assert 'from_pretrained("path/to/this/folder")' in card.text
-    # bema-average leaves the PNG to `push`, and says so; written again as `push` does, the card embeds a real PNG
-    assert not (out / CHART_FILE).exists() and "`bema-offline push` draws it as a PNG" in card.text
-    write_card(out, record)
-    card = ModelCard.load(out / "README.md")
-    assert (out / CHART_FILE).read_bytes()[:8] == PNG_MAGIC
-    assert f"]({CHART_FILE})" in card.text and "draws it as a PNG" not in card.text
+    # every card shows its chart, an SVG written beside it (no matplotlib), and the same numbers as text
+    assert f"]({CHART_SVG})" in card.text and "checkpoint-6 +" in card.text
+    assert (out / CHART_SVG).read_text().startswith("<svg")
 
 
 def test_card_names_skipped_steps(tmp_path: Path) -> None:
@@ -77,18 +74,24 @@ def test_hub_base_model_id_goes_to_the_metadata(tmp_path: Path) -> None:
     assert 'from_pretrained("my-org/avg", revision="step-4")' in card.text
 
 
-def test_without_matplotlib_the_card_says_so_and_keeps_the_text_chart(tmp_path: Path, monkeypatch) -> None:
-    out = _average(tmp_path, [2, 4])
-    write_card(out, json.loads((out / "bema_offline.json").read_text()))
-    assert (out / CHART_FILE).exists()
+def test_the_card_needs_no_matplotlib(tmp_path: Path, monkeypatch) -> None:
     for module in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(__import__("sys").modules, module, None)
+    out = _average(tmp_path, [2, 4])
     write_card(out, json.loads((out / "bema_offline.json").read_text()))
-    text = (out / "README.md").read_text()
-    assert not (out / CHART_FILE).exists()  # no stale chart left beside a card that does not show it
-    assert CHART_FILE not in text
-    assert "matplotlib was not installed" in text
-    assert "checkpoint-4 +" in text  # the text bar chart
+    assert (out / CHART_SVG).exists() and f"]({CHART_SVG})" in (out / "README.md").read_text()
+
+
+def test_a_weighted_method_s_card_names_the_method_its_parameters_and_sources(tmp_path: Path) -> None:
+    out = _average(tmp_path, [2, 4, 6, 8], schedule=Uniform(last=2))
+    record = json.loads((out / "bema_offline.json").read_text())
+    assert record["kind"] == "uniform" and record["method"] == {"method": "uniform", "last": 2, "window": None}
+    assert record["schedule"] is None and record["steps"]["used"] == [6, 8]
+    card = ModelCard.load(out / "README.md")
+    assert card.text.startswith("\n# Uniform average of `run` at step 8")
+    assert "uniform average of the last 2 checkpoints" in card.text
+    assert "| last | `2` |" in card.text and "- Sources used: 6, 8" in card.text
+    assert "| checkpoint-6 | 6 | +0.500000 |" in card.text and "| checkpoint-8 | 8 | +0.500000 |" in card.text
 
 
 @pytest.mark.parametrize(

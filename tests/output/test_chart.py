@@ -12,14 +12,21 @@ SVG = "{http://www.w3.org/2000/svg}"
 WEIGHTS = {0: -0.039178, 20: 0.065279, 40: 0.058893, 60: 0.52, 80: 0.395006}
 
 
-def test_the_text_chart_is_the_one_the_card_and_dry_run_print():
-    """Moved from `output/card.py`: the same lines, bar for bar."""
-    assert weights_bar_chart(WEIGHTS) == card.weights_bar_chart(WEIGHTS)
+def test_the_text_chart_is_the_one_the_card_prints(tmp_path):
+    text = card.write_card(tmp_path, _record(WEIGHTS)).read_text()
+    assert f"```\n{weights_bar_chart(WEIGHTS)}\n```" in text and f"]({CHART_SVG})" in text
     assert weights_bar_chart({0: -0.5, 10: 1.5}, width=6).splitlines() == [
         "             base -0.500000 --",
         "    checkpoint-10 +1.500000 ######",
     ]
-    assert [source_name(s) for s in (0, 7)] == ["base", "checkpoint-7"] == [card.source_name(s) for s in (0, 7)]
+    assert [source_name(s) for s in (0, 7)] == ["base", "checkpoint-7"]
+
+
+def _record(weights: dict[int, float]) -> dict:
+    return {
+        "kind": "bema", "step": max(weights), "run_dir": "/runs/r", "steps": {"found": sorted(weights)[1:], "ignored": []},
+        "effective_weights": [{"step": s, "weight": w} for s, w in weights.items()],
+    }  # fmt: skip
 
 
 def bars(svg: str) -> list[ET.Element]:

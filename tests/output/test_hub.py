@@ -21,7 +21,7 @@ SINGLE_FILES = [
     "README.md",
     "bema_offline.json",
     "config.json",
-    "effective_weights.png",
+    "effective_weights.svg",
     "model.safetensors",
 ]
 
@@ -302,7 +302,7 @@ def test_what_goes_up_names_no_local_path_and_the_output_is_untouched(private, m
     assert json.loads(bema_4["tokenizer_config.json"][0]) == {"name_or_path": "tok", "model_max_length": 8}
     weights = output / "bema" / "step-4" / "model.safetensors"
     assert bema_4["model.safetensors"] == (weights.read_bytes(), weights.stat().st_ino)  # a hard link, not a copy
-    assert "![effective weight of each checkpoint](effective_weights.png)" in bema_4["README.md"][0].decode()
+    assert "![effective weight of each source](effective_weights.svg)" in bema_4["README.md"][0].decode()
     assert b"bema_offline.json" in bema_4["README.md"][0] and str(output).encode() not in bema_4["README.md"][0]
 
 

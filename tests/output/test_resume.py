@@ -96,7 +96,7 @@ def test_another_schedule_starts_over(run, tmp_path, monkeypatch):
     interrupted(run_dir, base_dir, output, monkeypatch, recorded=4)
     other = BEMASchedule(update_freq=1, ema_power=0.3)
     result = average(run_dir, output, schedule=other, base_model=base_dir, resume=True, **OPTIONS)
-    assert result.reused_shards == 0 and "schedules changed" in result.resume_note
+    assert result.reused_shards == 0 and "schedules, outputs changed" in result.resume_note
 
 
 def test_a_damaged_finished_shard_is_written_again(run, tmp_path, monkeypatch):
