@@ -358,3 +358,68 @@ def test_a_copy_downloaded_from_the_hub_verifies_its_files_but_names_no_sources(
         verify(download)
     (local,) = verify(output / "bema" / "step-6", recompute=2, seed=0)  # the local record still names the sources
     assert local.sources_checked == [0, 2, 4, 6] and len(local.recomputed) == 2
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("/home/alice/runs/dpo/checkpoint-400", "checkpoint-400"),  # inside the run: relative to it
+        ("/home/alice/runs/dpo/sweep/lr=1e-5/bema", "sweep/lr=1e-5/bema"),
+        ("/home/alice/runs/dpo", "dpo"),
+        ("/home/alice/data/prefs.jsonl", "prefs.jsonl"),  # elsewhere: the last name
+        ("~/data/prefs.jsonl", "prefs.jsonl"),
+        ("C:\\Users\\alice\\data\\prefs.jsonl", "prefs.jsonl"),
+        ("read /home/alice/data/prefs.jsonl (split test)", "read prefs.jsonl (split test)"),
+        ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B"),  # a Hub id
+        ("https://huggingface.co/Qwen/Qwen2.5-0.5B", "https://huggingface.co/Qwen/Qwen2.5-0.5B"),
+        ("lr 1/2 and/or 3", "lr 1/2 and/or 3"),
+        ("/", "/"),
+    ],
+)
+def test_local_paths_in_any_string_are_redacted(text, shown) -> None:
+    record = {"a": [text, {"b": text}], "n": 1.5, "none": None}
+    assert hub.redacted_paths(record, Path("/home/alice/runs/dpo")) == {"a": [shown, {"b": shown}], "n": 1.5, "none": None}
+
+
+def test_a_selected_output_goes_up_without_the_paths_of_its_leaderboard(private, tmp_path, monkeypatch) -> None:
+    """best/ of a --select-by sweep carries its selection (every candidate's folder, the data file, the DPO reference)
+    in its record and in eval.json, as bema-offline's eval writes them; both go up without local paths, and so does
+    the card rendered from the record."""
+    from bema_offline.eval.candidates import Candidate
+    from bema_offline.eval.report import Result, rank
+    from bema_offline.eval.select import selection_record
+
+    home, output = private
+    monkeypatch.setenv("HOME", str(home))
+    candidates = [Candidate(kind, str(output / kind / "step-6"), "average") for kind in ("bema", "ema")]
+    data = {"path": str(home / "data" / "heldout.jsonl"), "kind": "preference", "rows": 4, "scored_tokens": 40}
+    settings = {"reference": str(home / "models" / "ref"), "beta": 0.1}
+    report = rank([Result(c, {"loss": 1.0 + i}) for i, c in enumerate(candidates)], metric="loss", directions={"loss": False},
+                  data=data, settings=settings)
+    best = Path(shutil.copytree(output / "bema" / "step-6", tmp_path / "best"))
+    record = json.loads((best / "bema_offline.json").read_text())
+    record["selection"] = selection_record(Path(candidates[0].source), report)
+    (best / "bema_offline.json").write_text(json.dumps(record))
+    report.write(best, plot=False)  # eval.json and eval.md, as publish_best copies them in
+    assert str(home).encode() in (best / "eval.json").read_bytes()
+    before = state(best)
+    api = CapturingApi()
+    push_to_hub(best, "my-org/best", api=api)
+    assert state(best) == before
+    (sent,) = api.sent
+    assert {"eval.json", "eval.md"} <= set(sent)
+    for name, (data_bytes, _) in sent.items():
+        assert str(home).encode() not in data_bytes and USER.encode() not in data_bytes, name
+    uploaded = json.loads(sent["eval.json"][0])
+    assert [r["source"] for r in uploaded["results"]] == ["step-6", "step-6"] and uploaded["data"]["path"] == "heldout.jsonl"
+    selection = json.loads(sent["bema_offline.json"][0])["selection"]
+    assert selection["source"] == "step-6" and selection["settings"]["reference"] == "ref"
+    assert "DPO reference: `ref`" in sent["README.md"][0].decode()
+
+
+def test_files_copied_from_the_checkpoints_that_name_local_paths_are_reported(single: Path, monkeypatch) -> None:
+    (single / "tokenizer_config.json").write_text(json.dumps({"special_tokens_map_file": f"{Path.home()}/x/special_tokens_map.json"}))
+    lines = []
+    push_to_hub(single, "my-org/avg", api=FakeApi(), log=lines.append)
+    assert lines[0] == f"note: tokenizer_config.json holds the local path {Path.home()}; it goes up as it is (to my-org/avg)"
+    assert lines[1].startswith("pushed ")
