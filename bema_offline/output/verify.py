@@ -42,6 +42,7 @@ from ..sources.tensors import TensorInfo
 from .card import PROVENANCE_FILE, PROVENANCE_LIMIT, record_method
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+READ_BYTES = 8 * 2**20  # the largest read of check_values, whatever --max-memory allows
 # Tensors whose first dimension is the vocabulary and second the hidden size, in common architectures.
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "embed_out.weight", "lm_head.weight")
 _LAYER_INDEX = re.compile(r"^(?:model\.|transformer\.|gpt_neox\.|model\.decoder\.)?(?:layers|h)\.(\d+)\.")
@@ -301,13 +302,14 @@ def _int_field(config: dict, keys: Sequence[str]) -> int | None:
 def check_values(tensors: dict[str, TensorInfo], *, max_memory: int = DEFAULT_CHUNK_BYTES) -> dict[str, str]:
     """Every float value is finite; returns each shard's sha256 by file name, from the same single read.
 
-    Each shard is read once, in file order, in reads of at most `max_memory` bytes into one buffer: small tensors
-    are read together, a large one in parts. float32 and bf16 are checked by the C kernel where it is built (no
+    Each shard is read once, in file order, in reads of at most `max_memory` bytes (and 8 MiB) into one buffer: small
+    tensors are read together, a large one in parts. float32 and bf16 are checked by the C kernel where it is built (no
     torch import), other dtypes by torch.
     """
     shards = by_shard(tensors)
     sizes = {path: _file_size(path) for path in shards}
-    buffer = bytearray(max(8, min(max_memory, max(sizes.values(), default=0))))  # (8: at least one element)
+    # reads of a few MiB are as fast as larger ones, and stay in the CPU's cache from the read to the hash and the check
+    buffer = bytearray(max(8, min(max_memory, READ_BYTES, max(sizes.values(), default=0))))  # (8: at least one element)
     address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
     digests = {}
     with OpenFiles() as files:

@@ -19,6 +19,7 @@ import re
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ..dtypes import DTYPES
@@ -71,8 +72,8 @@ class TensorSpec:
     dtype: str  # safetensors dtype name
     shape: tuple[int, ...]
 
-    @property
-    def nbytes(self) -> int:
+    @cached_property
+    def nbytes(self) -> int:  # (asked for several times per tensor: a model may have tens of thousands)
         return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
 
@@ -116,7 +117,7 @@ class ShardLayout:
     tensors: list[TensorSpec]
     header: bytes
 
-    @property
+    @cached_property
     def file_size(self) -> int:
         return len(self.header) + sum(spec.nbytes for spec in self.tensors)
 
