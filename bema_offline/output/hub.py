@@ -274,7 +274,8 @@ def push_to_hub(
 
     with upload_folders(output_dir) as staging:
         # each output's upload folder mirrors its place in the output (a single output's: its own name)
-        uploads = [stage_upload(target, staging / (target.relpath if target.relpath not in ("", ".") else target.folder.name)) for target in targets]
+        places = [target.relpath if target.relpath not in ("", ".") else target.folder.name for target in targets]
+        uploads = [stage_upload(target, staging / place) for target, place in zip(targets, places)]
         for repo in dict.fromkeys(t.repo_id for t in targets):
             _prepare_repo(api, repo, private=private)
         for target in targets:
@@ -483,14 +484,15 @@ def local_paths_left(upload: Path, paths: list[str]) -> list[str]:
     """Notes on the files of an upload folder (not the weights) that still hold one of `paths` (the home folder, the
     run and output folders): files copied from the checkpoints, which go up as they are."""
     notes = []
-    needles = [path.encode() for path in paths]
+    needles = [os.fsencode(path) for path in paths]
     for file in sorted(upload.rglob("*")):
         if not file.is_file() or file.suffix in BINARY_SUFFIXES or file.stat().st_size > SMALL_FILE_LIMIT:
             continue
         data = file.read_bytes()
         found = next((needle for needle in needles if needle in data), None)
         if found is not None:
-            notes.append(f"note: {file.relative_to(upload).as_posix()} holds the local path {found.decode()}; it goes up as it is")
+            shown = found.decode(errors="backslashreplace")
+            notes.append(f"note: {file.relative_to(upload).as_posix()} holds the local path {shown}; it goes up as it is")
     return notes
 
 

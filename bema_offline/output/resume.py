@@ -28,9 +28,9 @@ from pathlib import Path
 
 from .._version import __version__
 from ..engine.plan import Plan
-from ..sources.tensors import WeightSource
 from ..errors import DataError
 from ..files import read_json_file, read_small_file, write_new_file
+from ..sources.tensors import WeightSource
 from .publish import fresh_staging, remove_path, staging_path, trash_path
 from .writer import ShardLayout
 
