@@ -11,7 +11,7 @@ Sections can be run one at a time (each in a few minutes); results accumulate in
 `docs/benchmarks.md` and `docs/benchmarks.png` are rewritten from all of them after each call:
 
     python scripts/bench.py main sweep budget count linearity layouts --repeat 3
-    python scripts/bench.py hash --repeat 5 --previous fb19130   # the cost of the content hashes (A/B, interleaved)
+    python scripts/bench.py hash --repeat 8 --previous 325d8fb   # the cost of the content hashes (A/B, in turns)
     python scripts/bench.py many-tensors --repeat 3               # 20,000 small tensors against a few large ones
     python scripts/bench.py report            # only rewrite the Markdown and the plot
 
@@ -717,9 +717,10 @@ NOTES = {
                "(bema, ema, dema, ouema, uniform --last 4, power-ema --sigma-rel 0.1, wsm --decay cosine --last 4, "
                "expo --alpha 0.3) in one read of the run, beside writing the 7 extra outputs' bytes alone (dd).",
     "hash": "Each pair of rows ran in turns (before, after, before, after, ...), so that the machine's load, shared with "
-            "other work, hits both alike. On tmpfs the run is bound by the CPU, and the hash's cost (SHA-256 at about "
-            "1.7 GB/s on one core of this CPU, with SHA-NI) shows in full; on disk it hides behind the writes. verify "
-            "reads the output once for both the values and the sha256.",
+            "other work, hits both alike; the targets below also give each side's median CPU time (user + system), which "
+            "other work moves far less than the wall time. The cost is SHA-256's own speed: about 1.7 GB/s on one core "
+            "of this CPU (with SHA-NI), 0.65 s of CPU for the 1.1 GB output, against about 3 s of CPU for the whole "
+            "run. verify reads the output once for both the values and the sha256 (and in 8 MiB reads: less memory).",
     "many-tensors": "The verify rows' input GB/s are of the output read. With one output shard per tensor, 20,000 "
                     "shards are created, written, fsynced (a no-op on tmpfs), hashed and published; before issue 10's "
                     "fix, the checks before publishing and in verify were quadratic in tensors × shards (97 s to average "
