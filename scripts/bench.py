@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 GIB = 2**30
-SECTIONS = ("main", "sweep", "methods", "budget", "groups", "count", "linearity", "cold", "layouts", "hash", "many-tensors")
+SECTIONS = ("main", "sweep", "methods", "budget", "groups", "count", "linearity", "cold", "layouts", "stepwise", "hash", "many-tensors")
 SWEEP_GRID = ["ema_power=0.3,0.4,0.5,0.6", "bias_power=0.1,0.2"]  # 8 configs
 # 8 configs of 8 methods (a field a method does not take is left out of its config)
 METHODS_GRID = ["method=bema,ema,dema,ouema,uniform,power-ema,wsm,expo", "last=4", "sigma_rel=0.1", "decay=cosine", "alpha=0.3"]
@@ -413,6 +413,23 @@ def section_groups(args, scratch: Path) -> list[dict]:
     return rows
 
 
+def section_stepwise(args, scratch: Path) -> list[dict]:
+    """The step-major engine (engine/stepwise.py, for --no-keep-downloads) against `Engine` on the same run, in-process
+    (scripts/stepwise_probe.py: plan, engine and writer, output on disk)."""
+    run_dir, base_dir = synthetic(args.root, "run-256m", size=GIB // 4, checkpoints=8)
+    files = input_files(run_dir, base_dir)
+    nbytes = sum(f.stat().st_size for f in files)
+    out, probe = scratch / "out", str(SCRIPTS / "stepwise_probe.py")
+    here = env_with(REPO)
+    cases = [
+        Case("stepwise", "Engine (group-major: every checkpoint on disk)", [sys.executable, probe, str(run_dir), str(base_dir), str(out), "engine"],
+             input_bytes=nbytes, env=here, cleanup=[out]),
+        Case("stepwise", "StepwiseEngine (step-major: one checkpoint at a time, state on disk)",
+             [sys.executable, probe, str(run_dir), str(base_dir), str(out), "stepwise"], input_bytes=nbytes, env=here, cleanup=[out]),
+    ]
+    return [case.run(args.repeat, files) for case in cases]
+
+
 def section_cold(args, scratch: Path) -> list[dict]:
     """The inputs evicted from the page cache before each repeat: reads come from the disk."""
     run_dir, base_dir, files, nbytes = main_run(args)
@@ -680,6 +697,7 @@ def write_report(results: dict, path: Path) -> None:
 
 
 TITLES = {
+    "methods": "Averaging methods: a weighted sum against the BEMA replay, and 8 methods in one pass (8 × 1 GiB run)",
     "main": "8 checkpoints + base, about 1 GiB of bf16 each (9.2 GiB read)",
     "sweep": "Sweeps: 8 configs in one pass against one config and 8 separate runs (8 checkpoints + base)",
     "budget": "Peak RSS against --max-memory (8 × 1 GiB run)",
@@ -688,6 +706,7 @@ TITLES = {
     "cold": "Cold page cache (inputs evicted with POSIX_FADV_DONTNEED before each repeat)",
     "groups": "Group size: the engine alone (in-process, no writes), groups capped at N MiB per worker",
     "layouts": "Checkpoint layouts: the same weights (base + 4 checkpoints of 0.5 GiB of fp32) as safetensors, .bin, FSDP, ZeRO-3",
+    "stepwise": "Step-major engine (--no-keep-downloads) against Engine: 8 checkpoints + base of 256 MiB of bf16 each",
     "hash": "Content hashes: the sha256 of every output shard, computed while writing (8 × 1 GiB run; A/B in turns)",
     "many-tensors": "Many tensors: about 20,000 small tensors (an MoE's experts) against the same bytes in 8 tensors "
                     "(8 checkpoints + base of 0.25 GiB of bf16; outputs on tmpfs)",
@@ -701,6 +720,11 @@ NOTES = {
                "syscalls (pread included; Python's own startup reads about 5 MiB, see the dry runs): each input byte read "
                "once gives a 'read / input' of 1 plus that. Peak RSS is the same in every layout. The output (0.5 GiB) "
                "goes to tmpfs, so that the shared disk's write speed does not blur the comparison of the readers.",
+    "stepwise": "Both write the same bytes (tests/engine/test_stepwise.py). The step-major engine reads and writes each "
+                "group's state (θ0 and the EMA, float32) at every step: 8 bytes per element per step more traffic, on a "
+                "128 M-element model 1 GiB of state on disk (4 bytes per element per θ0, EMA and weighted sum). Its disk "
+                "high-water in a --no-keep-downloads run is one checkpoint and the one downloading ahead (HubDownloads."
+                "peak_bytes, tests/sources/test_hub_source.py), plus that state, plus the output.",
     "groups": "The 'after startup' column is the engine's run; the peak RSS includes the groups' arenas. Small groups "
               "stay in the CPU cache from one step to the next; that is why the engine uses at most 8 MiB per worker "
               "whatever --max-memory allows (engine.CACHE_BYTES).",
@@ -929,7 +953,7 @@ def main() -> None:
     results["meta"] = {"machine": machine()}
     runners = {"main": section_main, "sweep": section_sweep, "methods": section_methods, "budget": section_budget, "count": section_count,
                "linearity": section_linearity, "cold": section_cold, "groups": section_groups, "layouts": section_layouts,
-               "hash": section_hash, "many-tensors": section_many_tensors}
+               "stepwise": section_stepwise, "hash": section_hash, "many-tensors": section_many_tensors}
     for name in args.sections:
         if name == "report":
             continue

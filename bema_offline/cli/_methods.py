@@ -115,6 +115,14 @@ def method_options(func):
     return func
 
 
+def method_parameter_options(func):
+    """Add the methods' parameters without `--method` (for a command that names the method another way, as
+    `iterate --reference` does)."""
+    for decorator in reversed(_METHOD_DECORATORS[1:]):
+        func = decorator(func)
+    return func
+
+
 def schedule_options(func):
     """Add TRL's schedule options (`--update-freq` ... `--convention`), with TRL's names and defaults."""
     for decorator in reversed(_SCHEDULE_DECORATORS):

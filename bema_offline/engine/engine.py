@@ -260,7 +260,9 @@ class _Worker:
     """
 
     def __init__(self, arena_bytes: int, *, device: str, staged: bool, identities: dict) -> None:
-        self.files = OpenFiles(identities=identities)
+        # every input file may stay open (a sharded FSDP or DeepSpeed checkpoint spreads each tensor over every rank's
+        # file), within the process's limit on descriptors, shared by the workers
+        self.files = OpenFiles(identities=identities, max_open=open_files_per_worker(len(identities)))
         self.staged = staged
         size = max(arena_bytes, _ALIGN)
         if staged:
@@ -311,6 +313,16 @@ class _Worker:
             self.arena = self.host = torch.frombuffer(self._memory, dtype=torch.uint8)
         arena = self.host if host else self.arena
         return arena[offset : offset + nbytes].view(DTYPES[dtype].torch)
+
+
+def open_files_per_worker(files: int, workers: int = 8) -> int:
+    """How many input files one worker keeps open: all of them, when the soft limit on descriptors allows it for
+    every worker with room to spare, else its share (least recently used ones are closed and reopened)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    share = (soft - 64) // (workers + 1) if soft != resource.RLIM_INFINITY else files
+    return max(16, min(files, share))
 
 
 def check_device(device: str) -> str:

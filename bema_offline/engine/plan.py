@@ -8,13 +8,14 @@ checks that every source agrees on tensor names, shapes and dtypes, so that a ru
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..dtypes import FLOAT_DTYPES
 from ..errors import DataError, UsageError, steps_text
-from ..files import FileIdentity
+from ..files import FileIdentity, read_json_file
 from ..methods.base import Method
 from ..methods.replay import BEMA, EMA
 from ..methods.schedule import KINDS, BEMASchedule, checked_update_steps, effective_weights
@@ -157,13 +158,15 @@ def make_plan(
             sources[step] = load_source(Path(base_model_dir), BASE_STEP)
         else:
             sources[step] = _load_checkpoint(found, step)
+    notes = [*_source_notes(sources), *_untie_head(sources, sources[needed[-1]])]
     reference = sources[needed[-1]]
-    notes = _check_sources(reference, sources)
+    notes += _check_sources(reference, sources)
     output_dtypes = {
         name: (FLOAT_DTYPES[dtype] if dtype and info.is_float else info.dtype)
         for name, info in reference.tensors.items()
     }
     newest = found[max(found)]
+    base_folder = base_model_dir if base_model_dir is not None else _local_folder(base_model)
     return Plan(
         run_dir=Path(run_dir),
         found_steps=sorted(found),
@@ -175,15 +178,56 @@ def make_plan(
         base_model=base_model if base_model is not None else (str(base_model_dir) if base_model_dir else None),
         trainer_state=read_trainer_state(newest),
         notes=notes,
-        sidecars={step: _sidecars(sources, step, Path(run_dir)) for step in sorted({out.step for out in outputs})},
+        sidecars={step: _sidecars(sources, step, Path(run_dir), base_folder) for step in sorted({out.step for out in outputs})},
     )
 
 
-def _sidecars(sources: dict[int, WeightSource], step: int, run_dir: Path) -> dict[str, Path]:
+def _sidecars(sources: dict[int, WeightSource], step: int, run_dir: Path, base_folder: Path | None) -> dict[str, Path]:
     """An output's config and tokenizer files: from the newest source at or before its step, then older ones, the
-    base model (a sharded FSDP checkpoint has none) and the run folder."""
+    run folder, and the base model even when it is not averaged (a sharded FSDP checkpoint has none)."""
     newest_first = [sources[s].folder for s in sorted(sources, reverse=True) if s <= step]
-    return sidecar_origins(newest_first + [run_dir])
+    return sidecar_origins(newest_first + [run_dir] + ([Path(base_folder)] if base_folder is not None else []))
+
+
+def _local_folder(name: str | None) -> Path | None:
+    """The base model's folder when it is a local one (a Hub id is not fetched just for its config)."""
+    if name is None:
+        return None
+    path = Path(name).expanduser()
+    return path if path.is_dir() else None
+
+
+def _source_notes(sources: dict[int, WeightSource]) -> list[str]:
+    """What the readers say about the weights (e.g. DeepSpeed's fp32 master weights), once per distinct note."""
+    steps: dict[str, list[int]] = {}
+    for step, source in sorted(sources.items()):
+        for note in source.notes:
+            steps.setdefault(note, []).append(step)
+    return [note if len(where) == 1 else f"{note} (and {len(where) - 1} more sources alike)" for note, where in steps.items()]
+
+
+TIED_HEAD = "lm_head.weight"
+
+
+def _untie_head(sources: dict[int, WeightSource], reference: WeightSource) -> list[str]:
+    """A tied output head saved by the checkpoints (FSDP and DeepSpeed save it a second time; `save_pretrained`
+    leaves it out), while the base, whose config ties it, lacks it: it is left out of the plan, as transformers'
+    loader ties it again. Changes `sources` in place."""
+    base = sources.get(BASE_STEP)
+    if base is None or TIED_HEAD in base.tensors or TIED_HEAD not in reference.tensors or not _ties_embeddings(base.folder):
+        return []
+    for step, source in sources.items():
+        if TIED_HEAD in source.tensors:
+            sources[step] = dataclasses.replace(source, tensors={n: t for n, t in source.tensors.items() if n != TIED_HEAD})
+    return [f"{TIED_HEAD} is saved by the checkpoints but tied to the input embedding (the base's config says so): left out, as save_pretrained does"]
+
+
+def _ties_embeddings(folder: Path) -> bool:
+    try:
+        config = read_json_file(folder / "config.json", what="config", hint="ignored")
+    except DataError:
+        return False
+    return isinstance(config, dict) and config.get("tie_word_embeddings") is True
 
 
 def _load_checkpoint(found: dict[int, Path], step: int) -> WeightSource:

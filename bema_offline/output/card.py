@@ -74,7 +74,7 @@ def provenance(plan: Plan, output: OutputSpec, *, settings: dict, training: Trai
                 "layout": source.layout,
                 "notes": list(source.notes),
                 "files": [
-                    {"name": path.name, "size": identity.size, "mtime_ns": identity.mtime_ns}
+                    {"name": _relative(path, source.folder), "size": identity.size, "mtime_ns": identity.mtime_ns}
                     for path, identity in sorted(source.identities.items())
                 ],
             }
@@ -83,6 +83,14 @@ def provenance(plan: Plan, output: OutputSpec, *, settings: dict, training: Trai
         ],
         "tensors": len(plan.tensors),
     }
+
+
+def _relative(path: Path, folder: Path) -> str:
+    """A source file's name inside its folder (a sharded FSDP or DeepSpeed checkpoint keeps files in subfolders)."""
+    try:
+        return path.relative_to(folder).as_posix()
+    except ValueError:  # outside its folder (a link into the Hub cache, say): named by its own name
+        return path.name
 
 
 def _local_or_hub(name: str | None) -> str | None:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..dtypes import dtype_name
-from ..files import writable_view
+from ..files import OpenFiles, writable_view
 from ..sources.run import load_source
 
 if TYPE_CHECKING:
@@ -36,20 +35,15 @@ def folder_fingerprint(folder: str | Path) -> str:
     """
     source = load_source(Path(folder), 0)
     digest = hashlib.sha256()
-    for name in sorted(source.tensors):
-        info = source.tensors[name]
-        digest.update(_describe(name, info.dtype, info.shape, info.nbytes))
-        fd = os.open(info.path, os.O_RDONLY)
-        try:
-            done = 0
-            while done < info.nbytes:
-                chunk = os.pread(fd, min(_CHUNK, info.nbytes - done), info.start + done)
-                if not chunk:
-                    raise OSError(f"{info.path}: truncated inside tensor {name!r}")
-                digest.update(chunk)
-                done += len(chunk)
-        finally:
-            os.close(fd)
+    with OpenFiles(identities=source.identities) as files:
+        for name in sorted(source.tensors):
+            info = source.tensors[name]
+            digest.update(_describe(name, info.dtype, info.shape, info.nbytes))
+            for path, offset, nbytes in info.ranges(0, info.numel):  # any layout, chunk by chunk
+                for start in range(0, nbytes, _CHUNK):
+                    chunk = bytearray(min(_CHUNK, nbytes - start))
+                    files.read_into(path, offset + start, memoryview(chunk))
+                    digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -482,7 +482,7 @@ def _average_summary(folder: Path) -> dict | None:
         record = json.loads((folder / "bema_offline.json").read_text())
     except (OSError, ValueError):
         return None
-    return {key: record.get(key) for key in ("kind", "step", "run_dir", "schedule", "base_model")}
+    return {key: record.get(key) for key in ("kind", "method", "step", "run_dir", "schedule", "base_model")}
 
 
 def _jsonable(value: Any) -> Any:

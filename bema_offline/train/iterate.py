@@ -1,26 +1,28 @@
 """Iterative DPO: K rounds of TRL DPO, each against an average of the round before, resumable at any point.
 
-Round 1 trains from the base model against the base. Each round's checkpoints are averaged (BEMA by default, with
-update_freq = save_steps and θ0 = the weights the round started from), and round k+1's reference is, as
-`reference` says, round k's average (`bema`, `ema`), its last checkpoint (`last`) or always the base (`base`, plain
-multi-round DPO). Round k+1's policy starts from its reference or from round k's last checkpoint (`policy_init`).
+Round 1 trains from the base model against the base. Each round's checkpoints are averaged by the plan's method
+(BEMA by default, with update_freq = save_steps and θ0 = the weights the round started from; any method of
+`bema_offline.methods` with its parameters), and round k+1's reference is, as `reference` says, round k's average
+(a method's name), its last checkpoint (`last`) or always the base (`base`, plain multi-round DPO). Round k+1's
+policy starts from its reference or from round k's last checkpoint (`policy_init`).
 
 Everything lands under the work folder:
 
     rounds.json            the plan, and each round as it finishes (rewritten atomically)
-    rounds.md, rounds.png  the rounds table, and the evaluation metric per round (with eval data)
+    rounds.md, rounds.png  the rounds table, and the evaluation metrics per round (with eval data)
     round-K/               round K's checkpoint-N/ folders; only the newest keeps the optimizer, scheduler and RNG
                            state that resuming needs
-    round-K-bema/          round K's average (round-K-ema/ with reference "ema")
+    round-K-bema/          round K's average, named after its method (round-K-uniform/, round-K-power-ema/, ...)
 
 Running the same plan again on the same folder continues where it stopped: a round killed while training resumes
 from its newest complete checkpoint through the Trainer's `resume_from_checkpoint` (the result is bit-identical
 on the same machine), an average killed while writing reuses its finished shards, and finished rounds are reused
 once the fingerprints of their averages and checkpoints match `rounds.json`. A plan that differs (an option, the
-base model's weights, a round's data) is refused with one line naming the difference. More rounds than before
-extend a finished run.
+averaging method or one of its parameters, the base model's weights, a round's data) is refused with one line
+naming the difference. More rounds than before extend a finished run.
 
-trl, transformers and datasets (the `dpo` extra) are imported only when a round runs.
+With eval data, each round's reference, last checkpoint and average are evaluated with `bema_offline.eval` (see
+`rounds_eval`). trl, transformers and datasets (the `dpo` extra) are imported only when a round runs.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ from ..output.fingerprint import folder_fingerprint
 from ..sources.run import find_checkpoints
 from .checkpoints import prepare_resume, prune_resume_state, resume_state_pruner
 from .dpo import RECORD_FILE, _first_line, require_dpo_extra, train_dpo, write_json_atomically
-from .rounds_plan import IteratePlan, data_fingerprint, plan_differences, plan_record
-from .rounds_report import TABLE_FILE, rounds_card, rounds_table, write_rounds_table
+from .rounds_eval import check_eval_data, evaluate_round
+from .rounds_plan import IteratePlan, data_fingerprint, plan_differences, plan_record, upgraded_plan_record
+from .rounds_report import TABLE_FILE, average_title, rounds_card, rounds_table, write_rounds_table
 
 __all__ = ["IteratePlan", "data_fingerprint", "run_rounds"]
 
@@ -109,7 +112,6 @@ class _Run:
     log: Callable[[str], None]
     progress: bool
     fingerprints: dict[str, str] = field(default_factory=dict)  # folder -> fingerprint, within this invocation
-    scorer: Any = None
     push_token: str | None = None
     hub_api: Any = None
 
@@ -164,8 +166,10 @@ def run_rounds(plan: IteratePlan, *, log: Callable[[str], None] = print, progres
             raise DataError(f"--dataset {path}: no such file or folder")
     if not plan.base_model.is_dir():
         raise DataError(f"--base-model {plan.base_model}: no such folder; pass a model folder")
-    if plan.eval_data is not None and not plan.eval_data.exists():
-        raise DataError(f"--eval-data {plan.eval_data}: no such file or folder")
+    if plan.eval_data is not None:
+        if not plan.eval_data.exists():
+            raise DataError(f"--eval-data {plan.eval_data}: no such file or folder")
+        check_eval_data(plan.eval_data)
     workdir.mkdir(parents=True, exist_ok=True)
     with WorkdirLock(workdir):
         run = _Run(plan, existing or {}, log, progress, push_token=token)
@@ -193,6 +197,7 @@ def run_rounds(plan: IteratePlan, *, log: Callable[[str], None] = print, progres
             if done > plan.rounds:
                 raise UsageError(f"--rounds {plan.rounds}: --workdir {workdir} already holds {done} finished rounds; pass --rounds {done} or more")
             run.record["version"] = __version__
+            run.record["plan"] = upgraded_plan_record(existing["plan"])
         if plan.push_to_hub:
             run.hub_api = hub.make_api(token)
         for k in range(1, plan.rounds + 1):
@@ -225,7 +230,7 @@ def _inputs_of_round(run: _Run, k: int) -> tuple[dict, dict]:
         reference = base
     elif plan.reference == "last":
         reference = {"path": last["path"], "fingerprint": last["fingerprint"]}
-    else:
+    else:  # the reference is the round's average, whatever its method
         reference = average_
     policy = dict(reference) if plan.policy_start == "reference" else {"path": last["path"], "fingerprint": last["fingerprint"]}
     return {**reference, "kind": plan.reference}, policy
@@ -311,15 +316,14 @@ def _run_round(run: _Run, k: int) -> None:
     last_folder = run_dir / f"checkpoint-{checkpoints[-1]}"
     prune_resume_state(run_dir, newest=checkpoints[-1] + 1)  # the round is over: no checkpoint needs it any more
 
-    kind = plan.average_kind
-    average_dir = plan.workdir / f"round-{k}-{kind}"
-    log(f"round {k}/{rounds}: averaging the {kind.upper()} of {run_dir} (θ0 {policy['path']}) -> {average_dir}")
+    method = plan.average_method
+    average_dir = plan.workdir / f"round-{k}-{method.name}"
+    log(f"round {k}/{rounds}: averaging {run_dir} ({method.describe()}; step 0 is {policy['path']}) -> {average_dir}")
     averaged = average(
         run_dir,
         average_dir,
-        schedule=plan.bema_schedule,
+        schedule=method,
         base_model=policy["path"],
-        save=(kind,),
         overwrite=True,  # an average published by a run killed before it recorded the round is made again
         resume=True,  # an average killed while writing reuses its finished shards
         progress=run.progress,
@@ -344,10 +348,12 @@ def _run_round(run: _Run, k: int) -> None:
         "average": {
             "path": str(average_dir),
             "fingerprint": run.fingerprint(average_dir),
+            "method": method.to_dict(),
+            "label": method.label(),
             "kind": output.kind,
             "step": output.step,
             "theta0": policy["path"],
-            "update_steps": averaged.plan.schedules[0].update_steps,
+            "update_steps": averaged.plan.schedules[0].update_steps if averaged.plan.schedules else None,
             "ignored_steps": averaged.plan.ignored_steps,
             "effective_weights": {str(step): weight for step, weight in sorted(output.weights.items())},
         },
@@ -371,35 +377,12 @@ def _read_training_record(run_dir: Path) -> dict | None:
 # --- evaluation and Hub -----------------------------------------------------------------------------------------
 
 
-def make_scorer(plan: IteratePlan, record: dict):
-    """The per-round scorer: held-out DPO reward accuracy and margin against the base model.
-
-    This is the one place to swap in other metrics: anything with `score(model_dir, fingerprint=...) -> dict[str,
-    float]` and a `description` string fits the rounds table and plot.
-    """
-    from .reward_eval import PreferenceRewardEval
-
-    dpo = record["plan"]["dpo"]
-    return PreferenceRewardEval(plan.eval_data, plan.base_model, beta=dpo["beta"], max_length=dpo["max_length"])
-
-
 def _evaluate_round(run: _Run, entry: dict) -> None:
-    plan = run.plan
-    data = {"path": str(plan.eval_data), "fingerprint": data_fingerprint(plan.eval_data)}
-    if entry.get("eval", {}).get("data", {}).get("fingerprint") == data["fingerprint"]:
-        return
-    if run.scorer is None:
-        run.scorer = make_scorer(plan, run.record)
-    k = entry["round"]
-    run.log(f"round {k}/{plan.rounds}: scoring the reference, the last checkpoint and the average on {plan.eval_data}")
-    models = {
-        "reference": entry["reference"],
-        "last checkpoint": entry["training"]["last_checkpoint"],
-        "average": entry["average"],
-    }
-    scores = {name: run.scorer.score(model["path"], fingerprint=model["fingerprint"]) for name, model in models.items()}
-    entry["eval"] = {"data": data, "metric": run.scorer.description, "scores": scores}
-    run.save()
+    """Evaluate round k's reference, last checkpoint and average on the eval data, unless rounds.json holds their
+    scores on the same data with the same settings already."""
+    earlier = run.record["rounds"][: entry["round"] - 1]
+    if evaluate_round(run.plan, run.record["plan"], entry, earlier, log=run.log, rounds=run.plan.rounds):
+        run.save()
 
 
 def _push_round(run: _Run, entry: dict) -> None:
@@ -417,7 +400,7 @@ def _push_round(run: _Run, entry: dict) -> None:
         layout="branches",
         token=run.push_token,
         api=run.hub_api,
-        commit_message=f"bema-offline iterate: round {k}'s {entry['average']['kind'].upper()}",
+        commit_message=f"bema-offline iterate: round {k}'s {average_title(entry)}",
         log=run.log,
     )
     pushed = {"repo": plan.push_to_hub, "revision": branch, "fingerprint": entry["average"]["fingerprint"]}

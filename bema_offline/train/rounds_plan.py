@@ -1,8 +1,8 @@
 """The plan of an iterative DPO run (`bema-offline iterate`), and its fingerprint.
 
 `IteratePlan` holds the options. `plan_record` is what `rounds.json` keeps of them: the settings that decide every
-round's weights, with TRL's defaults resolved, so that a rerun can be compared with the run it continues
-(`plan_differences` names what differs, as options).
+round's weights, with TRL's defaults resolved and the averaging method with all its parameters, so that a rerun can
+be compared with the run it continues (`plan_differences` names what differs, as options).
 """
 
 from __future__ import annotations
@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, UsageError
+from ..errors import BemaError, DataError, UsageError, steps_text
+from ..methods.base import Method
+from ..methods.registry import METHODS, make_method
 from ..methods.schedule import BEMASchedule
 from .dpo import _jsonable, dpo_config
 
-REFERENCES = ("bema", "ema", "last", "base")
-AVERAGED_REFERENCES = ("bema", "ema")  # the reference kinds that are an average of the round before
+FIXED_REFERENCES = ("last", "base")  # the references that are not an average: round k's last checkpoint, the base
+# Every averaging method of bema-average, and the two fixed references; the default first (the CLI keeps the same).
+REFERENCES = ("bema", "ema", *FIXED_REFERENCES, *(name for name in METHODS if name not in ("bema", "ema")))
 POLICY_INITS = ("reference", "last")
 # DPOConfig fields that would break resuming or the averages (on top of what `bema-offline dpo` refuses).
 ITERATE_REFUSED_FIELDS = {
@@ -37,16 +40,23 @@ class IteratePlan:
         datasets (`tuple[Path, ...]`): preference data, one for every round or one per round.
         rounds (`int`): the number of rounds K.
         workdir (`Path`): where the rounds, averages and `rounds.json` go.
-        save_steps (`int`): checkpoint cadence of each round, also the `update_freq` of its average.
-        reference (`str`, defaults to "bema"): "bema", "ema", "last" or "base" (see the module's docstring).
+        save_steps (`int`): checkpoint cadence of each round, also the default `update_freq` of its average.
+        reference (`str`, defaults to "bema"): round k+1's reference: a method of `bema_offline.methods` ("bema",
+            "ema", "dema", "ouema", "uniform", "power-ema", "wsm", "expo"), i.e. that average of round k's
+            checkpoints, or "last" (round k's last checkpoint) or "base" (the base model every round).
         policy_init (`str`, *optional*): "reference" or "last"; defaults to "last" with reference "base" (else every
             round would start from the base again), "reference" otherwise.
         max_steps, beta, learning_rate, per_device_train_batch_size, bf16, precompute_ref_log_probs: each round's
             DPO settings (TRL's defaults when None).
         config_overrides (`dict`): any other DPOConfig fields.
-        schedule (`BEMASchedule`): the averages' schedule; `update_freq` is `save_steps`, `update_after` 0.
-        eval_data (`Path`, *optional*): held-out preference data scored after each round (not part of the plan's
-            fingerprint: it may change between runs, and the scores are then computed again).
+        method (`Method`, *optional*): each round's average, with its parameters: the reference's method when the
+            reference is an average (its name must be `reference`), else what the rounds table and the Hub show.
+            Default: `reference`'s method (BEMA with "last" and "base") with TRL's defaults and `update_freq` =
+            `save_steps`. A schedule's `update_freq` and `update_after` must fall on the saved checkpoints
+            (multiples of `save_steps`).
+        eval_data (`Path`, *optional*): held-out data evaluated after each round, whose columns choose the metrics
+            (see `rounds_eval`); not part of the plan's fingerprint: it may change between runs, and the scores are
+            then computed again.
         push_to_hub (`str`, *optional*): ORG/NAME; each round's average goes to branch `round-K`.
         private (`bool`, defaults to False): create the Hub repo private.
     """
@@ -65,7 +75,7 @@ class IteratePlan:
     bf16: bool | None = None
     precompute_ref_log_probs: bool = False
     config_overrides: dict[str, Any] = field(default_factory=dict)
-    schedule: BEMASchedule | None = None
+    method: Method | None = None
     eval_data: Path | None = None
     push_to_hub: str | None = None
     private: bool = False
@@ -77,13 +87,24 @@ class IteratePlan:
         return "last" if self.reference == "base" else "reference"
 
     @property
-    def average_kind(self) -> str:
-        """What each round's average is: the reference's kind when the reference is an average, else BEMA."""
-        return self.reference if self.reference in AVERAGED_REFERENCES else "bema"
+    def average_method(self) -> Method:
+        """Each round's average: `method`, or the reference's method (BEMA for "last" and "base") with TRL's
+        defaults on the rounds' save grid.
 
-    @property
-    def bema_schedule(self) -> BEMASchedule:
-        return self.schedule if self.schedule is not None else BEMASchedule(update_freq=self.save_steps)
+        Raises:
+            `UsageError`: a method that needs a parameter (`power-ema` without `sigma_rel`).
+        """
+        if self.method is not None:
+            return self.method
+        name = "bema" if self.reference in FIXED_REFERENCES else self.reference
+        return make_method(name, {}, schedule=BEMASchedule(update_freq=self.save_steps), where=f"--reference {name}")
+
+    def expected_steps(self) -> list[int] | None:
+        """The checkpoints each round will save, when `max_steps` says how long a round is (else None): every
+        `save_steps`, and the last step (the Trainer saves at the end of training)."""
+        if self.max_steps is None or self.max_steps <= 0:
+            return None
+        return sorted({*range(self.save_steps, self.max_steps + 1, self.save_steps), self.max_steps})
 
     def dataset_for_round(self, k: int) -> Path:
         return self.datasets[0] if len(self.datasets) == 1 else self.datasets[k - 1]
@@ -102,15 +123,43 @@ class IteratePlan:
             raise UsageError(f"--policy-init must be reference or last, got {self.policy_init!r}")
         if self.reference == "base" and self.policy_init == "reference":
             raise UsageError("--reference base with --policy-init reference would start every round from the base again; use --policy-init last")
-        schedule = self.bema_schedule
-        if schedule.update_freq != self.save_steps or schedule.update_after != 0:
-            raise UsageError(
-                f"the averages update at every checkpoint from the round's start: update_freq must be --save-steps "
-                f"({self.save_steps}) and update_after 0, got {schedule.update_freq} and {schedule.update_after}"
-            )
         for key in self.config_overrides:
             if key in ITERATE_REFUSED_FIELDS:
                 raise UsageError(f"--config-set {key}: not allowed, {ITERATE_REFUSED_FIELDS[key]}")
+        self.check_method()
+
+    def check_method(self) -> None:
+        """Refuse, before anything trains, an average that the rounds' checkpoints could not give: a method other
+        than the reference's, update steps or θ0 off the save grid, and, when `max_steps` fixes the checkpoints,
+        anything the method itself refuses on them (a window without a checkpoint, `expo`'s `ref_step` not saved)."""
+        method = self.average_method
+        if self.reference not in FIXED_REFERENCES and method.name != self.reference:
+            raise UsageError(f"--reference {self.reference} takes its own method's average, but the method given is {method.name}")
+        grid = self.save_steps
+        schedule = getattr(method, "schedule", None)
+        if isinstance(schedule, BEMASchedule):
+            if schedule.convention == "trl" and schedule.update_freq % grid:
+                raise UsageError(
+                    f"--update-freq {schedule.update_freq}: the update steps must be saved checkpoints, and each round "
+                    f"saves one every --save-steps {grid} steps; use a multiple of {grid}"
+                )
+            if schedule.update_after % grid:
+                raise UsageError(
+                    f"--update-after {schedule.update_after}: θ0 would be checkpoint-{schedule.update_after}, which no "
+                    f"round saves (one every --save-steps {grid} steps); use 0 (the round's start) or a multiple of {grid}"
+                )
+        ref_step = getattr(method, "ref_step", None)
+        if isinstance(ref_step, int) and ref_step % grid:  # (the last step, saved off the grid too, cannot be θ_ref)
+            raise UsageError(f"--ref-step {ref_step}: no round saves checkpoint-{ref_step} (one every --save-steps {grid} steps); use a multiple of {grid}")
+        steps = self.expected_steps()
+        if steps is not None:
+            try:
+                method.weights(steps, base=True)
+            except BemaError as e:
+                raise UsageError(
+                    f"--reference {self.reference}: each round saves checkpoints {steps_text(steps)} (--save-steps "
+                    f"{grid}, --max-steps {self.max_steps}), and {e}"
+                ) from None
 
 
 def data_fingerprint(path: str | Path) -> str:
@@ -155,7 +204,7 @@ def plan_record(plan: IteratePlan, base_fingerprint: str) -> dict:
         "base_model": {"path": str(plan.base_model), "fingerprint": base_fingerprint},
         "reference": plan.reference,
         "policy_init": plan.policy_start,
-        "average": plan.average_kind,
+        "average": plan.average_method.to_dict(),
         "dpo": {
             "save_steps": plan.save_steps,
             "max_steps": config.max_steps,
@@ -169,21 +218,41 @@ def plan_record(plan: IteratePlan, base_fingerprint: str) -> dict:
                 key: _jsonable(value) for key, value in sorted(plan.config_overrides.items()) if key not in PRESENTATION_FIELDS
             },
         },
-        "schedule": plan.bema_schedule.to_dict(),
         "lora": None,  # LoRA rounds: the LoraConfig fields, once they land
     }
 
 
-_OPTION_NAMES = {"base_model.fingerprint": "--base-model (its weights)", "policy_init": "--policy-init"}
+_OPTION_NAMES = {
+    "base_model.fingerprint": "--base-model (its weights)",
+    "policy_init": "--policy-init",
+    "average.method": "the average's method",
+}
+
+
+def upgraded_plan_record(record: dict) -> dict:
+    """A plan record as this version writes it: the first `rounds.json` files held the average's kind ("bema" or
+    "ema") and its schedule apart, which is `{"method": kind, **schedule}` now."""
+    if isinstance(record.get("average"), str) and isinstance(record.get("schedule"), dict):
+        upgraded = {key: value for key, value in record.items() if key != "schedule"}
+        upgraded["average"] = {"method": record["average"], **record["schedule"]}
+        return upgraded
+    return record
 
 
 def plan_differences(old: dict, new: dict) -> list[str]:
-    """The settings that differ between two plan records, each as `--option was X, now Y`."""
+    """The settings that differ between two plan records, each as `--option was X, now Y`: the reference first,
+    and the average's parameters only when the method is the same (another method's are another set)."""
+    old, new = upgraded_plan_record(old), upgraded_plan_record(new)
     flat_old, flat_new = _flatten(old), _flatten(new)
+    reference_changed = old.get("reference") != new.get("reference")
+    method_changed = flat_old.get("average.method") != flat_new.get("average.method")
+    keys = sorted(set(flat_old) | set(flat_new), key=lambda key: (key != "reference", key))
     found = []
-    for key in sorted(set(flat_old) | set(flat_new)):
-        if key in ("base_model.path", "average") or flat_old.get(key) == flat_new.get(key):  # (average follows reference)
+    for key in keys:
+        if key == "base_model.path" or flat_old.get(key) == flat_new.get(key):
             continue
+        if key.startswith("average.") and (reference_changed or (method_changed and key != "average.method")):
+            continue  # named by the reference (or the method) already: another method's parameters are another set
         if key in _OPTION_NAMES:
             name = _OPTION_NAMES[key]
         elif key.startswith("dpo.overrides."):
@@ -207,5 +276,7 @@ def _flatten(record: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _shown(value: Any) -> str:
+    if value is None:
+        return "not set"
     text = str(value)
     return text[:16] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text  # a sha256

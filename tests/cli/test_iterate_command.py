@@ -1,5 +1,6 @@
-"""`bema-offline iterate` run like the entry point: a plan from a YAML file with the command line winning, one-line
-errors for bad plans, and the help texts (the group's, `dpo`'s, `bema-average --version`)."""
+"""`bema-offline iterate` run like the entry point: a plan from a YAML file with the command line winning (a method of
+bema-average as the reference, with its options), one-line errors for bad plans and methods, and the help texts (the
+group's, `dpo`'s, `bema-average --version`)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def test_a_plan_from_a_file_with_the_command_line_winning(data: Path, tmp_path: 
         "per_device_train_batch_size: 2\n"
         "bf16: false\n"
         "beta: 0.5\n"
+        "reference: uniform\n"
+        "window: 2:4   # not YAML 1.1's 2·60 + 4\n"
         "config_set: {gradient_checkpointing: false, use_cpu: true, max_length: 32, report_to: none}\n"
     )
     code, out, err = run_cli(cli, ["iterate", "--config", config, "--rounds", 1, "--beta", 0.2], capsys)
@@ -58,8 +61,10 @@ def test_a_plan_from_a_file_with_the_command_line_winning(data: Path, tmp_path: 
     assert len(record["rounds"]) == 1 and record["plan"]["dpo"]["beta"] == 0.2  # the command line won
     assert record["plan"]["dpo"]["overrides"]["max_length"] == 32 and record["plan"]["dpo"]["save_steps"] == 1
     assert record["rounds"][0]["training"]["checkpoints"] == [1, 2]
+    assert record["plan"]["average"] == {"method": "uniform", "last": None, "window": "2:4"}  # --window's A:B, from the file
+    assert record["rounds"][0]["average"]["effective_weights"] == {"2": 1.0}
     assert f"round 1/1: training: policy {data / 'base'}, reference {data / 'base'}" in out
-    assert "| 1 | base | base | prefs.jsonl | 2 | 1, 2 | round-1-bema |" in out
+    assert "| 1 | base | base | prefs.jsonl | 2 | 1, 2 | round-1-uniform |" in out
     assert "\r" not in err and "\x1b" not in err  # no progress bars when stderr is not a terminal
     # the same plan again does nothing but check; the file's 3 rounds would extend it, a new beta is refused
     code, out, err = run_cli(cli, ["iterate", "--config", config, "--rounds", 1, "--beta", 0.2, "-q"], capsys)
@@ -69,6 +74,8 @@ def test_a_plan_from_a_file_with_the_command_line_winning(data: Path, tmp_path: 
         f"error: --workdir {plans / '..' / 'work'} holds a run with another plan: --beta was 0.2, now 0.5; "
         "rerun with the options of that run, or use a new --workdir\n"
     )
+    code, _, err = run_cli(cli, ["iterate", "--config", config, "--rounds", 1, "--beta", 0.2, "--window", "1:2"], capsys)
+    assert code == 2 and "another plan: --window was 2:4, now 1:2; rerun" in err
 
 
 @pytest.mark.parametrize(
@@ -76,10 +83,10 @@ def test_a_plan_from_a_file_with_the_command_line_winning(data: Path, tmp_path: 
     [
         ("rounds: 2\nlearning_reate: 0.1\n", "unknown key 'learning_reate'; did you mean learning_rate?"),
         ("quiet: true\n", "unknown key 'quiet'; the keys are the options' names: base_model, dataset,"),
-        ("base_model: &b ./base\nworkdir: *b\n", "line 2: YAML aliases (*b) are not allowed; write the value out"),
+        ("base_model: &b ./base\nworkdir: *b\n", "line 2 uses a YAML alias (*b); write each value out in full"),
         ("rounds: 2\nrounds: 3\n", "line 1: key 'rounds' is given twice"),
         ("rounds: many\n", "rounds: 'many' is not a valid integer range."),
-        ("reference: best\n", "reference: 'best' is not one of 'bema', 'ema', 'last', 'base'."),
+        ("reference: best\n", "reference: 'best' is not one of 'bema', 'ema', 'last', 'base', 'dema', 'ouema', 'uniform', 'power-ema', 'wsm', 'expo'."),
         ("- rounds: 2\n", "expected a mapping of option names to values, got a list"),
         ("rounds: [2\n", "malformed YAML (while parsing a flow sequence)"),
     ],
@@ -107,6 +114,30 @@ def test_missing_and_inconsistent_options_are_one_line(data: Path, tmp_path: Pat
     assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--reference", "uniform", "--ema-power", 0.3], "--ema-power does not apply to --reference uniform (it takes --last, --window)"),
+        (["--reference", "power-ema"], "power-ema needs --sigma-rel"),
+        (["--reference", "ema", "--half-life", 50, "--lag", 3], "--lag does not apply to --reference ema (it takes --half-life)"),
+        (["--reference", "base", "--last", 2], "--reference base averages each round with bema: last does not apply to bema; bema takes the schedule options"),
+        (["--update-freq", 3], "--update-freq 3: the update steps must be saved checkpoints, and each round saves one every --save-steps 2 steps; use a multiple of 2"),
+        (["--update-after", 1, "--reference", "dema"], "--update-after 1: θ0 would be checkpoint-1, which no round saves"),
+        (["--reference", "expo", "--alpha", 0.5, "--ref-step", 3], "--ref-step 3: no round saves checkpoint-3 (one every --save-steps 2 steps); use a multiple of 2"),
+        (["--reference", "wsm", "--decay", "cosine", "--last", 3, "--max-steps", 4],
+         "--reference wsm: each round saves checkpoints 2, 4 (--save-steps 2, --max-steps 4), and wsm: last 3 checkpoints asked for, but there are 2"),
+    ],
+)
+def test_methods_the_rounds_cannot_average_are_one_line(data: Path, tmp_path: Path, capsys, options: list, message: str) -> None:
+    """Refused before anything trains: an option the method does not take, one it needs, or an average that the
+    rounds' checkpoints could not give."""
+    args = ["iterate", "--base-model", data / "base", "--dataset", data / "prefs.jsonl", "--rounds", 2, "--save-steps", 2,
+            "--workdir", tmp_path / "work", *options]  # fmt: skip
+    code, out, err = run_cli(cli, args, capsys)
+    assert (code, out) == (2, "") and err.startswith(f"error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "work").exists()
+
+
 def test_help_texts(capsys) -> None:
     code, out, _ = run_cli(cli, ["--help"], capsys)
     text = " ".join(out.split())
@@ -118,7 +149,8 @@ def test_help_texts(capsys) -> None:
     assert not any(line.rstrip().endswith("...") for line in commands.splitlines())
     code, out, _ = run_cli(cli, ["iterate", "--help"], capsys)
     assert code == 0 and "Run the same command again to resume a killed run." in out
-    assert all(section in out for section in ("Plan:", "Training (TRL's DPOConfig):", "Evaluation:", "Hub:"))
+    assert all(section in out for section in ("Plan:", "Training (TRL's DPOConfig):", "Method (what", "Schedule (", "Evaluation:", "Hub:"))
+    assert "--reference METHOD|last|base" in out and "--sigma-rel X" in out and "--method" not in out
     code, out, _ = run_cli(cli, ["dpo", "--help"], capsys)
     assert "bema-offline iterate --rounds K" in out and "scripts/" not in out
 

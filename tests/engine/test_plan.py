@@ -78,3 +78,24 @@ def test_a_schedule_whose_factors_overflow_is_a_usage_error(tmp_path: Path) -> N
     schedule = BEMASchedule(update_freq=1, lag=0.5, multiplier=0.0, bias_power=2000)
     with pytest.raises(UsageError, match="overflows"):
         average(run_dir, tmp_path / "out", schedule=schedule, base_model=base_dir, dry_run=True)
+
+
+def test_a_tied_head_saved_by_the_checkpoints_but_not_by_the_base_is_left_out(tmp_path: Path) -> None:
+    """FSDP and DeepSpeed save a tied lm_head.weight a second time; save_pretrained's base leaves it out. With the
+    base's config saying the embeddings are tied, the head is left out of the plan (transformers ties it again)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    shapes = {"model.embed_tokens.weight": (50, 8), "lm_head.weight": (50, 8), "model.norm.weight": (8,)}
+    run_dir, base_dir, _ = make_run(tmp_path, [1, 2], shapes=shapes)
+    base = load_file(base_dir / "model.safetensors")
+    del base["lm_head.weight"]
+    save_file(base, base_dir / "model.safetensors")
+    schedule = BEMASchedule(update_freq=1)
+    with pytest.raises(DataError, match="lm_head.weight"):  # untied (no config saying so): the head is missing
+        average(run_dir, tmp_path / "out", schedule=schedule, base_model=base_dir, dry_run=True)
+    (base_dir / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": True}))
+    result = average(run_dir, tmp_path / "out", schedule=schedule, base_model=base_dir)
+    assert "lm_head.weight" not in load_file(tmp_path / "out" / "model.safetensors")
+    assert any("tied to the input embedding" in note for note in result.plan.notes)

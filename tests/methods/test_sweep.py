@@ -272,3 +272,15 @@ def test_deep_nesting_is_one_line(tmp_path):
     path.write_text("[" * 5000 + "]" * 5000)
     with pytest.raises(DataError, match="nested too deeply|malformed YAML"):
         sweep_configs(path)
+
+
+def test_a_window_in_a_sweep_file_is_steps_not_a_base_60_number(tmp_path):
+    """YAML 1.1 reads `2:4` as 2·60 + 4 = 124: a window must stay the steps 2 to 4."""
+    path = tmp_path / "s.yaml"
+    path.write_text("- method: uniform\n  window: 2:4\n- method: uniform\n  window: 8\n")
+    configs = sweep_configs(path)
+    assert names(configs) == ["uniform-steps2-4", "uniform-last8"] and configs[0][1].window == (2, 4)
+    assert configs[0][1].weights([2, 4, 6, 8], base=False) == {2: 0.5, 4: 0.5}
+    path.write_text("- method: uniform\n  last: 2\n  last: 3\n")
+    with pytest.raises(DataError, match="key 'last' is given twice"):
+        sweep_configs(path)

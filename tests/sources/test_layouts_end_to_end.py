@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from bema_offline import BEMASchedule, average
+from bema_offline.output.verify import verify
 from bema_offline.sources.dcp import DCP_FOLDER
 
 STEPS = [2, 4, 6]
@@ -107,6 +108,8 @@ def test_fsdp_run_averages_as_safetensors(sharded_runs, tmp_path):
     assert_same_output(output, reference)
     assert result.plan.sources[4].layout == "fsdp sharded (dcp)"
     assert (result.outputs[0].path / "config.json").is_file()  # the checkpoints have none: the base model's
+    report = verify(result.outputs[0].path, recompute=3, seed=0)[0]  # files in subfolders are found again
+    assert report.recomputed and not [note for note in report.notes if "changed" in note], report.notes
 
 
 @needs_deepspeed
@@ -129,6 +132,9 @@ def test_deepspeed_run_averages_as_safetensors(sharded_runs, tmp_path, stage):
     assert_same_output(output, reference)
     assert result.plan.sources[4].layout == f"deepspeed zero-{stage} fp32 master weights"
     assert output["model.embed_tokens.weight"].dtype == torch.float32
+    assert any("fp32 master weights" in note for note in result.plan.notes)
+    report = verify(result.outputs[0].path, recompute=3, seed=0)[0]
+    assert report.recomputed and not [note for note in report.notes if "changed" in note], report.notes
 
 
 # --- broken inputs: one line, nothing written, inputs untouched --------------------------------------------------

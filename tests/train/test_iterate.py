@@ -1,29 +1,37 @@
-"""`bema_offline.train.iterate`: real TRL DPO rounds on a tiny Llama, their averages and record, Hub pushes, and
+"""`bema_offline.train.iterate`: real TRL DPO rounds on a tiny Llama, their averages (BEMA, and another method as the
+reference) and record, the per-round evaluation against TRL's own DPO metrics and a float64 loss, Hub pushes, and
 resuming after real SIGKILLs (while training, while averaging, between rounds) to the same bits as a run that was
 never interrupted."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
 import shutil
 import signal
+import warnings
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
 from hub_fake import FakeApi
+from safetensors.torch import load_file
 from tiny_dpo import make_preference_dataset, make_tiny_llama, make_tokenizer
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from bema_offline import faults
+from bema_offline import BEMASchedule, faults
 from bema_offline.errors import DataError, UsageError
+from bema_offline.methods.registry import make_method
+from bema_offline.methods.windows import Uniform
 from bema_offline.output import hub
 from bema_offline.output.fingerprint import folder_fingerprint
 from bema_offline.sources.run import find_checkpoints
 from bema_offline.train import iterate
 from bema_offline.train.iterate import IteratePlan, data_fingerprint, run_rounds
+from bema_offline.train.rounds_eval import evaluate_round
 
 # fp32 on the CPU, deterministic, quiet
 FAST = {"gradient_checkpointing": False, "use_cpu": True, "max_length": 32, "report_to": [], "disable_tqdm": True, "seed": 0}
@@ -40,6 +48,8 @@ def data(tmp_path_factory) -> Path:
         make_tiny_llama(root / "base", make_tokenizer(root / "tokenizer"))
         make_preference_dataset(8, seed=4).to_json(root / "prefs.jsonl")
         make_preference_dataset(6, seed=9).to_json(root / "heldout.jsonl")
+        words = "the cat sat on a mat and the dog ran to the red box".split()
+        (root / "heldout-text.jsonl").write_text("".join(json.dumps({"text": " ".join(words[i : i + 6])}) + "\n" for i in range(0, 9, 2)))
         yield root
     torch.set_num_threads(threads)
 
@@ -86,7 +96,7 @@ def test_two_rounds_and_their_record(data: Path, pushed) -> None:
     assert json.loads((work / "rounds.json").read_text()) == record
     base = {"path": str(data / "base"), "fingerprint": folder_fingerprint(data / "base")}
     assert record["plan"]["base_model"] == base
-    assert record["plan"]["schedule"]["update_freq"] == 2 and record["plan"]["schedule"]["update_after"] == 0
+    assert record["plan"]["average"] == {"method": "bema", **BEMASchedule(update_freq=2).to_dict()}  # every parameter
     assert record["plan"]["dpo"]["beta"] == 0.1 and record["plan"]["dpo"]["max_length"] == 32  # TRL's default, resolved
     assert record["in_progress"] is None
     first, second = record["rounds"]
@@ -101,6 +111,7 @@ def test_two_rounds_and_their_record(data: Path, pushed) -> None:
         assert entry["training"]["global_step"] == 4 and entry["training"]["resumed_from"] is None
         assert entry["dataset"] == {"path": str(data / "prefs.jsonl"), "fingerprint": data_fingerprint(data / "prefs.jsonl")}
         assert entry["average"]["update_steps"] == [2, 4] and entry["average"]["step"] == 4
+        assert entry["average"]["method"] == record["plan"]["average"] and entry["average"]["label"] == "bema"
         weights = entry["average"]["effective_weights"]
         assert list(weights) == ["0", "2", "4"] and abs(sum(weights.values()) - 1) < 1e-12
         assert entry["average"]["theta0"] == entry["policy"]["path"]
@@ -115,22 +126,111 @@ def test_two_rounds_and_their_record(data: Path, pushed) -> None:
     assert "round 1/2: training: policy" in "\n".join(lines) and lines[-1].startswith("done: 2 rounds; the last average is")
 
 
-def test_scores_table_and_plot(pushed) -> None:
-    plan, record, _, lines = pushed
+def trl_dpo_metrics(policy: Path, reference: Path, data: Path, output_dir: Path, *, beta: float, max_length: int) -> dict:
+    """TRL's own DPOTrainer.evaluate() on the whole data as one batch (so that its mean of batch means is the mean over
+    every pair), in fp32 on the CPU."""
+    from trl import DPOConfig, DPOTrainer
+
+    dataset = datasets.Dataset.from_json(str(data))
+    with warnings.catch_warnings():  # transformers' deprecation of the gradient_checkpointing names TRL uses
+        warnings.simplefilter("ignore", FutureWarning)
+        config = DPOConfig(
+            output_dir=str(output_dir), beta=beta, max_length=max_length, per_device_eval_batch_size=len(dataset),
+            use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[], disable_tqdm=True,
+        )  # fmt: skip
+        trainer = DPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(policy), ref_model=AutoModelForCausalLM.from_pretrained(reference),
+            args=config, train_dataset=dataset, eval_dataset=dataset, processing_class=PreTrainedTokenizerFast.from_pretrained(reference),
+        )  # fmt: skip
+        return trainer.evaluate()
+
+
+def test_each_round_is_evaluated_with_trls_dpo_metrics(data: Path, pushed, tmp_path: Path) -> None:
+    """The scores of every model of every round equal TRL's DPOTrainer.evaluate() with the run's β and max_length,
+    against the base model; the base scores 0 against itself, and a model of an earlier round is not evaluated again."""
+    _, record, _, lines = pushed
     first, second = record["rounds"]
-    assert first["eval"]["scores"]["reference"] == {"reward_accuracy": 0.0, "reward_margin": 0.0}  # the base against itself
-    assert second["eval"]["scores"]["reference"] == first["eval"]["scores"]["average"]  # round 1's BEMA, scored once
-    assert any(score["reward_margin"] != 0 for score in second["eval"]["scores"].values())
+    assert first["eval"]["scores"]["reference"]["reward_accuracy"] == 0.0 and first["eval"]["scores"]["reference"]["reward_margin"] == 0.0
+    assert second["eval"]["scores"]["reference"] == first["eval"]["scores"]["average"]  # round 1's BEMA, evaluated once
+    assert sum("evaluating the" in line for line in lines) == 2
+    assert "round 2/2: evaluating the last checkpoint, the average on" in "\n".join(lines)
+    assert first["eval"]["data"]["kind"] == "preference" and first["eval"]["data"]["rows"] == 6
+    assert first["eval"]["key"]["data"] == data_fingerprint(data / "heldout.jsonl") and first["eval"]["key"]["max_length"] == 32
+    assert list(first["eval"]["metrics"]) == ["reward_accuracy", "reward_margin", "dpo_loss", "chosen_loss", "reward_chosen", "reward_rejected"]
+    for entry in record["rounds"]:
+        for role, model in [("last checkpoint", entry["training"]["last_checkpoint"]), ("average", entry["average"])]:
+            ours = entry["eval"]["scores"][role]
+            theirs = trl_dpo_metrics(Path(model["path"]), data / "base", data / "heldout.jsonl", tmp_path / "trl", beta=0.1, max_length=32)
+            assert ours["reward_accuracy"] * 6 == round(theirs["eval_rewards/accuracies"] * 6)
+            assert ours["reward_margin"] == pytest.approx(theirs["eval_rewards/margins"], rel=1e-4, abs=1e-7)  # TRL sums in fp32
+            assert ours["dpo_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)
+            assert ours["reward_chosen"] == pytest.approx(theirs["eval_rewards/chosen"], rel=1e-4, abs=1e-7)
+    assert any(entry["eval"]["scores"]["average"]["reward_margin"] != 0 for entry in record["rounds"])
+
+
+def test_pairs_cut_by_max_length_are_evaluated_as_trl_does(data: Path, pushed, tmp_path: Path) -> None:
+    """With a max_length that cuts most pairs and leaves some with no completion token, the scores still equal
+    TRL's (which drops a pair whose prompt fills max_length, and keeps the start of the others)."""
+    plan, record, _, _ = pushed
+    entry = copy.deepcopy(record["rounds"][1])
+    del entry["eval"]
+    short = {**record["plan"], "dpo": {**record["plan"]["dpo"], "max_length": 6}}
+    assert evaluate_round(plan, short, entry, [], log=lambda line: None, rounds=2)
+    assert entry["eval"]["data"]["dropped_rows"] > 0 and entry["eval"]["data"]["truncated_sequences"] > 0
+    assert "rows left out (no token to score within max_length 6)" in entry["eval"]["description"]
+    ours = entry["eval"]["scores"]["average"]
+    theirs = trl_dpo_metrics(Path(entry["average"]["path"]), data / "base", data / "heldout.jsonl", tmp_path / "trl", beta=0.1, max_length=6)
+    pairs = entry["eval"]["data"]["rows"]
+    assert ours["reward_accuracy"] * pairs == round(theirs["eval_rewards/accuracies"] * pairs)
+    assert ours["reward_margin"] == pytest.approx(theirs["eval_rewards/margins"], rel=1e-4, abs=1e-7)
+    assert ours["dpo_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)
+    assert not evaluate_round(plan, short, entry, [], log=lambda line: None, rounds=2)  # the same key: nothing to do
+
+
+def test_rounds_table_and_plot(pushed) -> None:
+    plan, record, _, lines = pushed
+    second = record["rounds"][1]
     table = (plan.workdir / "rounds.md").read_text()
     assert "| 2 | round-1-bema | round-1-bema | prefs.jsonl | 4 | 2, 4 | round-2-bema |" in table
-    accuracy = first["eval"]["scores"]["average"]["reward_accuracy"]
-    assert "reward accuracy: held-out DPO reward against" in table and f"{accuracy:.4f} |" in table
+    assert "Evaluation: DPO implicit rewards against the base model (β = 0.1) on 6 held-out pairs of heldout.jsonl" in table
+    assert "| round | model | reward accuracy ↑ | reward margin ↑ | dpo loss ↓ | chosen loss ↓ | reward chosen ↑ | reward rejected ↓ |" in table
+    scores = second["eval"]["scores"]["average"]
+    assert f"| 2 | BEMA | {scores['reward_accuracy']:.6f} | {scores['reward_margin']:.6f} | {scores['dpo_loss']:.6f} |" in table
+    assert "| 1 | reference | 0.000000 | 0.000000 | 0.693147 |" in table  # the base against itself: log 2
     assert table.startswith("\n".join(lines[-2].splitlines()[:3]))  # the same table went to the log
     assert (plan.workdir / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_other_eval_data_evaluates_every_round_again(data: Path, pushed, tmp_path: Path) -> None:
+    """Text data gives loss and perplexity, equal to a float64 computation over every token of every row; the
+    rounds are not trained again."""
+    plan, _, _, _ = pushed
+    work = tmp_path / "work"
+    shutil.copytree(plan.workdir, work)
+    (work / "rounds.json").write_text((plan.workdir / "rounds.json").read_text().replace(str(plan.workdir), str(work)))
+    text_plan = dataclasses.replace(plan, workdir=work, push_to_hub=None, eval_data=data / "heldout-text.jsonl")
+    lines: list[str] = []
+    again = run_rounds(text_plan, log=lines.append)
+    assert sum("finished before; reusing" in line for line in lines) == 2
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(data / "base")
+    rows = [json.loads(line)["text"] for line in (data / "heldout-text.jsonl").read_text().splitlines()]
+    for entry in again["rounds"]:
+        assert list(entry["eval"]["scores"]["average"]) == ["loss", "perplexity"]
+        model = AutoModelForCausalLM.from_pretrained(entry["average"]["path"]).eval()
+        total, tokens = 0.0, 0
+        for text in rows:
+            ids = torch.tensor([tokenizer(text)["input_ids"]])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0].double()
+            total -= torch.log_softmax(logits[:-1], dim=-1).gather(-1, ids[0, 1:, None]).sum().item()
+            tokens += ids.shape[1] - 1
+        assert entry["eval"]["scores"]["average"]["loss"] == pytest.approx(total / tokens, rel=1e-6)
+    table = (work / "rounds.md").read_text()
+    assert "Evaluation: loss per token on 5 held-out text rows of heldout-text.jsonl" in table and "| round | model | loss ↓ | perplexity ↓ |" in table
+
+
 def test_each_round_goes_to_its_branch_and_the_table_to_main(pushed) -> None:
-    plan, record, api, _ = pushed
+    _, record, api, _ = pushed
     assert [(u["repo_id"], u["revision"]) for u in api.uploads] == [("my-org/rounds", "round-1"), ("my-org/rounds", "round-2")]
     assert all("model.safetensors" in u["files"] and "bema_offline.json" in u["files"] for u in api.uploads)
     cards = [kwargs for method, _, kwargs in api.calls if method == "upload_file"]
@@ -153,7 +253,8 @@ def test_a_finished_run_is_reused_and_a_changed_plan_refused(data: Path, pushed,
     assert len(api.calls) == calls  # nothing pushed twice
     for change, message in [
         (dict(beta=0.2), "another plan: --beta was 0.1, now 0.2; rerun with the options of that run"),
-        (dict(reference="ema", policy_init="last"), r"another plan: --policy-init was reference, now last \(and 1 more\)"),
+        (dict(reference="ema", policy_init="last"), r"another plan: --reference was bema, now ema \(and 1 more\)"),
+        (dict(method=make_method("bema", {"ema_power": 0.3}, schedule=BEMASchedule(update_freq=2))), "another plan: --ema-power was 0.5, now 0.3;"),
         (dict(config_overrides={**FAST, "warmup_steps": 1}), "another plan: --config-set warmup_steps was not set, now 1"),
         (dict(datasets=(data / "heldout.jsonl",)), f"--dataset {data / 'heldout.jsonl'}: round 1 was trained on other data"),
         (dict(rounds=1), "--rounds 1: --workdir"),
@@ -185,6 +286,36 @@ def test_other_references(data: Path, tmp_path: Path, reference: str, policy_ini
     assert first["average"]["update_steps"] == [2] and first["average"]["ignored_steps"] == [3]
 
 
+def test_a_method_of_bema_average_as_the_reference(data: Path, tmp_path: Path) -> None:
+    """--reference uniform --last 2: each round's average is the mean of its two newest checkpoints (against a float64
+    mean of their tensors), round 2 trains from and against round 1's, and another parameter is refused."""
+    plan = plan_for(data, tmp_path / "work", reference="uniform", method=Uniform(last=2), max_steps=6)
+    record = run_rounds(plan, log=lambda line: None)
+    assert record["plan"]["average"] == {"method": "uniform", "last": 2, "window": None}
+    first, second = record["rounds"]
+    average = {"path": str(plan.workdir / "round-1-uniform"), "fingerprint": first["average"]["fingerprint"]}
+    assert second["reference"] == {**average, "kind": "uniform"} and second["policy"] == average
+    for entry in record["rounds"]:
+        folder, run_dir = Path(entry["average"]["path"]), Path(entry["training"]["output_dir"])
+        assert entry["average"]["effective_weights"] == {"4": 0.5, "6": 0.5} and entry["average"]["update_steps"] is None
+        assert entry["average"]["label"] == "uniform-last2" and entry["average"]["kind"] == "uniform"
+        assert json.loads((folder / "bema_offline.json").read_text())["method"] == record["plan"]["average"]
+        averaged = load_file(folder / "model.safetensors")
+        four, six = (load_file(run_dir / f"checkpoint-{step}" / "model.safetensors") for step in (4, 6))
+        assert averaged.keys() == four.keys()
+        for name, tensor in averaged.items():
+            expected = ((four[name].double() + six[name].double()) / 2).float()  # one rounding of the exact mean
+            assert torch.equal(tensor, expected), name
+        assert not torch.equal(averaged["model.norm.weight"], six["model.norm.weight"])
+    assert "| round | reference | policy start |" in (plan.workdir / "rounds.md").read_text()
+    for change, message in [
+        (dict(method=Uniform(last=1)), "another plan: --last was 2, now 1; rerun"),
+        (dict(reference="bema", method=None), "another plan: --reference was uniform, now bema; rerun"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            run_rounds(dataclasses.replace(plan, **change), log=lambda line: None)
+
+
 def test_bad_plans_are_one_line(data: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     for change, message in [
@@ -192,6 +323,7 @@ def test_bad_plans_are_one_line(data: Path, tmp_path: Path) -> None:
         (dict(reference="base", policy_init="reference"), "would start every round from the base again; use --policy-init last"),
         (dict(config_overrides={"save_total_limit": 1}), "--config-set save_total_limit: not allowed, the average of each round needs all its checkpoints"),
         (dict(datasets=(data / "missing.jsonl",)), f"--dataset {data / 'missing.jsonl'}: no such file or folder"),
+        (dict(eval_data=data / "base" / "config.json"), "--eval-data .*config.json: found columns"),  # before round 1, not after
     ]:
         with pytest.raises((UsageError, DataError), match=message):
             run_rounds(plan_for(data, work, **change), log=lambda line: None)
