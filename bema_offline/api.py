@@ -388,7 +388,7 @@ def _finish_folders(plan: Plan, settings: dict, writers: list[ModelFolderWriter]
         record = provenance(plan, spec, settings=settings, training=training)
         if plan.lora is not None and plan.lora.average == "factors":
             record["lora"]["factor_differences"] = _factor_differences(plan, spec)
-        record["output_files"] = output_files(folder)
+        record["output_files"] = output_files(folder, writer.digests())  # the shards hashed as written; others are read
         replace_file(folder / PROVENANCE_FILE, (json.dumps(record, indent=2) + "\n").encode())
         write_card(folder, record)
         fault_point("sidecars")

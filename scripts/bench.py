@@ -12,6 +12,8 @@ Sections can be run one at a time (each in a few minutes); results accumulate in
 
     python scripts/bench.py main sweep budget count linearity layouts --repeat 3
     python scripts/bench.py lora --repeat 3   # a LoRA run (issue 11): 1 GiB bf16 base, 8 adapters of r = 16
+    python scripts/bench.py hash --repeat 8 --previous 325d8fb   # the cost of the content hashes (A/B, in turns)
+    python scripts/bench.py many-tensors --repeat 3               # 20,000 small tensors against a few large ones
     python scripts/bench.py report            # only rewrite the Markdown and the plot
 
 Synthetic runs are generated under `--root` (default /tmp/bema-bench) on first use and reused; delete it when done.
@@ -25,6 +27,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import shutil
 import statistics
@@ -37,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
 GIB = 2**30
-SECTIONS = ("main", "sweep", "methods", "budget", "groups", "count", "linearity", "cold", "layouts", "stepwise", "lora")
+SECTIONS = ("main", "sweep", "methods", "budget", "groups", "count", "linearity", "cold", "layouts", "stepwise", "lora", "hash", "many-tensors")
 SWEEP_GRID = ["ema_power=0.3,0.4,0.5,0.6", "bias_power=0.1,0.2"]  # 8 configs
 # 8 configs of 8 methods (a field a method does not take is left out of its config)
 METHODS_GRID = ["method=bema,ema,dema,ouema,uniform,power-ema,wsm,expo", "last=4", "sigma_rel=0.1", "decay=cosine", "alpha=0.3"]
@@ -515,6 +518,147 @@ def section_lora(args, scratch: Path) -> list[dict]:
              cleanup=[out]),
     ]
     return [case.run(args.repeat, files) for case in cases]
+def interleaved(cases: list[Case], repeat: int, files: list[Path]) -> list[dict]:
+    """Time several cases in turns (A, B, A, B, ...), so that a change in the machine's load hits them alike; one row
+    per case, as `Case.run` makes it, plus the CPU time (user + system) of each run: on a machine shared with other
+    work, it moves far less than the wall time."""
+    rows = [None] * len(cases)
+    for _ in range(repeat):
+        for index, case in enumerate(cases):
+            warm(files)
+            for path in case.cleanup:
+                remove(path)
+            before, started_load = resource.getrusage(resource.RUSAGE_CHILDREN), load()
+            wall, peak, stdout, read = measure(case.command, env=case.env)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+            for path in case.cleanup:
+                remove(path)
+            row = rows[index] = rows[index] or {"section": case.section, "label": case.label, "command": case.shown_command(),
+                                                "input_bytes": case.input_bytes, "walls": [], "rss": [], "load": [],
+                                                "inprocess": [], "read_bytes": [], "cpu": [], **case.params}
+            for key, value in (("walls", wall), ("rss", peak), ("load", started_load), ("inprocess", inprocess_seconds(stdout)),
+                               ("read_bytes", read), ("cpu", cpu)):
+                row[key].append(value)
+    for row in rows:
+        print(f"  {row['label']:<52} best {min(row['walls']):7.2f} s  median {statistics.median(row['walls']):7.2f} s  "
+              f"CPU median {statistics.median(row['cpu']):6.2f} s  ({repeat} turns)", flush=True)
+    return rows
+
+
+def section_hash(args, scratch: Path) -> list[dict]:
+    """What hashing every output shard while writing it costs (issue 10): the main case with the code of `--previous`
+    (give a commit before the hashes) and with this checkout's, in turns, with the output on tmpfs (where the run is
+    bound by the CPU, so that the hash's cost shows in full) and on disk; and verify of the output, which now hashes
+    every shard in the same read that checks the values."""
+    run_dir, base_dir, files, nbytes = main_run(args)
+    here = env_with(REPO)
+    check_import(REPO)
+    previous, commit = previous_engine(args.previous, scratch / "previous")
+    before = f"before content hashes ({args.previous} = {commit})"
+    rows = []
+    for where, out in (("tmpfs", Path("/dev/shm") / f"bema-bench-{os.getpid()}" / "out"), ("disk", scratch / "out")):
+        rows += interleaved([
+            Case("hash", f"bema-average, output on {where}, {before}", bema(run_dir, base_dir, out), input_bytes=nbytes,
+                 env=env_with(previous), cleanup=[out], params={"output": where, "hashes": False}),
+            Case("hash", f"bema-average, output on {where}, sha256 of every shard while writing", bema(run_dir, base_dir, out),
+                 input_bytes=nbytes, env=here, cleanup=[out], params={"output": where, "hashes": True}),
+        ], args.repeat, files)
+    # each version verifies its own output (the weights are the same bytes; the older record has no sha256)
+    outputs = {"before": scratch / "out-before", "after": scratch / "out-after"}
+    subprocess.run(bema(run_dir, base_dir, outputs["before"]), env=env_with(previous), check=True, capture_output=True)
+    subprocess.run(bema(run_dir, base_dir, outputs["after"]), env=here, check=True, capture_output=True)
+    shards = {key: sorted(out.glob("*.safetensors")) for key, out in outputs.items()}
+    size = sum(path.stat().st_size for path in shards["after"])
+    rows += interleaved([
+        Case("hash", f"bema-offline verify (values only), {before}", verify_command(outputs["before"]), input_bytes=size,
+             env=env_with(previous), params={"verify": True, "hashes": False}),
+        Case("hash", "bema-offline verify (values and sha256, one read)", verify_command(outputs["after"]), input_bytes=size,
+             env=here, params={"verify": True, "hashes": True}),
+    ], args.repeat, shards["before"] + shards["after"])
+    return rows
+
+
+def verify_command(output: Path) -> list[str]:
+    return [sys.executable, "-m", "bema_offline", "verify", str(output)]
+
+
+MOE_GENERATOR = """
+import json, math, sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+root, layout, size, checkpoints = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+hidden, experts, layers = 128, 416, 16
+# MoE-like: per layer 416 experts x (gate, up, down) of moe_intermediate x hidden, a router, attention and norms
+inter = max(1, (size // 2 // layers - 4 * hidden * hidden - experts * hidden - 2 * hidden) // (3 * experts * hidden))
+shapes = {}
+for i in range(layers):
+    p = f"model.layers.{i}."
+    shapes[p + "input_layernorm.weight"] = (hidden,)
+    for proj in "qkvo":
+        shapes[p + f"self_attn.{proj}_proj.weight"] = (hidden, hidden)
+    shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+    shapes[p + "mlp.gate.weight"] = (experts, hidden)
+    for e in range(experts):
+        for proj, shape in (("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter))):
+            shapes[p + f"mlp.experts.{e}.{proj}_proj.weight"] = shape
+if layout == "few":  # the same number of elements in 8 large tensors
+    total = sum(math.prod(shape) for shape in shapes.values())
+    shapes = {f"model.fused.{i}.weight": (total // 8 + (i < total % 8),) for i in range(8)}
+names = list(shapes)
+sizes = [math.prod(shapes[n]) for n in names]
+generator = torch.Generator().manual_seed(0)
+flat = 0.02 * torch.randn(sum(sizes), generator=generator)
+config = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": hidden, "torch_dtype": "bfloat16"}
+for k in range(checkpoints + 1):
+    folder = root / ("base" if k == 0 else f"run/checkpoint-{400 * k}")
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = torch.split(flat.to(torch.bfloat16), sizes)
+    save_file({n: t.view(shapes[n]).clone() for n, t in zip(names, parts)}, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config))
+    flat.add_(torch.randn(flat.numel(), generator=generator), alpha=0.001)
+(root / "spec.json").write_text(json.dumps({"layout": layout, "size": size, "checkpoints": checkpoints, "tensors": len(names)}))
+"""
+
+
+def moe_run(root: Path, layout: str, *, size: int, checkpoints: int) -> tuple[Path, Path, int]:
+    """Generate (or reuse) an MoE-like run of about `size` bytes of bf16 per checkpoint: `many` small tensors (about
+    20,000), or the same elements in 8 large tensors (`few`); returns (run_dir, base_dir, tensors)."""
+    folder = root / f"run-moe-{layout}-{size // 2**20}m"
+    spec = {"layout": layout, "size": size, "checkpoints": checkpoints}
+    recorded = json.loads((folder / "spec.json").read_text()) if (folder / "spec.json").is_file() else {}
+    if {key: recorded.get(key) for key in spec} != spec:
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"generating {folder} ({checkpoints} checkpoints of {size / GIB:.2f} GiB, {layout} tensors)...", flush=True)
+        subprocess.run([sys.executable, "-c", MOE_GENERATOR, str(folder), layout, str(size), str(checkpoints)], check=True)
+        recorded = json.loads((folder / "spec.json").read_text())
+    return folder / "run", folder / "base", recorded["tensors"]
+
+
+def section_many_tensors(args, scratch: Path) -> list[dict]:
+    """The same bytes as thousands of small tensors (an MoE's experts) and as a few large ones, averaged and verified;
+    and the small tensors again with one output shard each. Outputs go to tmpfs, so that the per-tensor and per-shard
+    costs show rather than the disk's (20,000 shards mean 20,000 fsyncs on a disk)."""
+    here = env_with(REPO)
+    check_import(REPO)
+    out = Path("/dev/shm") / f"bema-bench-{os.getpid()}" / "out"
+    rows = []
+    for layout, shard_size in (("few", "5GB"), ("many", "5GB"), ("many", "1B")):
+        run_dir, base_dir, tensors = moe_run(args.root, layout, size=GIB // 4, checkpoints=8)
+        files = input_files(run_dir, base_dir)
+        nbytes = sum(f.stat().st_size for f in files)
+        shards = "one output shard each (--max-shard-size 1B)" if shard_size == "1B" else "one output shard"
+        what = f"{tensors:,} tensors, {shards}"
+        params = {"tensors": tensors, "shards": shard_size}
+        rows.append(Case("many-tensors", f"bema-average, {what}", bema(run_dir, base_dir, out, "--max-shard-size", shard_size),
+                         input_bytes=nbytes, env=here, cleanup=[out], params={**params, "tool": "average"}).run(args.repeat, files))
+        subprocess.run(bema(run_dir, base_dir, out, "--max-shard-size", shard_size), env=here, check=True, capture_output=True)
+        shards = sorted(out.glob("*.safetensors"))
+        rows.append(Case("many-tensors", f"bema-offline verify, {what}", verify_command(out), input_bytes=sum(f.stat().st_size for f in shards),
+                         env=here, params={**params, "tool": "verify"}).run(args.repeat, files))
+        remove(out)
+    return rows
 
 
 def _size(text: str) -> int:
@@ -583,7 +727,7 @@ def write_report(results: dict, path: Path) -> None:
         lines += ["", "</details>"]
     targets = _targets(results)
     if targets:
-        lines += ["", "## Issue 5's targets, against the rows above", "", "| target | measured | met |", "|---|---|---|"]
+        lines += ["", "## Targets (issues 5, 10 and 13), against the rows above", "", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {target} | {measured} | {'yes' if met else '**no**'} |" for target, measured, met in targets]
     lora = _lora_targets(results)
     if lora:
@@ -608,6 +752,9 @@ TITLES = {
     "layouts": "Checkpoint layouts: the same weights (base + 4 checkpoints of 0.5 GiB of fp32) as safetensors, .bin, FSDP, ZeRO-3",
     "stepwise": "Step-major engine (--no-keep-downloads) against Engine: 8 checkpoints + base of 256 MiB of bf16 each",
     "lora": "A LoRA run: a 1 GiB bf16 base and 8 adapter checkpoints, r = 16 on every linear layer (issue 11)",
+    "hash": "Content hashes: the sha256 of every output shard, computed while writing (8 × 1 GiB run; A/B in turns)",
+    "many-tensors": "Many tensors: about 20,000 small tensors (an MoE's experts) against the same bytes in 8 tensors "
+                    "(8 checkpoints + base of 0.25 GiB of bf16; outputs on tmpfs)",
 }
 NOTES = {
     "layouts": "Each layout holds the very same fp32 weights (`scripts/layout_runs.py` rewrites the safetensors run): "
@@ -647,6 +794,15 @@ NOTES = {
                "reads the base and 8 checkpoints, the uniform average the 8 checkpoints; then 8 outputs of 8 methods "
                "(bema, ema, dema, ouema, uniform --last 4, power-ema --sigma-rel 0.1, wsm --decay cosine --last 4, "
                "expo --alpha 0.3) in one read of the run, beside writing the 7 extra outputs' bytes alone (dd).",
+    "hash": "Each pair of rows ran in turns (before, after, before, after, ...), so that the machine's load, shared with "
+            "other work, hits both alike; the targets below also give each side's median CPU time (user + system), which "
+            "other work moves far less than the wall time. The cost is SHA-256's own speed: about 1.7 GB/s on one core "
+            "of this CPU (with SHA-NI), 0.65 s of CPU for the 1.1 GB output, against about 3 s of CPU for the whole "
+            "run. verify reads the output once for both the values and the sha256 (and in 8 MiB reads: less memory).",
+    "many-tensors": "The verify rows' input GB/s are of the output read. With one output shard per tensor, 20,000 "
+                    "shards are created, written, fsynced (a no-op on tmpfs), hashed and published; before issue 10's "
+                    "fix, the checks before publishing and in verify were quadratic in tensors × shards (97 s to average "
+                    "and 129 s to verify 20,000 such tensors).",
     "sweep": "Each config writes its own output folder (1 or 0.5 GiB): on disk the sweep also measures the disk's "
              "write speed (the dd row: the same bytes written and fsynced, nothing else); on tmpfs, writing 8 outputs costs the "
              "kernel's page allocation and copy (its dd row), and the rest is the engine. Configs that differ only in "
@@ -661,7 +817,7 @@ def _best(results: dict, section: str, label_start: str) -> float | None:
 
 
 def _targets(results: dict) -> list[tuple[str, str, bool]]:
-    """Each of issue 5's targets with the measured value it is judged on."""
+    """Each of the issues' targets (5, 10 and 13) with the measured value it is judged on."""
     rows = []
     raw, naive, ours = _best(results, "main", "raw read"), _best(results, "main", "naive"), _best(results, "main", "bema-average")
     if raw and naive and ours:
@@ -714,6 +870,20 @@ def _targets(results: dict) -> list[tuple[str, str, bool]]:
         budget = replay + 1.3 * extra
         rows.append(("8 outputs of 8 methods in one pass ≤ one config + 1.3× dd of the 7 extra outputs (issue 13)",
                      f"{eight:.2f} s against {replay:.2f} + 1.3 × {extra:.2f} = {budget:.2f} s", eight <= budget))
+    hashed = {(r["output"], r["hashes"]): r for r in results["sections"].get("hash", {}).get("rows", []) if "output" in r}
+    for where in ("disk", "tmpfs"):
+        if (where, False) in hashed and (where, True) in hashed:
+            plain, with_hash = hashed[(where, False)], hashed[(where, True)]
+            best = min(with_hash["walls"]) / min(plain["walls"])
+            median = statistics.median(with_hash["walls"]) / statistics.median(plain["walls"])
+            cpu = statistics.median(with_hash["cpu"]) - statistics.median(plain["cpu"])
+            rows.append((f"sha256 of every shard while writing: at most a few percent slower (main case, output on {where})",
+                         f"wall {best:.3f}× (best), {median:.3f}× (median); CPU +{cpu:.2f} s (medians)", best <= 1.05))
+    many = {(r["tensors"] > 1000, r["shards"], r["tool"]): min(r["walls"]) for r in results["sections"].get("many-tensors", {}).get("rows", [])}
+    for tool in ("average", "verify"):
+        if (False, "5GB", tool) in many and (True, "5GB", tool) in many:
+            ratio = many[(True, "5GB", tool)] / many[(False, "5GB", tool)]
+            rows.append((f"20,000 small tensors ≤ 1.5× the same bytes in 8 tensors: {tool}", f"{ratio:.2f}×", ratio <= 1.5))
     linear = [(r["input_bytes"] / GIB, min(r["walls"])) for r in results["sections"].get("linearity", {}).get("rows", [])
               if r.get("tool") == "bema-average"]
     if len(linear) >= 3:
@@ -858,7 +1028,7 @@ def main() -> None:
     results["meta"] = {"machine": machine()}
     runners = {"main": section_main, "sweep": section_sweep, "methods": section_methods, "budget": section_budget, "count": section_count,
                "linearity": section_linearity, "cold": section_cold, "groups": section_groups, "layouts": section_layouts,
-               "stepwise": section_stepwise, "lora": section_lora}
+               "stepwise": section_stepwise, "lora": section_lora, "hash": section_hash, "many-tensors": section_many_tensors}
     for name in args.sections:
         if name == "report":
             continue

@@ -117,10 +117,12 @@ def push_command(
 ) -> None:
     """Push OUTPUT_DIR, a folder written by bema-average, to the Hub repo ORG/NAME.
 
-    The model card is written again for the repo (its load snippet names it) and the whole folder goes up in one
-    commit: weights, config, tokenizer, README.md, the weights chart and bema_offline.json. A folder with several
-    outputs (--every-update, --save ema,bema) pushes each, as --push-layout says. The repos and branches are
-    created before anything is uploaded, so a missing token or a name you cannot write to fails first.
+    The whole folder goes up in one commit: weights, config, tokenizer, README.md, the weights chart and
+    bema_offline.json. The model card is rendered again for the repo (its load snippet names it), and
+    bema_offline.json goes up without local paths (the run's folders relative to it, other paths by name).
+    OUTPUT_DIR itself is never changed: the upload folder beside it holds hard links, and is removed. A folder
+    with several outputs (--every-update, --save ema,bema) pushes each, as --push-layout says. The repos and
+    branches are created before anything is uploaded, so a missing token or a name you cannot write to fails first.
     """
     outputs = find_outputs(output_dir)
     targets = push_targets([relpath for relpath, _ in outputs], repo_id, layout=push_layout, revision=revision)

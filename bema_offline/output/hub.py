@@ -7,23 +7,38 @@ repo. A run with several outputs (`--every-update`, `--save ema,bema`, several s
 - `branches` layout: one repo `ORG/NAME` with a branch per output, e.g. `step-800`, and an index card on main.
 
 Everything that can fail without uploading runs first: the folders are checked, the repo ids and branch
-names are validated, the token is looked up, and every repo and branch is created (or found), before the first
-file goes up. The model card is rendered again for its repo, so that its load snippet names the repo.
+names are validated, the token is looked up, the upload folders are prepared, and every repo and branch is created
+(or found), before the first file goes up.
+
+The local output folder is never modified. Each output goes up from an upload folder beside it
+(`.NAME.bema-push-XXXX`, removed afterwards) that holds hard links to its files (copies where a link cannot be
+made), the model card rendered again for its repo (its load snippet names the repo) with its chart, and a copy of
+`bema_offline.json` without local paths (`redacted_record`): folders inside the run become relative to it
+(`checkpoint-400`), other paths their last name. The local record keeps the absolute paths that `verify
+--recompute` needs. The ranking that `--select-by` leaves in `best/` (`eval.json`, `eval.md`) goes up redacted the
+same way, and a config's `_name_or_path` as its last name; any other file that still names the home folder or the
+run's folders (a tokenizer config from older transformers, say) goes up as it is, with a note saying so.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
 from .._version import __version__
 from ..errors import BemaError, DataError, UsageError
-from ..files import read_json_file
-from ..sources.run import INDEX_FILE, SINGLE_FILE
+from ..files import SMALL_FILE_LIMIT, parse_json, read_json_file, read_small_file, write_new_file
+from ..sources.run import INDEX_FILE, SIDECAR_FILES, SINGLE_FILE
 from .card import CARD_FILE, PROVENANCE_FILE, PROVENANCE_LIMIT, write_card
+from .chart import CHART_SVG
 
 if TYPE_CHECKING:  # imported when used, not at startup
     from huggingface_hub import HfApi
@@ -33,6 +48,17 @@ LAYOUTS = ("repos", "branches")
 # so that a repo never mixes the new weights with stale shards of an earlier push.
 DELETE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "effective_weights.png", "effective_weights.svg"]
 _REPO_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# What the upload folder holds instead of a link: the files rendered again for the Hub (and the PNG chart of older
+# versions, which the new card does not show).
+RENDERED_FILES = (CARD_FILE, CHART_SVG, "effective_weights.png", PROVENANCE_FILE)
+# Keys of JSON sidecar files (older transformers wrote them) that hold the local folder a model was loaded from;
+# loaders ignore them. A local path there goes up as its last name.
+NAME_OR_PATH_KEYS = ("_name_or_path", "name_or_path")
+REDACTED = "local paths: folders inside the run relative to it, other paths by their last name"
+# What bema-offline eval writes into best/ of a --select-by sweep besides the record: the ranking and its Markdown
+# name every candidate's folder, the data file and the DPO reference; they go up redacted as the record is.
+EVAL_JSON, EVAL_MARKDOWN = "eval.json", "eval.md"
+BINARY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp", ".png")  # not searched for local paths
 
 
 class HubError(BemaError):
@@ -246,37 +272,41 @@ def push_to_hub(
     token = find_token(token)
     api = api if api is not None else make_api(token)
 
-    for repo in dict.fromkeys(t.repo_id for t in targets):
-        _prepare_repo(api, repo, private=private)
-    for target in targets:
-        if target.revision:
-            _hub_call(
-                lambda: api.create_branch(target.repo_id, branch=target.revision, repo_type="model", exist_ok=True),
-                f"cannot create branch {target.revision!r} in {target.repo_id}",
-            )
-
-    pushed: list[PushTarget] = []
-    for target in targets:
-        record = read_record(target.folder)
-        write_card(target.folder, record, repo_id=target.repo_id, revision=target.revision)
-        message = commit_message or f"bema-offline: {record['kind'].upper()} of {Path(record['run_dir']).name} at step {record['step']}"
-        try:
-            info = api.upload_folder(
-                repo_id=target.repo_id,
-                folder_path=str(target.folder),
-                repo_type="model",
-                revision=target.revision,
-                commit_message=message,
-                delete_patterns=DELETE_PATTERNS,
-            )
-        except Exception as e:
-            done = ", ".join(t.where for t in pushed) or "nothing"
-            raise HubError(
-                f"uploading {target.folder} to {target.where} failed ({_first_line(e)}); pushed so far: {done}; "
-                "run `bema-offline push` again to retry"
-            ) from e
-        pushed.append(target)
-        log(f"pushed {target.folder} to {target.where}" + (f" ({info.commit_url})" if getattr(info, "commit_url", None) else ""))
+    with upload_folders(output_dir) as staging:
+        # each output's upload folder mirrors its place in the output (a single output's: its own name)
+        places = [target.relpath if target.relpath not in ("", ".") else target.folder.name for target in targets]
+        uploads = [stage_upload(target, staging / place) for target, place in zip(targets, places)]
+        for repo in dict.fromkeys(t.repo_id for t in targets):
+            _prepare_repo(api, repo, private=private)
+        for target in targets:
+            if target.revision:
+                _hub_call(
+                    lambda: api.create_branch(target.repo_id, branch=target.revision, repo_type="model", exist_ok=True),
+                    f"cannot create branch {target.revision!r} in {target.repo_id}",
+                )
+        pushed: list[PushTarget] = []
+        for target, upload in zip(targets, uploads):
+            for note in local_paths_left(upload, local_places(target.folder)):
+                log(f"{note} (to {target.where})")
+            record = read_record(upload)
+            message = commit_message or f"bema-offline: {record['kind'].upper()} of {record['run_dir']} at step {record['step']}"
+            try:
+                info = api.upload_folder(
+                    repo_id=target.repo_id,
+                    folder_path=str(upload),
+                    repo_type="model",
+                    revision=target.revision,
+                    commit_message=message,
+                    delete_patterns=DELETE_PATTERNS,
+                )
+            except Exception as e:
+                done = ", ".join(t.where for t in pushed) or "nothing"
+                raise HubError(
+                    f"uploading {target.folder} to {target.where} failed ({_first_line(e)}); pushed so far: {done}; "
+                    "run `bema-offline push` again to retry"
+                ) from e
+            pushed.append(target)
+            log(f"pushed {target.folder} to {target.where}" + (f" ({info.commit_url})" if getattr(info, "commit_url", None) else ""))
 
     if layout == "branches" and len(targets) > 1:
         _hub_call(
@@ -292,6 +322,178 @@ def push_to_hub(
         )
         log(f"wrote the index of {len(targets)} branches to {repo_id}")
     return targets
+
+
+@contextmanager
+def upload_folders(output_dir: str | Path) -> Iterator[Path]:
+    """A new private folder beside the output, `.NAME.bema-push-XXXX` (hard links need the same file system), for
+    the upload folders; removed with everything in it when the block ends, however it ends."""
+    output = Path(output_dir).resolve()
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.bema-push-", dir=output.parent))
+    except OSError as e:
+        raise DataError(
+            f"{output.parent}: cannot make the upload folder there ({e.strerror or e}); it holds links to the output's "
+            "files, so that the output itself is never changed: push from a writable place; nothing was pushed"
+        ) from e
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def stage_upload(target: PushTarget, upload: Path) -> Path:
+    """Make the folder that goes up for one output: hard links to its files (copies where linking fails), the
+    provenance record without local paths, JSON sidecars without the local folder they were loaded from, and the
+    card rendered for the repo, with its chart. The output folder is only read.
+
+    Args:
+        target (`PushTarget`): the output and where it goes.
+        upload (`Path`): the folder to make (it must not exist; its parent is made if needed).
+
+    Returns:
+        `Path`: `upload`.
+    """
+    try:
+        local = read_record(target.folder)
+        record, run_dir = redacted_record(local), Path(local.get("run_dir") or "")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{target.folder / PROVENANCE_FILE}: malformed provenance record ({e}); re-run bema-average for this output") from e
+    try:
+        upload.parent.mkdir(parents=True, exist_ok=True)
+        _link_tree(target.folder, upload, skip=RENDERED_FILES)
+        write_new_file(upload / PROVENANCE_FILE, (json.dumps(record, indent=2) + "\n").encode())
+        for name in [name for name in SIDECAR_FILES if name.endswith(".json")]:
+            _rewrite_json(target.folder / name, upload / name, _without_local_name_or_path)
+        _rewrite_json(target.folder / EVAL_JSON, upload / EVAL_JSON, lambda content: redacted_paths(content, run_dir))
+        if (target.folder / EVAL_MARKDOWN).is_file():
+            text = read_small_file(target.folder / EVAL_MARKDOWN, what="leaderboard").decode("utf-8", errors="replace")
+            _replace(upload / EVAL_MARKDOWN, redacted_paths(text, run_dir).encode())
+        write_card(upload, record, repo_id=target.repo_id, revision=target.revision)
+    except OSError as e:
+        raise DataError(f"{e.filename or upload}: cannot prepare the upload of {target.folder} ({e.strerror or e}); nothing was pushed") from e
+    return upload
+
+
+def _rewrite_json(source: Path, upload: Path, change: Callable[[object], object]) -> None:
+    """Put `change(content)` of a JSON file of the output in place of its link in the upload folder, where it differs;
+    a file that is missing or does not parse is left alone."""
+    if not source.is_file():
+        return
+    try:
+        content = parse_json(read_small_file(source, what="JSON file"), what=f"{source}: malformed JSON", hint="fix it")
+    except DataError:
+        return
+    changed = change(content)
+    if changed != content:
+        _replace(upload, (json.dumps(changed, indent=2) + "\n").encode())
+
+
+def _replace(upload: Path, data: bytes) -> None:
+    """Replace a file of the upload folder (a hard link: only this name goes; the output's file is untouched)."""
+    upload.unlink()
+    write_new_file(upload, data)
+
+
+def _link_tree(source: Path, into: Path, *, skip: tuple[str, ...] = ()) -> None:
+    """Mirror the regular files of `source` (and its subfolders) into the new folder `into` as hard links, or copies
+    where the file system cannot link; links to files are followed, other entries (FIFOs, links to folders) left out."""
+    into.mkdir()
+    for entry in os.scandir(source):
+        if entry.name in skip:
+            continue
+        target = into / entry.name
+        if entry.is_dir(follow_symlinks=False):
+            _link_tree(Path(entry.path), target)
+        elif entry.is_file():
+            try:
+                os.link(entry.path, target)
+            except OSError:
+                shutil.copyfile(entry.path, target)
+
+
+def redacted_record(record: dict) -> dict:
+    """The provenance record as it goes to the Hub: no absolute local path, no home folder, no user name.
+
+    The run folder becomes its name; input folders inside the run become relative to it (`checkpoint-400`); the base
+    model stays a Hub repo id when it is one, else becomes its folder's name; any other local path anywhere in the
+    record (a selection's sources, say) becomes relative to the run or its last name (`redacted_paths`). Everything
+    else (parameters, weights, file names, sizes and sha256) is kept, so that `verify` still checks a downloaded
+    copy's files.
+    """
+    run_dir = Path(record.get("run_dir") or ".")
+    base_model = record.get("base_model")
+    if base_model is not None and base_model != record.get("base_model_id"):
+        base_model = Path(base_model).name  # a local folder (a Hub id is recorded as base_model_id too)
+    inputs = []
+    for entry in record.get("inputs") or []:
+        folder = Path(entry["folder"])
+        if entry.get("step") == 0 and base_model is not None and not folder.is_relative_to(run_dir):
+            inputs.append({**entry, "folder": base_model})
+        else:
+            inputs.append({**entry, "folder": _shown_path(str(folder), run_dir)})
+    redacted = {**record, "run_dir": run_dir.name, "base_model": base_model, "inputs": inputs, "redacted": REDACTED}
+    return redacted_paths(redacted, run_dir)
+
+
+# An absolute path, POSIX, from the home folder, or Windows, standing alone or inside a text (not inside a URL).
+_LOCAL_PATH = re.compile(r"(?<![\w.:/~-])(?:~?/|[A-Za-z]:[\\/])[^\s\"'`|,;()<>\[\]{}]+")
+
+
+def redacted_paths(value: object, run_dir: Path | None = None) -> object:
+    """A JSON value with every local path in its strings (whole, or inside a text) replaced: relative to `run_dir`
+    when inside it, else by its last name."""
+    if isinstance(value, dict):
+        return {key: redacted_paths(item, run_dir) for key, item in value.items()}
+    if isinstance(value, list):
+        return [redacted_paths(item, run_dir) for item in value]
+    if isinstance(value, str):
+        return _LOCAL_PATH.sub(lambda match: _shown_path(match.group(0), run_dir), value)
+    return value
+
+
+def _shown_path(path: str, run_dir: Path | None) -> str:
+    local = PureWindowsPath(path) if re.match(r"[A-Za-z]:", path) else PurePosixPath(path)
+    if run_dir is not None and run_dir.is_absolute() and local.is_relative_to(run_dir):
+        return local.relative_to(run_dir).as_posix() if local != PurePosixPath(run_dir) else run_dir.name
+    return local.name or path
+
+
+def _without_local_name_or_path(content: object) -> object:
+    """A config without the local folder it was loaded from (`_name_or_path`, `name_or_path`: older transformers wrote
+    them; loaders ignore them): the path's last name instead. Anything else is left as it is."""
+    if not isinstance(content, dict):
+        return content
+    local = {key: value for key in NAME_OR_PATH_KEYS if isinstance(value := content.get(key), str) and _is_local_path(value)}
+    return {**content, **{key: _shown_path(value, None) for key, value in local.items()}}
+
+
+def _is_local_path(value: str) -> bool:
+    """A local path rather than a Hub repo id: absolute, from the home folder, or relative from `.`."""
+    return value.startswith(("/", "~", ".", "\\")) or bool(re.match(r"[A-Za-z]:[\\/]", value))
+
+
+def local_places(folder: Path) -> list[str]:
+    """The local paths that must not go up with an output: the home folder, the output's and the run's folders."""
+    run_dir = read_record(folder).get("run_dir")
+    places = [str(Path.home()), str(folder.resolve()), *([run_dir] if isinstance(run_dir, str) else [])]
+    return [place for place in places if Path(place).is_absolute() and len(Path(place).parts) > 1]
+
+
+def local_paths_left(upload: Path, paths: list[str]) -> list[str]:
+    """Notes on the files of an upload folder (not the weights) that still hold one of `paths` (the home folder, the
+    run and output folders): files copied from the checkpoints, which go up as they are."""
+    notes = []
+    needles = [os.fsencode(path) for path in paths]
+    for file in sorted(upload.rglob("*")):
+        if not file.is_file() or file.suffix in BINARY_SUFFIXES or file.stat().st_size > SMALL_FILE_LIMIT:
+            continue
+        data = file.read_bytes()
+        found = next((needle for needle in needles if needle in data), None)
+        if found is not None:
+            shown = found.decode(errors="backslashreplace")
+            notes.append(f"note: {file.relative_to(upload).as_posix()} holds the local path {shown}; it goes up as it is")
+    return notes
 
 
 def _prepare_repo(api: HfApi, repo_id: str, *, private: bool) -> None:

@@ -3,7 +3,8 @@
 A run keeps two small files in its staging folder `.NAME.bema-partial`:
 
 - `.bema-plan.json`: the plan's fingerprint and its hash. The fingerprint holds everything the output bytes
-  depend on: the tool version, the schedules, the outputs, the dtypes and shard size, the tensor layout, and every
+  depend on: the tool version, the schedules, the outputs, the dtypes and shard size, the tensor layout (each
+  source's as a digest: tens of thousands of tensors per checkpoint cost one hash, not a JSON tree), and every
   input file with its size and modification time.
 - `.bema-done`: one line `RELPATH/SHARD` per finished shard, appended after the shard was flushed to disk.
 
@@ -29,6 +30,7 @@ from .._version import __version__
 from ..engine.plan import Plan
 from ..errors import DataError
 from ..files import read_json_file, read_small_file, write_new_file
+from ..sources.tensors import WeightSource
 from .publish import fresh_staging, remove_path, staging_path, trash_path
 from .writer import ShardLayout
 
@@ -53,14 +55,22 @@ def plan_fingerprint(plan: Plan, settings: dict) -> dict:
                 "step": step,
                 "folder": str(source.folder.resolve()),
                 "files": [[path.name, identity.size, identity.mtime_ns] for path, identity in sorted(source.identities.items())],
-                "tensors": [
-                    [t.name, t.dtype, list(t.shape), [[e.path.name, e.offset, e.first, e.stop] for e in t.extents]]
-                    for t in source.tensors.values()
-                ],
+                "tensors": layout_digest(source),
             }
             for step, source in sorted(plan.sources.items())
         ],
     }
+
+
+def layout_digest(source: WeightSource) -> str:
+    """The sha256 of where a source's tensors lie: each tensor's name, dtype, shape, and extents (file name, byte
+    offset, elements), in order. One pass, and no structure per tensor: a source of 20,000 tensors costs milliseconds."""
+    names = {path: path.name for path in source.identities}
+    lines = []
+    for t in source.tensors.values():
+        extents = [f"{names.get(e.path) or e.path.name}:{e.offset}:{e.first}:{e.stop}" for e in t.extents]
+        lines.append(f"{t.name}\0{t.dtype}\0{t.shape}\0" + "\0".join(extents))
+    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def fingerprint_hash(fingerprint: object) -> str:

@@ -6,9 +6,13 @@ Two depths share one implementation:
   sharded with an index that agrees with the shards, no stray shard lies beside them, every shard holds exactly
   the bytes its header describes, and, when given, the tensors are the planned ones.
 - `verify` (the `bema-offline verify` command): the light check, then `config.json` against the tensor shapes,
-  every value finite (streamed in bounded memory), `bema_offline.json` against the folder, the tensors against the
-  source checkpoints named there, and with `recompute=K`, K random tensors recomputed from those sources and
-  compared bit for bit.
+  every value finite and every weight file's sha256 (one streamed read in bounded memory), `bema_offline.json`
+  against the folder (names, sizes and sha256 of the weight files: a single flipped bit is caught), the tensors
+  against the source checkpoints named there, and with `recompute=K`, K random tensors recomputed from those
+  sources and compared bit for bit.
+
+Every check is linear in the number of tensors and shards (up to a sort), so a folder of 20,000 tensors in
+20,000 shards verifies as fast as its bytes allow.
 
 Every problem raises a `DataError` whose one line names the folder, file or tensor.
 """
@@ -17,10 +21,12 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import hashlib
 import math
+import os
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from ..dtypes import DTYPES, FLOAT_DTYPES
@@ -36,6 +42,7 @@ from ..sources.tensors import TensorInfo
 from .card import PROVENANCE_FILE, PROVENANCE_LIMIT, record_method
 
 DEFAULT_CHUNK_BYTES = 64 * 2**20
+READ_BYTES = 8 * 2**20  # the largest read of check_values, whatever --max-memory allows
 # Tensors whose first dimension is the vocabulary and second the hidden size, in common architectures.
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "embed_out.weight", "lm_head.weight")
 _LAYER_INDEX = re.compile(r"^(?:model\.|transformer\.|gpt_neox\.|model\.decoder\.)?(?:layers|h)\.(\d+)\.")
@@ -77,7 +84,8 @@ def check_folder(folder: Path, *, expected: Mapping[str, tuple[str, tuple[int, .
     if single.exists() and index.exists():
         raise DataError(f"{folder}: holds both {SINGLE_FILE} and {INDEX_FILE}; loaders would ignore the shards")
     tensors = load_source(folder, BASE_STEP).tensors
-    shard_files = sorted({info.path.name for info in tensors.values()})
+    shards = by_shard(tensors)
+    shard_files = {path.name for path in shards}
     stray = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in shard_files)
     if stray:
         raise DataError(f"{folder / stray[0]}: a safetensors file that the index does not name; remove it or re-save")
@@ -86,11 +94,19 @@ def check_folder(folder: Path, *, expected: Mapping[str, tuple[str, tuple[int, .
         recorded = _index_total_size(index)
         if recorded is not None and recorded != total:
             raise DataError(f"{index}: metadata.total_size is {recorded} but the shards hold {total} bytes of tensors")
-    for name in shard_files:
-        _check_packed(folder / name, [info for info in tensors.values() if info.path.name == name])
+    for path, held in shards.items():
+        _check_packed(path, held)
     if expected is not None:
         _check_expected(folder, tensors, expected)
     return tensors
+
+
+def by_shard(tensors: Mapping[str, TensorInfo]) -> dict[Path, list[TensorInfo]]:
+    """The tensors of each shard, in file order; shards by name (one pass and a sort, whatever the shard count)."""
+    shards: dict[Path, list[TensorInfo]] = {}
+    for info in tensors.values():
+        shards.setdefault(info.path, []).append(info)
+    return {path: sorted(held, key=lambda t: t.start) for path, held in sorted(shards.items())}
 
 
 def _index_total_size(index: Path) -> int | None:
@@ -101,10 +117,10 @@ def _index_total_size(index: Path) -> int | None:
 
 
 def _check_packed(path: Path, tensors: list[TensorInfo]) -> None:
-    """The tensors of one shard lie end to end from the end of the header to the end of the file."""
+    """The tensors of one shard (in file order) lie end to end from the end of the header to the end of the file."""
     with open(path, "rb") as f:
         position = 8 + int.from_bytes(f.read(8), "little")
-    for info in sorted(tensors, key=lambda t: t.start):
+    for info in tensors:
         if info.start != position:
             raise DataError(f"{path}: tensor {info.name!r} starts at byte {info.start}, expected {position}; the shard has gaps")
         position += info.nbytes
@@ -127,10 +143,37 @@ def _check_expected(folder: Path, tensors: dict[str, TensorInfo], expected: Mapp
         raise DataError(f"{tensors[extra[0]].path}: tensor {extra[0]!r} was not planned; the output is inconsistent")
 
 
-def output_files(folder: Path) -> list[dict]:
-    """The weight files of a model folder (shards and index), by name and size, for the provenance record."""
+def output_files(folder: Path, sha256: Mapping[str, str] | None = None) -> list[dict]:
+    """The weight files of a model folder (shards and index), by name, size and sha256, for the provenance record.
+
+    Args:
+        folder (`Path`): a model folder.
+        sha256 (`Mapping[str, str]`, *optional*): digests already known, by file name (computed while writing, or
+            while reading the values); any other file is read and hashed here (shards reused by `--resume`, another
+            rank's shards, the index).
+
+    Returns:
+        `list[dict]`: `{"name", "size", "sha256"}` per file, by name.
+    """
+    sha256 = sha256 or {}
     names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".safetensors") or p.name == INDEX_FILE)
-    return [{"name": name, "size": (folder / name).stat().st_size} for name in names]
+    return [
+        {"name": name, "size": (folder / name).stat().st_size, "sha256": sha256.get(name) or file_sha256(folder / name)}
+        for name in names
+    ]
+
+
+def file_sha256(path: Path, *, chunk: int = 2**20) -> str:
+    """The sha256 of a file, read in chunks of `chunk` bytes into one buffer."""
+    digest = hashlib.sha256()
+    buffer = memoryview(bytearray(chunk))
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while count := f.readinto(buffer):
+                digest.update(buffer[:count])
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
+    return digest.hexdigest()
 
 
 # --- full: everything a user can check before trusting the folder -------------------------------------------
@@ -182,10 +225,18 @@ def verify(
         tensors = check_folder(folder)
         report = FolderReport(folder, len(tensors), len({t.path for t in tensors.values()}), (folder / PROVENANCE_FILE).is_file())
         report.notes += check_config(folder, tensors)
-        check_finite(tensors, max_memory=max_memory)
+        digests = check_values(tensors, max_memory=max_memory)
         if report.has_provenance:
             record = read_provenance(folder)
-            check_provenance(folder, record, tensors)
+            report.notes += check_provenance(folder, record, tensors, digests)
+            if record.get("redacted"):
+                report.notes.append(
+                    f"{folder / PROVENANCE_FILE}: the copy made for the Hub, without local paths; the sources were not compared"
+                )
+                if recompute > 0:
+                    raise DataError(f"{folder}: its {PROVENANCE_FILE} names no source folders (the Hub copy); recompute from the local output")
+                reports.append(report)
+                continue
             sources, notes = load_recorded_sources(record, folder)
             report.notes += notes
             check_against_sources(folder, record, tensors, sources)
@@ -248,22 +299,73 @@ def _int_field(config: dict, keys: Sequence[str]) -> int | None:
     return None
 
 
-def check_finite(tensors: dict[str, TensorInfo], *, max_memory: int = DEFAULT_CHUNK_BYTES) -> None:
-    """Every float value is finite; each tensor is read in chunks of at most `max_memory` bytes into one buffer.
-    float32 and bf16 are checked by the C kernel where it is built (no torch import), other dtypes by torch."""
-    buffer = bytearray(min(max_memory, max((info.nbytes for info in tensors.values() if info.is_float), default=0)) + 8)
+def check_values(tensors: dict[str, TensorInfo], *, max_memory: int = DEFAULT_CHUNK_BYTES) -> dict[str, str]:
+    """Every float value is finite; returns each shard's sha256 by file name, from the same single read.
+
+    Each shard is read once, in file order, in reads of at most `max_memory` bytes (and 8 MiB) into one buffer: small
+    tensors are read together, a large one in parts. float32 and bf16 are checked by the C kernel where it is built (no
+    torch import), other dtypes by torch.
+    """
+    shards = by_shard(tensors)
+    sizes = {path: _file_size(path) for path in shards}
+    # reads of a few MiB are as fast as larger ones, and stay in the CPU's cache from the read to the hash and the check
+    buffer = bytearray(max(8, min(max_memory, READ_BYTES, max(sizes.values(), default=0))))  # (8: at least one element)
     address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    digests = {}
     with OpenFiles() as files:
-        for info in tensors.values():
-            if not info.is_float:
-                continue
-            per_chunk = max(1, max_memory // info.itemsize)
-            for first in range(0, info.numel, per_chunk):
-                count = min(per_chunk, info.numel - first)
-                view = memoryview(buffer)[: count * info.itemsize]
-                files.read_into(info.path, info.start + first * info.itemsize, view)
-                if not _chunk_finite(info.dtype, view, address, count):
-                    raise DataError(f"{info.path}: tensor {info.name!r} holds NaN or Inf values; do not use this model")
+        for path, held in shards.items():
+            digest = hashlib.sha256()
+            for start, stop, parts in _reads(held, sizes[path], len(buffer)):
+                view = memoryview(buffer)[: stop - start]
+                files.read_into(path, start, view)
+                digest.update(view)
+                for info, offset, count in parts:
+                    if not _chunk_finite(info.dtype, view[offset : offset + count * info.itemsize], address + offset, count):
+                        raise DataError(f"{info.path}: tensor {info.name!r} holds NaN or Inf values; do not use this model")
+            digests[path.name] = digest.hexdigest()
+    return digests
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
+
+
+def _reads(tensors: list[TensorInfo], size: int, limit: int) -> Iterator[tuple[int, int, list[tuple[TensorInfo, int, int]]]]:
+    """The reads that cover a file of `size` bytes holding `tensors` (in file order), each at most `limit` bytes:
+    `(start, stop, parts)`, where each part `(tensor, offset in the read, elements)` is a run of a float tensor's
+    elements to check. Consecutive pieces share a read while they fit; a float part always lies at an offset that is a
+    multiple of its item size, so that it can be read as an array in place."""
+    start = position = 0
+    parts: list[tuple[TensorInfo, int, int]] = []
+    for piece_start, piece_stop, info in _pieces(tensors, size, limit):
+        aligned = info is None or not info.is_float or (piece_start - start) % info.itemsize == 0
+        if piece_stop - start > limit or not aligned:
+            if position > start:
+                yield start, position, parts
+            start, parts = piece_start, []
+        if info is not None and info.is_float:
+            parts.append((info, piece_start - start, (piece_stop - piece_start) // info.itemsize))
+        position = piece_stop
+    if position > start:
+        yield start, position, parts
+
+
+def _pieces(tensors: list[TensorInfo], size: int, limit: int) -> Iterator[tuple[int, int, TensorInfo | None]]:
+    """The byte ranges of a file, in order and without a gap: the header and any bytes between tensors (with no
+    tensor), and each tensor's bytes, in pieces of at most `limit` bytes (whole elements; at least one)."""
+    position = 0
+    for info in [*tensors, None]:
+        start, stop = (info.start, info.start + info.nbytes) if info is not None else (size, size)
+        for first in range(position, start, limit):
+            yield first, min(first + limit, start), None
+        if info is not None:
+            step = max(1, limit // info.itemsize) * info.itemsize
+            for first in range(start, stop, step):
+                yield first, min(first + step, stop), info
+            position = max(position, stop)
 
 
 def _chunk_finite(dtype: str, view: memoryview, address: int, count: int) -> bool:
@@ -305,14 +407,14 @@ def read_provenance(folder: Path) -> dict:
     return record
 
 
-def check_provenance(folder: Path, record: dict, tensors: dict[str, TensorInfo]) -> None:
-    """`bema_offline.json` describes this folder: tensor count, files, dtype, shard size, and the weights."""
+def check_provenance(folder: Path, record: dict, tensors: dict[str, TensorInfo], digests: Mapping[str, str] | None = None) -> list[str]:
+    """`bema_offline.json` describes this folder: tensor count, files (names, sizes, sha256), dtype, shard size, and the
+    weights. `digests` are the shards' sha256 already computed (`check_values`), by file name; others are read.
+    Returns notes."""
     path = folder / PROVENANCE_FILE
     if record["tensors"] != len(tensors):
         raise DataError(f"{path}: records {record['tensors']} tensors but the folder holds {len(tensors)}")
-    recorded_files = record.get("output_files")
-    if recorded_files is not None and recorded_files != output_files(folder):
-        raise DataError(f"{path}: the weight files it records differ from the folder's (names or sizes); a file was replaced")
+    notes = _check_output_files(folder, record.get("output_files"), digests)
     dtype = record["settings"].get("dtype")
     if dtype is not None:
         want = FLOAT_DTYPES.get(dtype)
@@ -321,8 +423,7 @@ def check_provenance(folder: Path, record: dict, tensors: dict[str, TensorInfo])
             raise DataError(f"{wrong.path}: tensor {wrong.name!r} is {wrong.dtype} but {path.name} says --dtype {dtype}")
     max_shard = record["settings"].get("max_shard_size")
     if isinstance(max_shard, int):
-        for shard in {info.path for info in tensors.values()}:
-            held = [i for i in tensors.values() if i.path == shard]
+        for shard, held in by_shard(tensors).items():
             if len(held) > 1 and sum(i.nbytes for i in held) > max_shard:
                 raise DataError(f"{shard}: holds more than the recorded max_shard_size {max_shard} bytes")
     step = record["step"]
@@ -346,6 +447,30 @@ def check_provenance(folder: Path, record: dict, tensors: dict[str, TensorInfo])
         raise DataError(f"{path}: the effective weights do not follow from the recorded method; it was edited or damaged")
     if set(record["_inputs"]) != set(weights):
         raise DataError(f"{path}: the inputs listed are not the steps with a weight")
+    return notes
+
+
+def _check_output_files(folder: Path, recorded: object, digests: Mapping[str, str] | None) -> list[str]:
+    """The weight files recorded in the provenance are the folder's: same names and sizes, and the same sha256 where
+    recorded (outputs of older versions record none: a note says so)."""
+    path = folder / PROVENANCE_FILE
+    older = f"{path}: records no sha256 of the weight files (an output of an older bema-offline), so their bytes were not checked against it"
+    if recorded is None:
+        return [older]
+    if not isinstance(recorded, list) or not all(isinstance(entry, dict) for entry in recorded):
+        raise DataError(f"{path}: malformed output_files; it was edited or damaged")
+    actual = output_files(folder, digests)
+    if [(entry.get("name"), entry.get("size")) for entry in recorded] != [(entry["name"], entry["size"]) for entry in actual]:
+        raise DataError(f"{path}: the weight files it records differ from the folder's (names or sizes); a file was replaced")
+    if not any("sha256" in entry for entry in recorded):
+        return [older]
+    for want, have in zip(recorded, actual):
+        if want.get("sha256") != have["sha256"]:
+            raise DataError(
+                f"{folder / have['name']}: its sha256 differs from the one recorded in {PROVENANCE_FILE}; the file changed "
+                "after it was written (a flipped bit, an edit): do not use it"
+            )
+    return []
 
 
 def load_recorded_sources(record: dict, folder: Path) -> tuple[dict[int, WeightSource], list[str]]:

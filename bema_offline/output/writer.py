@@ -3,10 +3,14 @@
 Every tensor's place is known from the headers before any data is computed, so each shard is created at its
 final size with its header, and slices are written at their offsets (`pwrite`) as soon as the engine emits
 them. Nothing is buffered beyond the slice in hand.
+
+Each shard's sha256 is computed while it is written (`ShardDigest`), for the provenance record: `verify` then
+catches a single flipped bit without recomputing anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -15,6 +19,7 @@ import re
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ..dtypes import DTYPES
@@ -26,6 +31,8 @@ from ..sources.safetensors_io import SINGLE_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
 WRITEBACK_BYTES = 64 * 2**20
+READ_BACK_BYTES = 256 * 2**10  # chunk in which bytes written ahead of a shard's hash are read back (fits L2)
+_read_back_buffers = threading.local()  # one reusable chunk buffer per thread
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(I)?)?(B)?\s*", re.IGNORECASE)
 
 
@@ -66,8 +73,8 @@ class TensorSpec:
     dtype: str  # safetensors dtype name
     shape: tuple[int, ...]
 
-    @property
-    def nbytes(self) -> int:
+    @cached_property
+    def nbytes(self) -> int:  # (asked for several times per tensor: a model may have tens of thousands)
         return math.prod(self.shape) * DTYPES[self.dtype].itemsize
 
 
@@ -76,6 +83,7 @@ class _Placement:
     path: Path
     data_start: int  # absolute offset of the tensor's first byte
     itemsize: int
+    digest: ShardDigest | None  # None: a shard this writer does not write
 
 
 def shard_tensors(tensors: Sequence[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
@@ -110,7 +118,7 @@ class ShardLayout:
     tensors: list[TensorSpec]
     header: bytes
 
-    @property
+    @cached_property
     def file_size(self) -> int:
         return len(self.header) + sum(spec.nbytes for spec in self.tensors)
 
@@ -122,6 +130,104 @@ def shard_layout(tensors: Sequence[TensorSpec], max_shard_size: int, *, single_f
     count = len(shards)
     names = [single_file] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
     return [ShardLayout(name, specs, _shard_header(specs)) for name, specs in zip(names, shards)]
+
+
+class ShardDigest:
+    """The sha256 of one shard, computed in file order while any number of threads write it at any offsets.
+
+    The header is hashed when the shard is created. A write that lands at the hash cursor (the first byte not yet
+    hashed) is hashed from the writer's own buffer. A write ahead of the cursor is only noted; once the cursor reaches
+    it, its bytes are read back from the file, from the page cache that the write has just filled, and hashed. One
+    thread hashes a shard at a time: a write that arrives meanwhile is noted as well and hashed by that thread, so no
+    writer waits for another's hashing. The engine emits slices mostly in file order, so most bytes are hashed from
+    the buffer they were written from, and the shard is never read from the disk.
+
+    Args:
+        path (`Path`): the shard, for reading back.
+        header (`bytes`): the header bytes, already written.
+        size (`int`): the shard's final size in bytes.
+
+    Example:
+
+    ```python
+    >>> fd = os.open(path, os.O_RDWR | os.O_CREAT); os.pwrite(fd, b"HEAD", 0)     # a 10-byte shard's header
+    >>> digest = ShardDigest(path, b"HEAD", 10)
+    >>> os.pwrite(fd, b"789", 7); digest.wrote(7, memoryview(b"789"))       # ahead of the cursor: noted
+    >>> os.pwrite(fd, b"456", 4); digest.wrote(4, memoryview(b"456"))       # at it: hashed, then 7-9 read back
+    >>> digest.sha256 == hashlib.sha256(b"HEAD456789").hexdigest()
+    True
+    ```
+    """
+
+    def __init__(self, path: Path, header: bytes, size: int) -> None:
+        self.path = path
+        self.size = size
+        self.read_back = 0  # bytes read back from the file to be hashed (for tests and benchmarks)
+        self._sha = hashlib.sha256(header)
+        self._cursor = len(header)
+        self._ahead: dict[int, int] = {}  # start -> stop of each write not yet hashed
+        self._busy = False  # a thread is hashing (it then owns `_sha` and moves `_cursor`)
+        self._lock = threading.Lock()
+
+    def wrote(self, offset: int, data: memoryview) -> None:
+        """Account for `data`, just written at byte `offset` (each byte of the shard is written once)."""
+        with self._lock:
+            if self._busy or offset != self._cursor:
+                self._ahead[offset] = offset + data.nbytes
+                return
+            self._busy = True
+        try:
+            self._sha.update(data)
+            self._catch_up(offset + data.nbytes)
+        except BaseException:
+            with self._lock:
+                self._busy = False
+                self._cursor = -1  # the digest can no longer be completed; `sha256` stays None
+            raise
+
+    def _catch_up(self, position: int) -> None:
+        """Hash the noted writes that follow `position` without a gap, reading them back, until none does."""
+        while True:
+            with self._lock:
+                self._cursor = position
+                stop = self._ahead.pop(position, None)
+                if stop is None:
+                    self._busy = False
+                    return
+                while (following := self._ahead.pop(stop, None)) is not None:
+                    stop = following
+            self._hash_file_range(position, stop)
+            position = stop
+
+    def _hash_file_range(self, start: int, stop: int) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise DataError(f"{self.path}: cannot read the shard back to hash it ({e.strerror or e})") from e
+        try:
+            buffer = getattr(_read_back_buffers, "buffer", None)
+            if buffer is None:
+                buffer = _read_back_buffers.buffer = memoryview(bytearray(READ_BACK_BYTES))
+            while start < stop:
+                try:
+                    count = os.preadv(fd, [buffer[: min(stop - start, len(buffer))]], start)
+                except OSError as e:
+                    raise DataError(f"{self.path}: read error at byte {start} while hashing the shard ({e.strerror or e})") from e
+                if count == 0:
+                    raise DataError(f"{self.path}: the shard ended at byte {start} while being hashed; something truncated it")
+                self._sha.update(buffer[:count])
+                self.read_back += count
+                start += count
+        finally:
+            os.close(fd)
+
+    @property
+    def sha256(self) -> str | None:
+        """The hex digest once every byte is hashed, else None."""
+        with self._lock:
+            if self._busy or self._cursor != self.size:
+                return None
+            return self._sha.hexdigest()
 
 
 def _create_shard(path: Path, shard: ShardLayout) -> None:
@@ -147,7 +253,8 @@ class ModelFolderWriter:
     `on_shard_done(path)` is called (the run records it, so that `--resume` can reuse it). Shards named in
     `keep_shards` are already complete from an interrupted run: they are left as they are and not written. With
     `shards`, only the shards so named are created and written (a rank's share of a distributed run); the index
-    still covers them all. A folder of one shard names it `single_file`.
+    still covers them all. A folder of one shard names it `single_file`. Every shard it writes, and the index, is
+    hashed as it is written (`digests`).
     """
 
     def __init__(
@@ -176,19 +283,24 @@ class ModelFolderWriter:
         self.weight_map: dict[str, str] = {}
         self.total_size = sum(spec.nbytes for spec in tensors)
         self.unwritten: dict[Path, int] = {}  # bytes still to write, per shard being written
+        self.shard_digests: dict[str, ShardDigest] = {}  # of the shards this writer writes, by name
+        self.index_sha256: str | None = None
         folder.mkdir(parents=True, exist_ok=True)
         for shard in layout:
             path = folder / shard.name
+            digest = None
             if shard.name not in skip:
                 try:
                     _create_shard(path, shard)
                 except OSError as e:
                     raise DataError(f"{path}: cannot create the shard ({e.strerror or e}); free some disk space or choose another --output") from e
                 fault_point("shard-created")
-                self.unwritten[path] = shard.file_size - len(shard.header)
+                file_size = shard.file_size
+                self.unwritten[path] = file_size - len(shard.header)
+                digest = self.shard_digests[shard.name] = ShardDigest(path, shard.header, file_size)
             offset = len(shard.header)
             for spec in shard.tensors:
-                self.placements[spec.name] = _Placement(path, offset, DTYPES[spec.dtype].itemsize)
+                self.placements[spec.name] = _Placement(path, offset, DTYPES[spec.dtype].itemsize, digest)
                 self.weight_map[spec.name] = shard.name
                 offset += spec.nbytes
         for path, size in list(self.unwritten.items()):
@@ -205,7 +317,9 @@ class ModelFolderWriter:
             return
         if place.path not in self.unwritten:
             raise DataError(f"{place.path}: tensor {name!r} written to a shard that is already complete; report this bug")
-        self.files.write_at(place.path, place.data_start + start * place.itemsize, data)
+        offset = place.data_start + start * place.itemsize
+        self.files.write_at(place.path, offset, data)
+        place.digest.wrote(offset, data)
         with self._lock:  # counted after the write: the shard is complete only once every write has returned
             self.unwritten[place.path] -= nbytes
             done = self.unwritten[place.path] == 0
@@ -242,8 +356,22 @@ class ModelFolderWriter:
             raise DataError(f"{path}: {missing} bytes were never written; the output is incomplete and was not published")
         if index and len(self.shard_names) > 1:
             index_data = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
-            replace_file(self.folder / INDEX_FILE, (json.dumps(index_data, indent=2) + "\n").encode())
+            raw = (json.dumps(index_data, indent=2) + "\n").encode()
+            replace_file(self.folder / INDEX_FILE, raw)
+            self.index_sha256 = hashlib.sha256(raw).hexdigest()
         fault_point("index")
+
+    def digests(self) -> dict[str, str]:
+        """The sha256 of every file this writer wrote (its shards and the index), by file name, hashed as written.
+        Shards it did not write (reused by `--resume`, or another rank's) are not in it. Call after `finish`."""
+        digests = {}
+        for name, digest in self.shard_digests.items():
+            if digest.sha256 is None:
+                raise DataError(f"{digest.path}: the shard's sha256 was not completed while writing it; report this bug")
+            digests[name] = digest.sha256
+        if self.index_sha256 is not None:
+            digests[INDEX_FILE] = self.index_sha256
+        return digests
 
 
 class ShardFlusher:

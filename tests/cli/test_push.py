@@ -32,10 +32,17 @@ def api(monkeypatch) -> FakeApi:
     return api
 
 
+def files_and_times(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p): (p.read_bytes() if p.is_file() else b"", p.lstat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
 def test_push_command(run, api, tmp_path, capsys) -> None:
     folder = shutil.copytree(run[2], tmp_path / "avg")
+    before = files_and_times(tmp_path)
     code, out, err = run_cli(cli, ["push", folder, "my-org/avg", "--private", "--commit-message", "hello"], capsys)
     assert code == 0, err
+    assert files_and_times(tmp_path) == before  # the output is only read; the upload folder beside it is gone
+    assert str(tmp_path) not in api.uploads[0]["card"]
     assert api.tokens == ["hf_test"]
     assert api.methods() == ["create_repo", "repo_info", "upload_folder"]
     assert api.calls[2][2]["commit_message"] == "hello"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import shutil
 from pathlib import Path
 
@@ -59,7 +61,9 @@ def test_single_output_goes_up_whole_with_a_card_naming_the_repo(single: Path) -
     _, repo, create = api.calls[0]
     assert repo == "my-org/avg" and create == {"repo_type": "model", "private": False, "exist_ok": True}
     _, _, upload = api.calls[1]
-    assert upload["folder_path"] == str(single)
+    folder = Path(upload["folder_path"])  # an upload folder beside the output, removed afterwards
+    assert folder.parent.parent == single.parent and folder.parent.name.startswith(".single.bema-push-")
+    assert not folder.parent.exists()
     assert upload["revision"] is None
     assert upload["commit_message"] == "bema-offline: BEMA of run at step 6"
     assert upload["delete_patterns"] == DELETE_PATTERNS
@@ -223,3 +227,199 @@ def test_every_recorded_call_fits_the_real_hfapi_signature(multi: Path, single: 
             inspect.signature(getattr(HfApi, method)).bind(None, repo_id=repo_id, **kwargs)
         else:
             inspect.signature(getattr(HfApi, method)).bind(None, repo_id, **kwargs)
+
+
+# --- what goes up: no local path, and the local folder untouched ----------------------------------------------------
+
+
+class CapturingApi(FakeApi):
+    """Also keeps what each upload sends: every file's bytes and inode, read while the upload folder exists."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.sent: list[dict[str, tuple[bytes, int]]] = []
+
+    def upload_folder(self, *, repo_id: str, folder_path: str, **kwargs):
+        folder = Path(folder_path)
+        files = {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_ino) for p in folder.rglob("*") if p.is_file()}
+        self.sent.append(files)
+        return super().upload_folder(repo_id=repo_id, folder_path=folder_path, **kwargs)
+
+
+def state(folder: Path) -> dict[str, tuple[bytes, int, int, int]]:
+    """Every entry under `folder` and beside it: bytes, modification time, inode and link count of each file."""
+    entries = {}
+    for path in sorted(folder.parent.rglob("*")):
+        status = path.lstat()
+        data = path.read_bytes() if path.is_file() and path.is_relative_to(folder) else b""
+        entries[str(path)] = (data, status.st_mtime_ns, status.st_ino, status.st_nlink)
+    return entries
+
+
+USER = "alice-bema-tester"
+
+
+@pytest.fixture(scope="module")
+def private(tmp_path_factory) -> tuple[Path, Path]:
+    """A run under a home folder of its own, with the base model outside the run and a config.json and a
+    tokenizer_config.json that name local folders (as older transformers wrote them), averaged at every update
+    step; returns (home, output)."""
+    home = tmp_path_factory.mktemp("home") / USER
+    work = home / "work"
+    run_dir, base_dir, _ = make_run(work, [2, 4, 6])
+    for checkpoint in run_dir.iterdir():
+        config = json.loads((checkpoint / "config.json").read_text())
+        (checkpoint / "config.json").write_text(json.dumps({**config, "_name_or_path": str(base_dir)}))
+        (checkpoint / "tokenizer_config.json").write_text(json.dumps({"name_or_path": f"~/{USER}/tok", "model_max_length": 8}))
+    average(run_dir, work / "avg", schedule=BEMASchedule(update_freq=2), base_model=base_dir, steps="every", save=("ema", "bema"))
+    return home, work / "avg"
+
+
+def test_what_goes_up_names_no_local_path_and_the_output_is_untouched(private, monkeypatch) -> None:
+    home, output = private
+    monkeypatch.setenv("HOME", str(home))
+    before = state(output)
+    api = CapturingApi()
+    push_to_hub(output, "my-org/avg", api=api)
+    assert state(output) == before  # not a byte, a time or a link count changed; nothing was left beside it
+    assert len(api.sent) == 6
+    for sent, upload in zip(api.sent, api.uploads):
+        for name, (data, _) in sent.items():
+            for secret in (str(home.parent), USER, str(Path.home())):
+                assert secret.encode() not in data, (upload["repo_id"], name, secret)
+        assert sorted(sent) == SINGLE_FILES + ["tokenizer_config.json"]
+    bema_4 = next(s for s, u in zip(api.sent, api.uploads) if u["repo_id"] == "my-org/avg-bema-step-4")
+    local = json.loads((output / "bema" / "step-4" / "bema_offline.json").read_text())
+    record = json.loads(bema_4["bema_offline.json"][0])
+    assert record["run_dir"] == "run" and record["base_model"] == "base"
+    assert [entry["folder"] for entry in record["inputs"]] == ["base", "checkpoint-2", "checkpoint-4"]
+    assert record["redacted"] and "redacted" not in local
+    unchanged = {key: value for key, value in local.items() if key not in ("run_dir", "base_model", "inputs")}
+    assert {key: record[key] for key in unchanged} == unchanged  # parameters, weights, files and their sha256
+    assert [{**entry, "folder": None} for entry in record["inputs"]] == [{**entry, "folder": None} for entry in local["inputs"]]
+    config = json.loads(bema_4["config.json"][0])
+    assert config == {**json.loads((output / "bema" / "step-4" / "config.json").read_text()), "_name_or_path": "base"}
+    assert json.loads(bema_4["tokenizer_config.json"][0]) == {"name_or_path": "tok", "model_max_length": 8}
+    weights = output / "bema" / "step-4" / "model.safetensors"
+    assert bema_4["model.safetensors"] == (weights.read_bytes(), weights.stat().st_ino)  # a hard link, not a copy
+    assert "![effective weight of each source](effective_weights.svg)" in bema_4["README.md"][0].decode()
+    assert b"bema_offline.json" in bema_4["README.md"][0] and str(output).encode() not in bema_4["README.md"][0]
+
+
+def test_files_are_copied_where_they_cannot_be_linked(single: Path, monkeypatch) -> None:
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(hub.os, "link", no_links)
+    before = state(single)
+    api = CapturingApi()
+    push_to_hub(single, "my-org/avg", api=api)
+    assert state(single) == before
+    data, inode = api.sent[0]["model.safetensors"]
+    assert data == (single / "model.safetensors").read_bytes() and inode != (single / "model.safetensors").stat().st_ino
+
+
+def test_a_failed_upload_leaves_the_output_as_it_was(single: Path) -> None:
+    before = state(single)
+    with pytest.raises(HubError, match="uploading .* failed"):
+        push_to_hub(single, "my-org/avg", api=FakeApi(fail={"upload_folder": "my-org/avg"}))
+    assert state(single) == before
+
+
+def test_no_place_for_the_upload_folder_fails_before_any_call(single: Path, monkeypatch) -> None:
+    def refused(**kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(hub.tempfile, "mkdtemp", refused)
+    api = FakeApi()
+    with pytest.raises(DataError, match=f"{single.parent}: cannot make the upload folder there \\(Permission denied\\).*nothing was pushed"):
+        push_to_hub(single, "my-org/avg", api=api)
+    assert api.calls == []
+
+
+def test_a_copy_downloaded_from_the_hub_verifies_its_files_but_names_no_sources(private, tmp_path) -> None:
+    from bema_offline.output.verify import verify
+
+    _, output = private
+    api = CapturingApi()
+    push_to_hub(output / "bema" / "step-6", "my-org/avg", api=api)
+    download = tmp_path / "download"
+    download.mkdir()
+    for name, (data, _) in api.sent[0].items():
+        (download / name).write_bytes(data)
+    (report,) = verify(download)
+    assert report.sources_checked == [] and "the copy made for the Hub" in report.notes[-1]
+    with pytest.raises(DataError, match="names no source folders \\(the Hub copy\\); recompute from the local output"):
+        verify(download, recompute=1)
+    data = bytearray((download / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (download / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(DataError, match="model.safetensors: its sha256 differs"):
+        verify(download)
+    (local,) = verify(output / "bema" / "step-6", recompute=2, seed=0)  # the local record still names the sources
+    assert local.sources_checked == [0, 2, 4, 6] and len(local.recomputed) == 2
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("/home/alice/runs/dpo/checkpoint-400", "checkpoint-400"),  # inside the run: relative to it
+        ("/home/alice/runs/dpo/sweep/lr=1e-5/bema", "sweep/lr=1e-5/bema"),
+        ("/home/alice/runs/dpo", "dpo"),
+        ("/home/alice/data/prefs.jsonl", "prefs.jsonl"),  # elsewhere: the last name
+        ("~/data/prefs.jsonl", "prefs.jsonl"),
+        ("C:\\Users\\alice\\data\\prefs.jsonl", "prefs.jsonl"),
+        ("read /home/alice/data/prefs.jsonl (split test)", "read prefs.jsonl (split test)"),
+        ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B"),  # a Hub id
+        ("https://huggingface.co/Qwen/Qwen2.5-0.5B", "https://huggingface.co/Qwen/Qwen2.5-0.5B"),
+        ("lr 1/2 and/or 3", "lr 1/2 and/or 3"),
+        ("/", "/"),
+    ],
+)
+def test_local_paths_in_any_string_are_redacted(text, shown) -> None:
+    record = {"a": [text, {"b": text}], "n": 1.5, "none": None}
+    assert hub.redacted_paths(record, Path("/home/alice/runs/dpo")) == {"a": [shown, {"b": shown}], "n": 1.5, "none": None}
+
+
+def test_a_selected_output_goes_up_without_the_paths_of_its_leaderboard(private, tmp_path, monkeypatch) -> None:
+    """best/ of a --select-by sweep carries its selection (every candidate's folder, the data file, the DPO reference)
+    in its record and in eval.json, as bema-offline's eval writes them; both go up without local paths, and so does
+    the card rendered from the record."""
+    from bema_offline.eval.candidates import Candidate
+    from bema_offline.eval.report import Result, rank
+    from bema_offline.eval.select import selection_record
+
+    home, output = private
+    monkeypatch.setenv("HOME", str(home))
+    candidates = [Candidate(kind, str(output / kind / "step-6"), "average") for kind in ("bema", "ema")]
+    data = {"path": str(home / "data" / "heldout.jsonl"), "kind": "preference", "rows": 4, "scored_tokens": 40}
+    settings = {"reference": str(home / "models" / "ref"), "beta": 0.1}
+    report = rank([Result(c, {"loss": 1.0 + i}) for i, c in enumerate(candidates)], metric="loss", directions={"loss": False},
+                  data=data, settings=settings)
+    best = Path(shutil.copytree(output / "bema" / "step-6", tmp_path / "best"))
+    record = json.loads((best / "bema_offline.json").read_text())
+    record["selection"] = selection_record(Path(candidates[0].source), report)
+    (best / "bema_offline.json").write_text(json.dumps(record))
+    report.write(best, plot=False)  # eval.json and eval.md, as publish_best copies them in
+    assert str(home).encode() in (best / "eval.json").read_bytes()
+    before = state(best)
+    api = CapturingApi()
+    push_to_hub(best, "my-org/best", api=api)
+    assert state(best) == before
+    (sent,) = api.sent
+    assert {"eval.json", "eval.md"} <= set(sent)
+    for name, (data_bytes, _) in sent.items():
+        assert str(home).encode() not in data_bytes and USER.encode() not in data_bytes, name
+    uploaded = json.loads(sent["eval.json"][0])
+    assert [r["source"] for r in uploaded["results"]] == ["step-6", "step-6"] and uploaded["data"]["path"] == "heldout.jsonl"
+    selection = json.loads(sent["bema_offline.json"][0])["selection"]
+    assert selection["source"] == "step-6" and selection["settings"]["reference"] == "ref"
+    assert "DPO reference: `ref`" in sent["README.md"][0].decode()
+
+
+def test_files_copied_from_the_checkpoints_that_name_local_paths_are_reported(single: Path, monkeypatch) -> None:
+    (single / "tokenizer_config.json").write_text(json.dumps({"special_tokens_map_file": f"{Path.home()}/x/special_tokens_map.json"}))
+    lines = []
+    push_to_hub(single, "my-org/avg", api=FakeApi(), log=lines.append)
+    assert lines[0] == f"note: tokenizer_config.json holds the local path {Path.home()}; it goes up as it is (to my-org/avg)"
+    assert lines[1].startswith("pushed ")

@@ -157,3 +157,30 @@ def test_links_planted_in_a_resumed_staging_folder_are_never_written_through(run
     else:
         assert model_files(out) == reference
     assert precious.read_bytes() == b"keep me"
+
+
+def test_the_layout_digest_changes_with_any_tensor_name_shape_dtype_or_place(tmp_path):
+    """The plan's fingerprint holds each source's tensor layout as one digest (a JSON tree of every tensor made
+    planning 20,000 tensors cost a second); any change to where a tensor's bytes lie changes it."""
+    from bema_offline.output.resume import layout_digest
+    from bema_offline.sources.tensors import Extent, TensorInfo, WeightSource
+
+    path = tmp_path / "model.safetensors"
+
+    def source(**changes) -> WeightSource:
+        spec = {"name": "w", "dtype": "F32", "shape": (2, 3), "extents": (Extent(path, 100, 0, 6),), **changes}
+        tensors = {"a": TensorInfo("a", "BF16", (4,), (Extent(path, 92, 0, 4),)), spec["name"]: TensorInfo(**spec)}
+        return WeightSource(1, tmp_path, tensors)
+
+    reference = layout_digest(source())
+    assert layout_digest(source()) == reference
+    changed = [
+        source(name="v"),
+        source(dtype="F16"),
+        source(shape=(3, 2)),
+        source(extents=(Extent(path, 104, 0, 6),)),
+        source(extents=(Extent(tmp_path / "other.safetensors", 100, 0, 6),)),
+        source(extents=(Extent(path, 100, 0, 3), Extent(path, 200, 3, 6))),
+    ]
+    digests = [layout_digest(s) for s in changed]
+    assert reference not in digests and len(set(digests)) == len(digests)

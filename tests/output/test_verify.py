@@ -1,16 +1,23 @@
 """`verify`: every check fires on the damage it is meant to catch, and passes on every kind of healthy output."""
 
+import hashlib
 import json
+import shutil
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from synthetic import make_run
 
 from bema_offline import BEMASchedule, DataError, average
-from bema_offline.output.verify import check_folder, verify
+from bema_offline.dtypes import dtype_name
+from bema_offline.files import OpenFiles, writable_view
+from bema_offline.output.verify import check_folder, check_provenance, check_values, read_provenance, verify
+from bema_offline.output.writer import ModelFolderWriter, TensorSpec
+from bema_offline.sources.tensors import TensorInfo
 
 NORM = "model.norm.weight"
 UP = "model.layers.0.mlp.up_proj.weight"
@@ -217,6 +224,68 @@ def test_non_finite_values_are_found_in_any_chunk(made, value, kernel, monkeypat
         verify(output, max_memory=64)
 
 
+def write_folder(folder: Path, values: dict[str, torch.Tensor]) -> Path:
+    """A model folder written by this tool's writer, tensors in the order given (no alignment padding between them,
+    unlike the safetensors library, which sorts them by dtype)."""
+    specs = [TensorSpec(name, dtype_name(t.dtype), tuple(t.shape)) for name, t in values.items()]
+    with OpenFiles(writable=True, max_open=None) as files:
+        folder_writer = ModelFolderWriter(folder, specs, max_shard_size=2**30, files=files)
+        for name, tensor in values.items():
+            folder_writer.write(name, 0, writable_view(tensor.contiguous().flatten()))
+    folder_writer.finish()
+    return folder / "model.safetensors"
+
+
+@pytest.mark.parametrize("max_memory", [8, 24, 64, 4096, 2**20])
+def test_values_are_read_once_in_file_order_for_the_sha256_and_every_float_is_checked(tmp_path, max_memory):
+    """An odd number of bf16 and bool elements puts the float32 tensors after them at odd offsets: each is read where
+    it can be viewed as an array, however the reads are cut, and a NaN anywhere is found."""
+    values = {
+        "odd_bf16": torch.randn(3).to(torch.bfloat16),
+        "mask": torch.tensor([True, False, True]),
+        "w": torch.randn(5, 7),
+        "ids": torch.arange(3),
+        "v": torch.randn(31),
+    }
+    path = write_folder(tmp_path / "m", values)
+    with safe_open(path, "pt") as f:  # the safetensors library reads what was written
+        assert all(torch.equal(f.get_tensor(name), tensor) for name, tensor in values.items())
+    tensors = check_folder(tmp_path / "m")
+    assert tensors["w"].start % 4 != 0  # misaligned in the file
+    assert check_values(tensors, max_memory=max_memory) == {"model.safetensors": hashlib.sha256(path.read_bytes()).hexdigest()}
+    for name, element in [("w", 34), ("v", 0), ("v", 30), ("odd_bf16", 2)]:
+        broken = dict(values, **{name: values[name].clone().flatten()})
+        broken[name][element] = float("nan")
+        broken[name] = broken[name].reshape(values[name].shape)
+        shutil.rmtree(tmp_path / "m")
+        write_folder(tmp_path / "m", broken)
+        with pytest.raises(DataError, match=f"tensor '{name}' holds NaN or Inf"):
+            check_values(check_folder(tmp_path / "m"), max_memory=max_memory)
+
+
+def test_every_check_is_linear_in_tensors_and_shards(tmp_path, monkeypatch):
+    """The light check and the provenance check, on 150 and 300 tensors with one shard each: the work they do per
+    tensor (counted as reads of `TensorInfo.path`) does not grow with the number of shards. They were quadratic:
+    20,000 tensors in 20,000 shards took 97 s to average and 129 s to verify."""
+    counts = []
+    for n in (150, 300):
+        shapes = {f"model.layers.{i}.mlp.experts.0.up_proj.weight": (2, 2) for i in range(n)}
+        run_dir, base_dir, _ = make_run(tmp_path / str(n), [2], shapes=shapes)
+        output = tmp_path / str(n) / "out"
+        average(run_dir, output, schedule=BEMASchedule(update_freq=2), base_model=base_dir, max_shard_size="16B")
+        tensors = check_folder(output)
+        assert len({info.path for info in tensors.values()}) == n
+        reads = []
+        original = TensorInfo.path
+        monkeypatch.setattr(TensorInfo, "path", property(lambda info: reads.append(1) or original.fget(info)))
+        check_folder(output)
+        record = read_provenance(output)
+        check_provenance(output, record, tensors, check_values(tensors))
+        monkeypatch.undo()
+        counts.append(len(reads))
+    assert counts[1] <= 2.2 * counts[0], counts
+
+
 # --- bema_offline.json --------------------------------------------------------------------------------------------
 
 
@@ -227,6 +296,10 @@ def test_non_finite_values_are_found_in_any_chunk(made, value, kernel, monkeypat
         (lambda r: r["effective_weights"][1].update(weight=0.5), "effective weights do not follow"),
         (lambda r: r["schedule"].update(ema_power=0.3), "effective weights do not follow"),
         (lambda r: r["output_files"][0].update(size=1), "weight files it records differ"),
+        (lambda r: r["output_files"][1].update(sha256="0" * 64), "model-00002-of-00004.safetensors: its sha256 differs"),
+        (lambda r: r["output_files"][-1].update(sha256="0" * 64), "model.safetensors.index.json: its sha256 differs"),
+        (lambda r: r["output_files"][2].pop("sha256"), "model-00003-of-00004.safetensors: its sha256 differs"),
+        (lambda r: r.update(output_files={"a": 1}), "malformed output_files"),
         (lambda r: r["settings"].update(dtype="bfloat16"), "F32 but bema_offline.json says --dtype bfloat16"),
         (lambda r: r["settings"].update(max_shard_size=100), "more than the recorded max_shard_size"),
         (lambda r: r.pop("inputs"), "lacks fields"),
@@ -267,18 +340,53 @@ def test_source_with_another_shape(made):
 # --- recompute ----------------------------------------------------------------------------------------------------
 
 
-def test_recompute_catches_one_wrong_bit(made):
-    _, _, output = made
-    path = shard_of(output, UP)
+def flip_bit(output: Path, name: str, element: int) -> Path:
+    """Flip the lowest mantissa bit of one float32 element in place (still finite); returns the shard."""
+    path = shard_of(output, name)
     data = bytearray(path.read_bytes())
-    verify(output, recompute=100, seed=1)  # healthy before
-    tensors = check_folder(output)
-    info = tensors[UP]
-    data[info.start + 4 * 37] ^= 0x01  # lowest mantissa bit of element 37: still finite
+    data[check_folder(output)[name].start + 4 * element] ^= 0x01
     path.write_bytes(bytes(data))
-    verify(output)  # the structural and value checks cannot see it
+    return path
+
+
+def test_recompute_catches_one_wrong_bit_where_no_sha256_is_recorded(made):
+    _, _, output = made
+    verify(output, recompute=100, seed=1)  # healthy before
+    edit_record(output, lambda r: [entry.pop("sha256") for entry in r["output_files"]])  # as older versions wrote it
+    flip_bit(output, UP, 37)
+    (report,) = verify(output)  # the structural and value checks cannot see it
+    assert any("records no sha256" in note for note in report.notes)
     with pytest.raises(DataError, match=f"{UP}' differs from its recomputation at element 37"):
         verify(output, recompute=100)
+
+
+def test_plain_verify_catches_one_wrong_bit_by_its_sha256(made):
+    _, _, output = made
+    path = flip_bit(output, UP, 37)
+    with pytest.raises(DataError, match=f"{path}: its sha256 differs from the one recorded in bema_offline.json"):
+        verify(output)
+
+
+def test_plain_verify_catches_a_header_edit_that_every_structural_check_accepts(made):
+    _, _, output = made
+    path = shard_of(output, NORM)
+    data = bytearray(path.read_bytes())
+    header_end = 8 + struct.unpack("<Q", data[:8])[0]
+    padding = data.rindex(b"}", 0, header_end) + 1
+    assert padding < header_end  # the header is padded with spaces to 8 bytes; a tab is JSON whitespace too
+    data[padding] = ord("\t")
+    path.write_bytes(bytes(data))
+    check_folder(output)  # the header still parses and describes the same tensors
+    with pytest.raises(DataError, match=f"{path.name}: its sha256 differs"):
+        verify(output)
+
+
+def test_an_output_of_an_older_version_without_file_records_gets_a_note(made):
+    _, _, output = made
+    edit_record(output, lambda r: r.pop("output_files"))
+    (report,) = verify(output)
+    assert report.notes == [f"{output / 'bema_offline.json'}: records no sha256 of the weight files (an output of an older "
+                            "bema-offline), so their bytes were not checked against it"]
 
 
 def test_recompute_notices_a_changed_source(made):
