@@ -8,9 +8,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Callable, Collection, Sequence
+import sys
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -37,7 +39,8 @@ from .output.writer import (
     parse_size,
     shard_layout,
 )
-from .sources.peft import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, load_adapter_checkpoint
+from .sources.hub import HubDownloads, is_hub_url, open_hub_run
+from .sources.peft import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, is_adapter_folder, load_adapter_checkpoint
 from .sources.run import resolve_base_model
 from .sources.runinfo import is_hub_id
 
@@ -94,11 +97,15 @@ def average(
     lora_output: str = "merged",
     lora_rank: int | None = None,
     lora_average: str = "exact",
+    revisions: str | None = None,
+    keep_downloads: bool = True,
+    hub_api: Any | None = None,
 ) -> AverageResult:
     """Average a Trainer run's checkpoints, streaming, and write Hugging Face model folders.
 
     Args:
-        checkpoint_dir (`str | Path`): the run's output_dir, holding `checkpoint-N/` folders.
+        checkpoint_dir (`str | Path`): the run's output_dir, holding `checkpoint-N/` folders; or a run on the Hub,
+            `hf://ORG/NAME[@REVISION]` (see `open_run`).
         output (`str | Path`): the output folder. With several outputs, each gets a subfolder
             (`CONFIG/`, `KIND/`, `step-N/`, as needed).
         schedule (`BEMASchedule`, `Method`, or a list of `(name, BEMASchedule | Method)`, defaults to TRL's
@@ -136,6 +143,12 @@ def average(
             provenance records each module's relative error); by default the adapter is lossless (rank r × K).
         lora_average (`str`, defaults to "exact"): "factors" averages A and B separately instead, what a naive
             script would do (the provenance records each module's relative difference from the exact average).
+        revisions (`str`, *optional*): for a Hub run published as revisions (Pythia, OLMo): names or patterns,
+            `"step1000,step2000"` or `"step*"`.
+        keep_downloads (`bool`, defaults to True): for a Hub run, keep the downloaded checkpoints in huggingface_hub's
+            cache. False deletes each one once read: the engine then goes step by step (`engine.stepwise`), with its
+            running state on disk beside the output (4 bytes per element per θ0, EMA and weighted sum).
+        hub_api (`HfApi`, *optional*): the client that lists a Hub run (tests pass a fake one).
 
     Returns:
         `AverageResult`: the plan and the output folders.
@@ -157,6 +170,86 @@ def average(
     check_device(device)
     shard_size = parse_size(max_shard_size, option="--max-shard-size")
     configs = [("", schedule)] if isinstance(schedule, (BEMASchedule, Method)) else list(schedule)
+    with open_run(checkpoint_dir, output, revisions=revisions, keep_downloads=keep_downloads, api=hub_api, progress=progress) as (run_dir, hub):
+        if hub is not None and (resume or distributed) and not hub.keep:
+            raise UsageError("--no-keep-downloads goes step by step in one process: leave out --resume and torchrun")
+        return _average(
+            run_dir, output, configs, hub=hub, base_model=base_model, save=save, steps=steps, min_step=min_step,
+            max_step=max_step, allow_missing=allow_missing, accum_dtype=accum_dtype, dtype=dtype, budget=budget,
+            shard_size=shard_size, overwrite=overwrite, dry_run=dry_run, progress=progress, resume=resume, threads=threads,
+            device=device, distributed=distributed, lora_output=lora_output, lora_rank=lora_rank, lora_average=lora_average,
+        )
+
+
+@contextlib.contextmanager
+def open_run(
+    run: str | Path | HubDownloads,
+    output: str | Path,
+    *,
+    revisions: str | None = None,
+    keep_downloads: bool = True,
+    api: Any | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[Path, HubDownloads | None]]:
+    """A run as a local folder of `checkpoint-N/` folders, and its downloads when it is on the Hub.
+
+    A local folder is itself. `hf://ORG/NAME[@REVISION]` is a run pushed with `hub_strategy="all_checkpoints"`, or
+    with `revisions`, one published as revisions; it becomes a folder of links into huggingface_hub's cache (beside
+    `output`, removed at the end), and only the files of the steps a plan reads are downloaded, one step ahead of the
+    reader (`sources.hub.HubDownloads`). An open `HubDownloads` is passed through (the command line opens it first,
+    to read the run's cadence).
+
+    Yields:
+        `(Path, HubDownloads | None)`: the run folder, and its downloads for a Hub run.
+    """
+    if isinstance(run, HubDownloads):
+        yield run.folder, run
+        return
+    if not is_hub_url(run):
+        if revisions is not None:
+            raise UsageError(f"--revisions applies to runs on the Hub (hf://ORG/NAME), not to the folder {run}")
+        yield Path(run), None
+        return
+    listed = open_hub_run(str(run), revisions=revisions, api=api)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    log = (lambda line: print(line, file=sys.stderr)) if progress else None
+    with HubDownloads(listed, Path(output).parent, keep=keep_downloads, api=api, log=log) as hub:
+        hub.prepare()
+        yield hub.folder, hub
+
+
+def _average(
+    checkpoint_dir: Path,
+    output: Path,
+    configs: list,
+    *,
+    hub: HubDownloads | None,
+    base_model: str | Path | None,
+    save: Sequence[str],
+    steps: str | Sequence[int],
+    min_step: int | None,
+    max_step: int | None,
+    allow_missing: bool,
+    accum_dtype: str,
+    dtype: str | None,
+    budget: int,
+    shard_size: int,
+    overwrite: bool,
+    dry_run: bool,
+    progress: bool,
+    resume: bool,
+    threads: int | None,
+    device: str,
+    distributed: bool,
+    lora_output: str,
+    lora_rank: int | None,
+    lora_average: str,
+) -> AverageResult:
+    """`average` on a local run folder (or a Hub run's, with its downloads)."""
+    if hub is not None and is_adapter_folder(hub.folder / f"checkpoint-{max(hub.run.checkpoints)}"):
+        # an adapter run: its (small) checkpoints are all fetched before planning
+        for step in sorted(hub.run.checkpoints):
+            hub.fetch(step)
     plan = make_plan(
         checkpoint_dir,
         configs,
@@ -171,7 +264,12 @@ def average(
         lora_output=lora_output,
         lora_rank=lora_rank,
         lora_average=lora_average,
+        load=(lambda folder, step: hub.source(step)) if hub is not None else None,
+        on_needed=(lambda needed: setattr(hub, "order", needed)) if hub is not None else None,
     )
+    if hub is not None:
+        plan.origin = hub.run.url
+        plan.notes[:0] = hub.run.notes
     if plan.lora is not None and check_device(device) != "cpu":
         raise UsageError(f"--device {device}: the products of a LoRA run are computed on the CPU; leave out --device")
     if plan.lora is not None and distributed:
@@ -204,7 +302,7 @@ def average(
             staging = prepare_staging(output, _fingerprint(plan, settings), resume=resume)
             fault_point("staging")
             reused, bytes_read = _write_outputs(
-                plan, staging.path, settings, progress=progress, journal=staging, threads=threads, device=device
+                plan, staging.path, settings, progress=progress, journal=staging, threads=threads, device=device, hub=hub
             )
             check_output(output, overwrite=overwrite, run_dir=plan.run_dir, source_folders=source_folders)
             staging.remove_resume_files()
@@ -302,7 +400,15 @@ def _tensor_specs(plan: Plan) -> list[TensorSpec]:
 
 
 def _write_outputs(
-    plan: Plan, staging: Path, settings: dict, *, progress: bool, journal: Staging, threads: int | None = None, device: str = "cpu"
+    plan: Plan,
+    staging: Path,
+    settings: dict,
+    *,
+    progress: bool,
+    journal: Staging,
+    threads: int | None = None,
+    device: str = "cpu",
+    hub: HubDownloads | None = None,
 ) -> tuple[int, int]:
     """Write every output folder under `staging`; returns the number of shards reused from an interrupted run, and
     the input bytes read."""
@@ -313,7 +419,7 @@ def _write_outputs(
     with ShardFlusher() as flusher:  # the last shards reach the disk while the card and the rest are written
         writers = _write_shards(
             plan, staging, settings, layout=layout, keep=keep, on_shard_done=journal.record_done, progress=progress,
-            threads=threads, device=device, flusher=flusher,
+            threads=threads, device=device, flusher=flusher, hub=hub,
         )
         _finish_folders(plan, settings, writers)
     return len(keep), _todo(plan, layout, keep).bytes_to_read
@@ -340,6 +446,7 @@ def _write_shards(
     threads: int | None,
     device: str,
     flusher: ShardFlusher | None = None,
+    hub: HubDownloads | None = None,
 ) -> list[ModelFolderWriter]:
     """Compute the shards of every output folder: all but `keep` (finished by an interrupted run), or only `mine`
     (a rank's share of a distributed run). Each finished shard is flushed to disk, by `flusher` when given (wait
@@ -356,20 +463,23 @@ def _write_shards(
             )
             for folder in folders
         ]
-        if plan.lora is not None:
-            from .engine.lora_engine import LoraEngine as engine  # (torch: only for a LoRA run)
-        else:
-            engine = Engine
+        options = {"accum_dtype": settings["accum_dtype"], "max_memory": settings["max_memory"], "threads": threads}
         with _progress_bars(todo, enabled=progress) as on_progress:
-            engine(
-                todo,
-                FolderSink(writers),
-                accum_dtype=settings["accum_dtype"],
-                max_memory=settings["max_memory"],
-                threads=threads,
-                device=device,
-                on_progress=on_progress,
-            ).run()
+            if plan.lora is not None:
+                from .engine.lora_engine import LoraEngine  # (torch: only for a LoRA run)
+
+                engine = LoraEngine(todo, FolderSink(writers), device=device, on_progress=on_progress, **options)
+            elif hub is not None and not hub.keep:  # --no-keep-downloads: one checkpoint on disk at a time
+                from .engine.stepwise import StepwiseEngine
+
+                engine = StepwiseEngine(
+                    todo, FolderSink(writers), state_dir=staging.parent, on_progress=on_progress,
+                    fetch=lambda step: hub.fetch(step) if step in hub.run.checkpoints else plan.sources[step],
+                    release=hub.release, **options,
+                )
+            else:
+                engine = Engine(todo, FolderSink(writers), device=device, on_progress=on_progress, **options)
+            engine.run()
         check_unchanged(plan.identities)  # a checkpoint rewritten during the run would mix two versions
         for writer in writers:
             writer.finish(index=index)

@@ -9,9 +9,10 @@ from typing import Any
 
 import click
 
-from ..api import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, average
+from ..api import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, average, open_run
 from ..engine.distributed import launched
 from ..output.report import plan_report, run_warnings
+from ..sources.hub import is_hub_url
 from ._help import CONTEXT, SectionedCommand, debug_option, option
 from ._methods import (
     SCHEDULE_SECTION,
@@ -34,6 +35,11 @@ LoRA runs (checkpoint-N/ of PEFT adapters; the base model is the one the adapter
   bema-average runs/dpo-lora --update-freq 50 -o runs/dpo-lora-bema
   bema-average runs/dpo-lora --update-freq 50 --lora-output adapter -o runs/dpo-lora-bema-adapter
   bema-average runs/dpo-lora --lora-output adapter --lora-rank 16 -o runs/dpo-lora-bema-r16
+Methods, and runs on the Hub:
+  bema-average runs/dpo --method uniform --last 4 -o runs/dpo-uniform
+  bema-average hf://my-org/dpo-run --base-model my-org/base --update-freq 100 -o out
+  bema-average hf://EleutherAI/pythia-160m --revisions 'step*' --max-step 10000 --method uniform --last 8 -o out
+  bema-average hf://my-org/dpo-run --base-model my-org/base --no-keep-downloads -o out
 """
 LORA_SECTION = "Adapters (LoRA/PEFT)"
 
@@ -56,8 +62,10 @@ def _kinds(ctx, param, value: str) -> list[str]:
 
 
 @click.command(cls=SectionedCommand, epilog=EPILOG, context_settings=CONTEXT)
-@click.argument("ckpt_dir", type=click.Path(path_type=Path))
+@click.argument("ckpt_dir", metavar="RUN")
 @option("--base-model", section="Input", help="Weights before training (θ0 when --update-after is 0): a local folder or a Hub repo id.")
+@option("--revisions", section="Input", help="For a run on the Hub published as revisions (Pythia, OLMo): names or patterns, e.g. step1000,step2000 or 'step*'; a revision's step is the number after 'step' in its name, or its only number.")
+@option("--keep-downloads/--no-keep-downloads", default=True, show_default=True, section="Input", help="For a run on the Hub: keep the downloaded checkpoints in huggingface_hub's cache, or delete each once read; disk is then about one checkpoint (plus the one downloading) + the output + the running state, 4 bytes per parameter per θ0, EMA and weighted sum.")
 @option("--min-step", type=int, section="Input", help="Ignore checkpoints before this step.")
 @option("--max-step", type=int, section="Input", help="Ignore checkpoints after this step.")
 @option("--allow-missing", is_flag=True, section="Input", help="Skip update steps that have no checkpoint (recorded in the provenance) instead of failing.")
@@ -65,7 +73,7 @@ def _kinds(ctx, param, value: str) -> list[str]:
 @schedule_options
 @option("--no-bias-correction", is_flag=True, section=SCHEDULE_SECTION, help="Write the plain EMA (α = 0), same as --save ema.")
 @sweep_options
-@option("--output", "-o", type=click.Path(path_type=Path), section="Output", help="Output folder. Default: CKPT_DIR/bema-offline.")
+@option("--output", "-o", type=click.Path(path_type=Path), section="Output", help="Output folder. Default: RUN/bema-offline (needed for a run on the Hub).")
 @option("--save", default="bema", show_default=True, callback=_kinds, section="Output", help="What to write: bema, ema, or ema,bema (one subfolder each).")
 @option("--every-update", is_flag=True, section="Output", help="Write one folder per update step: OUTPUT/step-N/.")
 @option("--steps", callback=_steps, section="Output", help="Write these update steps, e.g. 800,1600: OUTPUT/step-N/.")
@@ -95,7 +103,9 @@ def _kinds(ctx, param, value: str) -> list[str]:
 @option("--quiet", "-q", is_flag=True, section="Run", help="No progress bars or summary.")
 @debug_option
 def average_command(
-    ckpt_dir: Path,
+    ckpt_dir: str,
+    revisions: str | None,
+    keep_downloads: bool,
     base_model: str | None,
     min_step: int | None,
     max_step: int | None,
@@ -142,37 +152,41 @@ def average_command(
         if "bema" in save and save != ["bema"]:
             raise click.UsageError("--no-bias-correction writes the plain EMA; do not also ask for --save bema")
         save = ["ema"]
-    cadence = cadence_from_run(ckpt_dir, options, min_step=min_step, max_step=max_step)
-    configs = method_configs_from_options(**options)
-    push = AveragePush.from_options(options, dry_run=dry_run)  # a missing token fails here, before any averaging
-    output = output if output is not None else ckpt_dir / "bema-offline"
+    if is_hub_url(ckpt_dir) and output is None:
+        raise click.UsageError(f"{ckpt_dir} is on the Hub: give --output")
+    output = output if output is not None else Path(ckpt_dir) / "bema-offline"
     main_rank = not launched() or os.environ.get("RANK", "0") == "0"
     started = time.perf_counter()
-    result = average(
-        ckpt_dir,
-        output,
-        schedule=configs if configs[0][0] else configs[0][1],
-        base_model=base_model,
-        save=save,
-        steps="every" if every_update else (steps or "last"),
-        min_step=min_step,
-        max_step=max_step,
-        allow_missing=allow_missing,
-        accum_dtype=accum_dtype,
-        dtype=dtype,
-        max_memory=max_memory,
-        threads=threads,
-        device=device,
-        distributed=launched(),
-        max_shard_size=max_shard_size,
-        overwrite=overwrite,
-        dry_run=dry_run,
-        progress=not quiet and main_rank,
-        resume=resume,
-        lora_output=lora_output,
-        lora_rank=lora_rank,
-        lora_average=lora_average,
-    )
+    with open_run(ckpt_dir, output, revisions=revisions, keep_downloads=keep_downloads, progress=not quiet) as (run_dir, hub):
+        cadence = cadence_from_run(run_dir, options, min_step=min_step, max_step=max_step)
+        configs = method_configs_from_options(**options)
+        push = AveragePush.from_options(options, dry_run=dry_run)  # a missing token fails here, before any averaging
+        result = average(
+            hub or run_dir,
+            output,
+            schedule=configs if configs[0][0] else configs[0][1],
+            base_model=base_model,
+            save=save,
+            steps="every" if every_update else (steps or "last"),
+            min_step=min_step,
+            max_step=max_step,
+            allow_missing=allow_missing,
+            accum_dtype=accum_dtype,
+            dtype=dtype,
+            max_memory=max_memory,
+            threads=threads,
+            device=device,
+            distributed=launched(),
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            progress=not quiet and main_rank,
+            resume=resume,
+            lora_output=lora_output,
+            lora_rank=lora_rank,
+            lora_average=lora_average,
+            keep_downloads=keep_downloads,
+        )
     if not main_rank:  # rank 0 of a torchrun launch reports for all
         return
     if select_by is not None and len(result.outputs) < 2:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from pathlib import Path
 
 import click
 
+from ..api import open_run
 from ..errors import BemaError
 from ..methods.base import Method
 from ..output.chart import plot_weights, source_name, weights_bar_chart
@@ -25,8 +27,9 @@ Examples:
 
 
 @click.command(cls=SectionedCommand, epilog=EPILOG, context_settings=CONTEXT)
-@click.argument("ckpt_dir", type=click.Path(path_type=Path))
+@click.argument("ckpt_dir", metavar="RUN")
 @option("--base-model", section="Input", help="Say that the weights before training (step 0) exist, as averaging would be given them. Nothing is read.")
+@option("--revisions", section="Input", help="For a run on the Hub published as revisions: names or patterns (step1000,step2000 or 'step*').")
 @option("--min-step", type=int, section="Input", help="Ignore checkpoints before this step.")
 @option("--max-step", type=int, section="Input", help="Ignore checkpoints after this step (the weights of an output at that step).")
 @option("--allow-missing", is_flag=True, section="Input", help="Skip update steps that have no checkpoint instead of failing.")
@@ -36,7 +39,8 @@ Examples:
 @option("--plot", type=click.Path(path_type=Path), section="Output", help="Also draw every output's weight profile on one figure (PNG; needs matplotlib, the plot extra).")
 @debug_option
 def weights_command(
-    ckpt_dir: Path,
+    ckpt_dir: str,
+    revisions: str | None,
     base_model: str | None,
     min_step: int | None,
     max_step: int | None,
@@ -52,9 +56,11 @@ def weights_command(
     Every output is an affine combination of the base model and the checkpoints: its weights sum to 1. Some may be
     negative (BEMA's on the base model, DEMA's, ExPO's on θ_ref).
     """
-    cadence = cadence_from_run(ckpt_dir, options, min_step=min_step, max_step=max_step)
-    configs = method_configs_from_options(**options)
-    steps = sorted(find_checkpoints(ckpt_dir, min_step=min_step, max_step=max_step))
+    with tempfile.TemporaryDirectory(prefix="bema-weights-") as scratch:  # a Hub run's folder of links goes there
+        with open_run(ckpt_dir, Path(scratch) / "out", revisions=revisions) as (run_dir, _):  # lists a Hub run, reads no weights
+            cadence = cadence_from_run(run_dir, options, min_step=min_step, max_step=max_step)
+            configs = method_configs_from_options(**options)
+            steps = sorted(find_checkpoints(run_dir, min_step=min_step, max_step=max_step))
     outputs: dict[str, tuple[Method, dict[int, float]]] = {}
     for name, method in configs:
         try:
@@ -78,7 +84,7 @@ def weights_command(
     click.echo("\n".join(lines))
     if plot is not None:
         profiles = {name or method.label(): weights for name, (method, weights) in outputs.items()}
-        plot_weights(profiles, plot, title=f"effective weights of {ckpt_dir.name or ckpt_dir}'s outputs")
+        plot_weights(profiles, plot, title=f"effective weights of {Path(ckpt_dir).name or ckpt_dir}'s outputs")
         click.echo(f"\nwrote {plot}")
 
 

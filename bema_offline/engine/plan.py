@@ -147,6 +147,7 @@ class Plan:
     trainer_state: dict | None = None
     notes: list[str] = field(default_factory=list)
     sidecars: dict[int, dict[str, Path]] = field(default_factory=dict)  # output step -> sidecar file -> where from
+    origin: str | None = None  # where the run really is, when `run_dir` stands for it (a Hub run: hf://ORG/NAME)
     lora: LoraPlan | None = None  # a LoRA run: its adapters and how to write their average
 
     @property
@@ -195,6 +196,8 @@ def make_plan(
     lora_output: str = "merged",
     lora_rank: int | None = None,
     lora_average: str = "exact",
+    load: Callable[[Path, int], WeightSource] | None = None,
+    on_needed: Callable[[list[int]], None] | None = None,
 ) -> Plan:
     """Decide what a run reads and writes, and validate every input header.
 
@@ -214,6 +217,10 @@ def make_plan(
             (the base model's for a LoRA run).
         lora_output, lora_rank, lora_average: for a LoRA run, "merged" or "adapter", the adapter output's rank,
             and "exact" or "factors" (see `LoraPlan`).
+        load: reads a checkpoint's headers (folder, step); default `load_source` (a Hub run reads them as it
+            downloads, or over range requests).
+        on_needed: told the checkpoints that will be read, in order, before the first is (a Hub run downloads them
+            one ahead).
     """
     save = list(dict.fromkeys(save))
     if not save or any(kind not in KINDS for kind in save):
@@ -247,6 +254,8 @@ def make_plan(
     needed = sorted({run.schedule.theta0_step for run in runs} | {step for out in outputs for step in out.weights})
     if adapters:  # W0 is in every checkpoint's weights
         needed = sorted({BASE_STEP, *needed})
+    if on_needed is not None:
+        on_needed([step for step in needed if step != BASE_STEP])
     sources: dict[int, WeightSource] = {}
     for step in needed:
         if step == BASE_STEP:
@@ -254,7 +263,7 @@ def make_plan(
                 base_model_dir = _resolve_base(base_model, resolve_base, named_by=base_named_by)
             sources[step] = load_source(Path(base_model_dir), BASE_STEP)
         elif not adapters:
-            sources[step] = _load_checkpoint(found, step)
+            sources[step] = _load_checkpoint(found, step, load or load_source)
     if adapters:
         return _lora_plan(
             run_dir, found, sources[BASE_STEP], runs, outputs, base_model=base_model, base_model_dir=base_model_dir,
@@ -450,10 +459,10 @@ def _ties_embeddings(folder: Path) -> bool:
     return isinstance(config, dict) and config.get("tie_word_embeddings") is True
 
 
-def _load_checkpoint(found: dict[int, Path], step: int) -> WeightSource:
-    """`load_source`, with a hint when the newest checkpoint is the broken one (a run killed while saving it)."""
+def _load_checkpoint(found: dict[int, Path], step: int, load: Callable[[Path, int], WeightSource]) -> WeightSource:
+    """`load` (`load_source`), with a hint when the newest checkpoint is the broken one (a run killed while saving)."""
     try:
-        return load_source(found[step], step)
+        return load(found[step], step)
     except DataError as e:
         older = [s for s in found if s < step]
         if step != max(found) or not older:

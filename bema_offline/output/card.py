@@ -59,7 +59,7 @@ def provenance(plan: Plan, output: OutputSpec, *, settings: dict, training: Trai
         "config": output.config or None,
         "schedule": run.schedule.to_dict() if run is not None else None,
         "settings": settings,
-        "run_dir": str(plan.run_dir.resolve()),
+        "run_dir": plan.origin or str(plan.run_dir.resolve()),
         "base_model": _local_or_hub(plan.base_model),
         "base_model_id": base_model_id,
         "training": training.to_dict(),

@@ -249,36 +249,56 @@ def test_headers_over_range_requests_are_exactly_what_the_reader_reads_once_the_
             check_arrival(changed, arrived)
 
 
-def test_no_keep_downloads_end_to_end_plans_from_range_reads_and_keeps_one_checkpoint_on_disk(tmp_path, local_run, pushed, monkeypatch):
-    """Phase 2's wiring, emulated: the planner takes each needed step's headers from `HubDownloads.source` (range
-    requests, nothing large downloaded), the step-major engine fetches and releases each step; the output is the
-    local run's, byte for byte, and the downloads are gone afterwards."""
-    from bema_offline.engine import plan as planner
-    from bema_offline.engine.stepwise import StepwiseEngine
-    from bema_offline.files import OpenFiles
-    from bema_offline.output.writer import FolderSink, ModelFolderWriter, TensorSpec
+@pytest.fixture
+def hub_client(tmp_path, pushed, monkeypatch):
+    """huggingface_hub as bema-average uses it, against the fake repo: listing by the fake HfApi, downloads by a
+    stand-in for hf_hub_download into a cache of the test's own."""
+    import huggingface_hub
 
-    run_dir, base_dir = local_run
+    from bema_offline.sources import hub
+
     cache = tmp_path / "cache"
     download = FakeDownload(pushed)
-    run = open_hub_run(f"hf://{REPO}", api=FakeHubApi(pushed))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(hub, "make_hub_api", lambda: FakeHubApi(pushed))
+    return cache, download
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["keep-downloads", "no-keep-downloads"])
+def test_average_of_a_hub_run_equals_the_local_run(tmp_path, local_run, hub_client, keep):
+    """`average("hf://ORG/NAME", ...)`: the bytes of the local run's output. With keep_downloads=False the plan reads
+    headers over range requests (no weights downloaded while planning), the step-major engine fetches and releases
+    each step, and no downloaded weights stay in the cache."""
+    run_dir, base_dir = local_run
+    cache, download = hub_client
     schedule = BEMASchedule(update_freq=2)
-    with HubDownloads(run, tmp_path, keep=False, cache_dir=cache, download=download) as hub:
-        monkeypatch.setattr(planner, "_load_checkpoint", lambda found, step: hub.source(step))
-        plan = planner.make_plan(hub.prepare(), [("", schedule)], base_model_dir=base_dir)
-        monkeypatch.undo()
-        assert not any(call.endswith("model.safetensors") for call in download.calls)  # headers only
-        hub.order = plan.read_steps[1:]  # the base model is local
-        out = tmp_path / "out"
-        out.mkdir()
-        specs = [TensorSpec(info.name, plan.output_dtypes[info.name], info.shape) for info in plan.tensors]
-        with OpenFiles(writable=True, max_open=None) as files:
-            writer = ModelFolderWriter(out, specs, max_shard_size=2**40, files=files)
-            StepwiseEngine(plan, FolderSink([writer]), state_dir=tmp_path, max_memory=2**20, fetch=lambda step: hub.fetch(step) if step else plan.sources[step], release=hub.release).run()
-            writer.finish()
-        size = os.path.getsize(run_dir / "checkpoint-8" / "model.safetensors")
-        assert 0 < hub.peak_bytes <= 2 * size
-    blobs = cache / f"models--{REPO.replace('/', '--')}" / "blobs"
-    assert sorted(p.stat().st_size for p in blobs.iterdir()) == sorted(p.stat().st_size for p in blobs.iterdir() if p.stat().st_size < 2000)
+    result = average(f"hf://{REPO}", tmp_path / "out", schedule=schedule, base_model=base_dir, keep_downloads=keep)
     average(run_dir, tmp_path / "local", schedule=schedule, base_model=base_dir)
-    assert (out / "model.safetensors").read_bytes() == (tmp_path / "local" / "model.safetensors").read_bytes()
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "local" / "model.safetensors").read_bytes()
+    record = __import__("json").loads((tmp_path / "out" / "bema_offline.json").read_text())
+    assert record["run_dir"] == f"hf://{REPO}" and result.plan.found_steps == STEPS
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".bema-hub-")]  # its run folder is gone
+    assert not any(call.endswith("optimizer.pt") or call.endswith("training_args.bin") for call in download.calls)
+    blobs = cache / f"models--{REPO.replace('/', '--')}" / "blobs"
+    weights = [p for p in blobs.iterdir() if p.stat().st_size > 2000]
+    assert bool(weights) is keep
+
+
+def test_a_hub_run_from_the_command_line(tmp_path, local_run, hub_client, capsys):
+    from cli.run_entry import run_cli
+
+    from bema_offline.cli import average_command
+
+    run_dir, base_dir = local_run
+    args = [f"hf://{REPO}", "--base-model", base_dir, "--no-keep-downloads", "-o", tmp_path / "out", "-q"]
+    code, _, err = run_cli(average_command, args, capsys)
+    assert code == 0, err
+    assert (tmp_path / "out" / "model.safetensors").is_file()  # --update-freq came from the run's trainer_state.json
+    code, _, err = run_cli(average_command, [f"hf://{REPO}", "--base-model", base_dir], capsys)
+    assert code == 2 and "is on the Hub: give --output" in err
+    code, _, err = run_cli(average_command, [run_dir, "--base-model", base_dir, "--revisions", "step*", "-o", tmp_path / "o"], capsys)
+    assert code == 2 and "--revisions applies to runs on the Hub" in err
+    args = [f"hf://{REPO}", "--base-model", base_dir, "--no-keep-downloads", "--resume", "-o", tmp_path / "o2"]
+    code, _, err = run_cli(average_command, args, capsys)
+    assert code == 2 and "leave out --resume" in err
