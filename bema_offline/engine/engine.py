@@ -135,17 +135,15 @@ def default_threads() -> int:
     return max(1, min(cores, 8))
 
 
-def _kind(plan: Plan, name: str, accum_dtype: str, counts: _Counts, *, replay_budget: int | None, frozen: bool) -> _Kind:
-    """A tensor's kind. A frozen tensor (see `frozen.py`) and a non-float one are copied. With a `replay_budget` (the
-    C kernel runs; a group's budget in bytes), a float32 or bf16 tensor averaged in float32 and written as float32
-    or bf16 is replayed, if a group of one kernel block of it fits the budget with every step's bytes (else, with
-    thousands of checkpoints or a tiny budget, it goes step by step)."""
-    info = plan.sources[plan.read_steps[-1]].tensors[name]
-    out = plan.output_dtypes[name]
-    if frozen or not info.is_float:
+def _kind(steps: tuple[str, ...], out: str, accum_dtype: str, counts: _Counts, *, replay_budget: int | None, frozen: bool) -> _Kind:
+    """The kind of a tensor whose dtype at each read step is `steps`, written as `out`. A frozen tensor (see
+    `frozen.py`) and a non-float one are copied. With a `replay_budget` (the C kernel runs; a group's budget in
+    bytes), a float32 or bf16 tensor averaged in float32 and written as float32 or bf16 is replayed, if a group of
+    one kernel block of it fits the budget with every step's bytes (else, with thousands of checkpoints or a tiny
+    budget, it goes step by step)."""
+    if frozen or not DTYPES[steps[-1]].is_float:
         return _Kind(None, out, frozen=frozen)
-    accum = accumulation_dtype(info.dtype, accum_dtype)
-    steps = tuple(plan.sources[step].tensors[name].dtype for step in plan.read_steps)
+    accum = accumulation_dtype(steps[-1], accum_dtype)
     replayed = _Kind(accum, out, steps)
     if replay_budget is not None and accum == "F32" and out in KERNEL_DTYPES and set(steps) <= set(KERNEL_DTYPES):
         per_element, slack = _element_cost(replayed, counts, read_size=0)
@@ -216,14 +214,20 @@ def _pack(
     accum_dtype = FLOAT_DTYPES[accum_dtype]
     budget = max_memory if cache_bytes is None else min(max_memory, cache_bytes)
     counts = _Counts.of(plan)
+    sources = [plan.sources[step] for step in plan.read_steps]
     groups: list[tuple[_Kind, list[Slice]]] = []
     open_groups: dict[_Kind, tuple[list[Slice], int, int]] = {}  # kind -> (slices, read bytes, elements)
+    costs: dict[tuple, tuple[_Kind, _Kind, int, int, int]] = {}  # a tensor's dtypes -> its kind and costs (computed once)
     for info in plan.tensors:
-        kind = _kind(plan, info.name, accum_dtype, counts, replay_budget=budget if replay else None, frozen=info.name in frozen)
-        # copied tensors are packed as if averaged, so that every group's buffers fit the same arena
-        packing = kind if kind.accum is not None else _Kind(accum_dtype, kind.out)
-        read_size = max(source.tensors[info.name].itemsize for source in plan.sources.values())
-        per_element, slack = _element_cost(packing, counts, read_size=read_size)  # (one slice always fits the slack)
+        steps = tuple(source.tensors[info.name].dtype for source in sources)
+        key = (steps, plan.output_dtypes[info.name], info.name in frozen)
+        if key not in costs:
+            kind = _kind(steps, key[1], accum_dtype, counts, replay_budget=budget if replay else None, frozen=key[2])
+            # copied tensors are packed as if averaged, so that every group's buffers fit the same arena
+            packing = kind if kind.accum is not None else _Kind(accum_dtype, kind.out)
+            read_size = max(DTYPES[dtype].itemsize for dtype in steps)
+            costs[key] = (kind, packing, read_size, *_element_cost(packing, counts, read_size=read_size))  # (one slice always fits the slack)
+        kind, packing, read_size, per_element, slack = costs[key]
         per_slice = (budget - slack) // per_element
         if per_slice < 1:
             raise UsageError(

@@ -11,7 +11,8 @@ averages it; the embedding rows of tokens that never occur in the data, which ne
 rest of their tensor.
 
 Comparisons stop at the first difference and start small (a trainable tensor usually differs in its first bytes),
-so the check reads a few KiB per trained tensor; only frozen tensors are read through, once per source.
+so the check reads a few KiB per trained tensor; only frozen tensors are read through, once per source. Small tensors
+(an MoE's thousands of experts) are compared whole, many per read.
 """
 
 from __future__ import annotations
@@ -37,11 +38,57 @@ def frozen_tensors(sources: Iterable[WeightSource], names: Iterable[str], files:
     if len(sources) < 2:
         return set()
     frozen = set()
+    small: list[list[TensorInfo]] = []  # small tensors are compared whole, many per read (an MoE has thousands)
+    small_bytes = 0
     for name in names:
         infos = [source.tensors[name] for source in sources]
-        if infos[0].is_float and len({info.dtype for info in infos}) == 1 and _same_bytes(infos, files):
+        if not infos[0].is_float or len({info.dtype for info in infos}) > 1:
+            continue
+        nbytes = infos[0].nbytes
+        if nbytes <= SMALL_TENSOR and all(len(info.extents) == 1 for info in infos):
+            small.append(infos)
+            small_bytes += nbytes
+            if small_bytes >= BATCH_BYTES:
+                frozen |= _same_small(small, files)
+                small, small_bytes = [], 0
+        elif _same_bytes(infos, files):
             frozen.add(name)
-    return frozen
+    return frozen | _same_small(small, files)
+
+
+SMALL_TENSOR = FIRST_CHUNK  # bytes: a tensor no larger than the first comparison is read whole, beside its neighbours
+BATCH_BYTES = 4 * 2**20
+
+
+def _same_small(batch: list[list[TensorInfo]], files: OpenFiles) -> set[str]:
+    """The tensors of `batch` (each a list of one small tensor's infos, one per source) that are the same in every
+    source; each source's part is read in spans of neighbouring tensors, not tensor by tensor."""
+    if not batch:
+        return set()
+    contents = [_read_many([infos[k] for infos in batch], files) for k in range(len(batch[0]))]
+    return {infos[0].name for i, infos in enumerate(batch) if all(content[i] == contents[0][i] for content in contents[1:])}
+
+
+def _read_many(infos: list[TensorInfo], files: OpenFiles) -> list[memoryview]:
+    """The bytes of several one-piece tensors, reading each file's span of them at once when they lie close."""
+    places = [(info.path, info.start, info.nbytes) for info in infos]
+    by_file: dict[object, list[int]] = {}
+    for i, (path, _, _) in enumerate(places):
+        by_file.setdefault(path, []).append(i)
+    found: list[memoryview] = [memoryview(b"")] * len(infos)
+    for path, indexes in by_file.items():
+        first = min(places[i][1] for i in indexes)
+        end = max(places[i][1] + places[i][2] for i in indexes)
+        if end - first > 2 * sum(places[i][2] for i in indexes):  # scattered: tensor by tensor
+            for i in indexes:
+                found[i] = memoryview(_read(infos[i], 0, infos[i].numel, files))
+            continue
+        span = memoryview(bytearray(end - first))
+        files.read_into(path, first, span)
+        for i in indexes:
+            offset = places[i][1] - first
+            found[i] = span[offset : offset + places[i][2]]
+    return found
 
 
 def _same_bytes(infos: list[TensorInfo], files: OpenFiles) -> bool:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from .._version import __version__
 from ..errors import DataError, UsageError
 from .run import SIDECAR_FILES, load_source
-from .safetensors_io import INDEX_FILE, SINGLE_FILE, _tensor_info
+from .safetensors_io import INDEX_FILE, SINGLE_FILE, tensor_info
 from .tensors import WeightSource
 
 if TYPE_CHECKING:
@@ -670,7 +670,7 @@ def remote_source(run: HubRun, step: int, folder: Path, api: Any) -> WeightSourc
         path = folder / shard
         for name, info in metadata.tensors.items():
             entry = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": list(info.data_offsets)}
-            tensors[name] = _tensor_info(path, name, entry, data_start)
+            tensors[name] = tensor_info(path, name, entry, data_start)
     if len(shards) == 1:
         ordered = sorted(tensors.values(), key=lambda t: (t.start, t.nbytes))
     else:

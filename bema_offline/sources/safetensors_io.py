@@ -16,7 +16,7 @@ from pathlib import Path
 from ..dtypes import DTYPES
 from ..errors import DataError
 from ..files import FileIdentity, parse_json, read_json_file
-from .tensors import TensorInfo, WeightSource
+from .tensors import Extent, TensorInfo, WeightSource
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -55,6 +55,29 @@ def read_header(path: Path, identities: dict[Path, FileIdentity] | None = None) 
             raw = f.read(header_len)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
+    entries, metadata = _parsed(raw, path)
+    data_start = 8 + header_len
+    if entries and data_start + entries[-1][3] + entries[-1][4] > size:
+        name, _, _, start, nbytes = entries[-1]
+        raise DataError(
+            f"{path}: tensor {name!r} ends at byte {data_start + start + nbytes} but the file has {size} bytes; the file is truncated"
+        )
+    tensors = {
+        name: TensorInfo(name, dtype, shape, (Extent(path, data_start + start, 0, math.prod(shape)),))
+        for name, dtype, shape, start, _ in entries
+    }
+    return tensors, dict(metadata)
+
+
+_PARSED: dict[bytes, tuple[list, dict]] = {}  # the headers parsed last (a run's checkpoints share one header)
+_PARSED_KEPT = 4
+
+
+def _parsed(raw: bytes, path: Path) -> tuple[list[tuple[str, str, tuple[int, ...], int, int]], dict[str, str]]:
+    """A header's tensors, validated, as (name, dtype, shape, start, nbytes) in file order (offsets relative to the end
+    of the header), and its metadata. The checkpoints of a run share one header: it is parsed and validated once."""
+    if raw in _PARSED:
+        return _PARSED[raw]
     header = parse_json(raw, what=f"{path}: malformed safetensors header", hint="the file is corrupt")
     if not isinstance(header, dict):
         raise DataError(f"{path}: malformed safetensors header (not a JSON object); the file is corrupt")
@@ -62,20 +85,18 @@ def read_header(path: Path, identities: dict[Path, FileIdentity] | None = None) 
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
         raise DataError(f"{path}: malformed safetensors __metadata__ (not a JSON object); the file is corrupt")
-    data_start = 8 + header_len
-    tensors = [_tensor_info(path, name, entry, data_start) for name, entry in header.items()]
-    tensors.sort(key=lambda t: (t.start, t.nbytes))
+    entries = [_entry(path, name, entry) for name, entry in header.items()]
+    entries.sort(key=lambda e: (e[3], e[4]))
     previous = None
-    for t in tensors:
-        if previous is not None and t.start < previous.start + previous.nbytes:
-            raise DataError(f"{path}: tensors {previous.name!r} and {t.name!r} overlap; the file is corrupt")
-        previous = t
-    if previous is not None and previous.start + previous.nbytes > size:
-        raise DataError(
-            f"{path}: tensor {previous.name!r} ends at byte {previous.start + previous.nbytes} "
-            f"but the file has {size} bytes; the file is truncated"
-        )
-    return {t.name: t for t in tensors}, {str(k): str(v) for k, v in metadata.items()}
+    for entry in entries:
+        if previous is not None and entry[3] < previous[3] + previous[4]:
+            raise DataError(f"{path}: tensors {previous[0]!r} and {entry[0]!r} overlap; the file is corrupt")
+        previous = entry
+    parsed = entries, {str(k): str(v) for k, v in metadata.items()}
+    if len(_PARSED) >= _PARSED_KEPT:
+        _PARSED.pop(next(iter(_PARSED)))
+    _PARSED[raw] = parsed
+    return parsed
 
 
 def check_tensor_name(name: str, where: str) -> None:
@@ -95,7 +116,13 @@ def check_shape(shape: object, itemsize: int, where: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+def tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    """One header entry, validated, as a `TensorInfo` (for headers read another way, e.g. over HTTP)."""
+    name, dtype, shape, start, _ = _entry(path, name, entry)
+    return TensorInfo.contiguous(name, path, dtype, shape, data_start + start)
+
+
+def _entry(path: Path, name: str, entry: object) -> tuple[str, str, tuple[int, ...], int, int]:
     where = f"{path}: tensor {name!r}"
     check_tensor_name(name, str(path))
     if not isinstance(entry, dict):
@@ -117,7 +144,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
         raise DataError(
             f"{where}: shape {list(shape)} of {dtype} needs {expected} bytes but data_offsets span {nbytes}; the file is corrupt"
         )
-    return TensorInfo.contiguous(name, path, dtype, shape, data_start + offsets[0])
+    return name, dtype, shape, offsets[0], nbytes
 
 
 def load_safetensors(folder: Path, step: int) -> WeightSource:

@@ -44,10 +44,6 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     extents: tuple[Extent, ...]
-    _firsts: tuple[int, ...] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_firsts", tuple(extent.first for extent in self.extents))
 
     @classmethod
     def contiguous(cls, name: str, path: Path, dtype: str, shape: tuple[int, ...], start: int) -> TensorInfo:
@@ -91,8 +87,11 @@ class TensorInfo:
     def ranges(self, first: int, stop: int) -> list[tuple[Path, int, int]]:
         """The file ranges `(path, byte offset, nbytes)` holding elements [first, stop), in element order."""
         itemsize = self.itemsize
+        if len(self.extents) == 1:  # nearly every tensor: one piece
+            extent = self.extents[0]
+            return [(extent.path, extent.offset + (first - extent.first) * itemsize, (stop - first) * itemsize)] if first < stop else []
         ranges = []
-        index = max(0, bisect.bisect_right(self._firsts, first) - 1)
+        index = max(0, bisect.bisect_right([extent.first for extent in self.extents], first) - 1)
         while first < stop:
             extent = self.extents[index]
             end = min(stop, extent.stop)
