@@ -122,3 +122,15 @@ def test_side_files_that_are_fifos_or_devices_never_hang_a_run(tmp_path):
     assert checkpoints.read_trainer_state(newest) is None
     average(run_dir, tmp_path / "out", schedule=BEMASchedule(update_freq=1), base_model=base_dir)
     assert (tmp_path / "out" / "config.json").read_text() == (run_dir / "checkpoint-1" / "config.json").read_text()
+
+
+def test_a_folder_with_both_model_safetensors_and_shards_is_read_as_transformers_loads_it(tmp_path):
+    """transformers' from_pretrained loads model.safetensors when a folder also holds shards and an index: the
+    average must read the same weights, and say that the shards were ignored."""
+    single = {"w": torch.ones(4)}
+    save_weights(tmp_path / "both", {"w": torch.full((4,), 2.0)}, shards=2)
+    save_weights(tmp_path / "both", single)  # beside the shards and their index
+    assert (tmp_path / "both" / "model.safetensors.index.json").is_file()
+    source = load_source(tmp_path / "both", 1)
+    assert source.tensors["w"].path.name == "model.safetensors"
+    assert any("the shards were ignored" in note for note in source.notes)
