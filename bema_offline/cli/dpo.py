@@ -30,7 +30,6 @@ With LoRA: each round trains an adapter; bema-average merges its checkpoints int
 """
 TRAINING = "Training (TRL's DPOConfig)"
 LORA = "LoRA (peft's LoraConfig; the policy trains an adapter)"
-LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_set")
 
 _LORA_DECORATORS = [
     option(
