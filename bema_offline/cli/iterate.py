@@ -106,9 +106,9 @@ def iterate_command(config_file: Path | None, quiet: bool, debug: bool, **option
     folders every --save-steps; bema-average then averages them (BEMA by default, or the --reference method, with
     θ0 where the round started), and that average is the next round's reference. With --lora-r each round trains a
     LoRA adapter, and its average is merged onto the round's policy: a full model again. rounds.json records each
-    round as it finishes. Running the same command again resumes a killed run: a round killed while training goes on from
-    its last checkpoint, finished rounds and averages are reused once their fingerprints are checked, and a changed
-    plan is refused.
+    round as it finishes. Running the same command again resumes a killed run: a round killed while training goes
+    on from its last checkpoint, finished rounds and averages are reused once their fingerprints are checked, and a
+    changed plan is refused.
     """
     from ..train.dpo import parse_config_overrides, require_dpo_extra
     from ..train.iterate import IteratePlan, run_rounds

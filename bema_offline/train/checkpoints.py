@@ -2,8 +2,9 @@
 the optimizer state in the newest one only.
 
 The Trainer writes a checkpoint's files in order and `trainer_state.json` last, so a checkpoint is complete when
-that file reads back whole (with the model's weights, or a LoRA round's adapter, beside it). Resuming needs the optimizer, scheduler and RNG state of one checkpoint, the newest; the
-others keep only what the averages read (the model files), which saves one optimizer state per checkpoint on disk.
+that file reads back whole (with the model's weights, or a LoRA round's adapter, beside it). Resuming needs the
+optimizer, scheduler and RNG state of one checkpoint, the newest; the others keep only what the averages read (the
+model files or the adapter), which saves one optimizer state per checkpoint on disk.
 """
 
 from __future__ import annotations

@@ -158,8 +158,12 @@ def run_rounds(plan: IteratePlan, *, log: Callable[[str], None] = print, progres
     >>> record = run_rounds(plan)
     >>> record["rounds"][-1]["average"]["path"]
     'runs/iter/round-3-bema'
-    >>> lora = lora_config(r=16, target_modules="all-linear")  # LoRA rounds, each average merged: a full model
-    >>> record = run_rounds(dataclasses.replace(plan, workdir=Path("runs/iter-lora"), lora=lora))
+    >>> from bema_offline.train.dpo import lora_config  # LoRA rounds: each round's average merged, a full model
+    >>> lora_plan = IteratePlan(
+    ...     Path("base"), (Path("prefs.jsonl"),), rounds=3, workdir=Path("runs/iter-lora"), save_steps=100,
+    ...     lora=lora_config(r=16, target_modules="all-linear"),
+    ... )
+    >>> record = run_rounds(lora_plan)
     ```
     """
     plan.check()

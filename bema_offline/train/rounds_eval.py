@@ -1,7 +1,8 @@
 """Per-round evaluation of an iterative run (`bema-offline iterate --eval-data`), with `bema_offline.eval`.
 
 After each round, three models are evaluated on held-out data: the round's reference, its last checkpoint (of a LoRA
-round: merged onto the round's policy) and its average. The data's columns choose the metrics (see `bema_offline.eval.data`):
+round: merged onto the round's policy) and its average. The data's columns choose the metrics (see
+`bema_offline.eval.data`):
 
 - preference data (`prompt`, `chosen`, `rejected`): DPO's implicit-reward metrics as TRL's `DPOTrainer` computes
   them (reward accuracy and margin, DPO loss, chosen loss, mean chosen and rejected rewards), with the run's β and

@@ -38,6 +38,7 @@ PRESENTATION_FIELDS = {"disable_tqdm", "report_to", "run_name", "log_level", "lo
 LORA_SHOWN = ("r", "lora_alpha", "lora_dropout", "target_modules")
 LORA_NOT_IN_PLAN = {"base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"}
 
+
 @dataclass(frozen=True)
 class IteratePlan:
     """Everything that decides what an iterative run computes, plus how it reports (eval data, Hub).

@@ -69,6 +69,7 @@ def _number(value: float | str | None) -> float:
 def lora_text(lora: dict) -> str:
     """A LoRA plan as one phrase: `r=16, lora_alpha=32, lora_dropout=0.05, target_modules=q_proj,v_proj` and any
     other setting that differs from peft's defaults."""
+
     def shown(value: object) -> str:
         if value is None:
             return "peft's default"
