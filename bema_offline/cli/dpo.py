@@ -7,7 +7,9 @@ import io
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -29,6 +31,56 @@ With LoRA: each round trains an adapter; bema-average merges its checkpoints int
 TRAINING = "Training (TRL's DPOConfig)"
 LORA = "LoRA (peft's LoraConfig; the policy trains an adapter)"
 
+_LORA_DECORATORS = [
+    option(
+        "--lora-r", type=click.IntRange(min=1), metavar="R", section=LORA,
+        help="Train a LoRA adapter of rank R on the policy instead of all its weights; the checkpoints then hold "
+        "adapters, which bema-average merges onto the policy's folder into a full model.",
+    ),
+    option("--lora-alpha", type=float, section=LORA, help="lora_alpha (the scaling is lora_alpha / r). peft's default: 8."),
+    option("--lora-dropout", type=float, section=LORA, help="Dropout on the adapter's input. peft's default: 0."),
+    option("--lora-target-modules", metavar="NAMES", section=LORA, help="all-linear, or module names separated by commas (q_proj,v_proj). Default: peft's choice for the architecture."),
+    option(
+        "--lora-set", "lora_set", multiple=True, metavar="KEY=VALUE", section=LORA,
+        help="Any other LoraConfig field, checked against LoraConfig, e.g. --lora-set use_rslora=true --lora-set "
+        "modules_to_save=lm_head. Repeatable.",
+    ),
+]
+
+
+def lora_options(func):
+    """Add `--lora-r`, `--lora-alpha`, `--lora-dropout`, `--lora-target-modules` and `--lora-set` (the LoRA help
+    section), shared by `dpo` and `iterate`; `lora_from_options` turns them into a `peft.LoraConfig`."""
+    for decorator in reversed(_LORA_DECORATORS):
+        func = decorator(func)
+    return func
+
+
+def lora_from_options(
+    *,
+    lora_r: int | None = None,
+    lora_alpha: float | None = None,
+    lora_dropout: float | None = None,
+    lora_target_modules: str | None = None,
+    lora_set: Sequence[str] = (),
+    **_ignored: Any,
+):
+    """The `peft.LoraConfig` that the `--lora-*` options ask for, or None without `--lora-r` (other keyword
+    arguments are ignored, so that a command can pass all its options).
+
+    Raises:
+        `click.UsageError`: a LoRA option without `--lora-r`. `UsageError`: a field or value `LoraConfig` refuses
+            (see `train.dpo.lora_config`).
+    """
+    from ..train.dpo import lora_config
+
+    settings = {"r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "target_modules": lora_target_modules}
+    if lora_r is None:
+        if any(value is not None for value in settings.values()) or lora_set:
+            raise click.UsageError("--lora-alpha, --lora-dropout, --lora-target-modules and --lora-set configure the adapter that --lora-r asks for; add --lora-r")
+        return None
+    return lora_config(**settings, pairs=lora_set)
+
 
 @click.command(cls=SectionedCommand, epilog=EPILOG, context_settings=CONTEXT)
 @option("--ref-model", type=click.Path(path_type=Path), required=True, section="Models", help="Reference model folder, e.g. the bema-average output of the previous round. Loaded on its own, frozen, and checked bit for bit against its safetensors.")
@@ -43,11 +95,7 @@ LORA = "LoRA (peft's LoraConfig; the policy trains an adapter)"
 @option("--bf16/--no-bf16", default=None, section=TRAINING, help="bf16 mixed precision. Default: on when a CUDA GPU supports it.")
 @option("--precompute-ref-log-probs", is_flag=True, section=TRAINING, help="Compute the reference log-probs before training, then release the reference model, so it does not stay in memory.")
 @option("--config-set", "config_set", multiple=True, metavar="KEY=VALUE", section=TRAINING, help="Any other DPOConfig field, checked against DPOConfig, e.g. --config-set warmup_steps=10 --config-set loss_type=sigmoid. Repeatable.")
-@option("--lora-r", type=click.IntRange(min=1), metavar="R", section=LORA, help="Train a LoRA adapter of rank R on the policy instead of all its weights; the checkpoints then hold adapters, which bema-average merges onto the policy's folder.")
-@option("--lora-alpha", type=float, section=LORA, help="lora_alpha (the scaling is lora_alpha / r). peft's default: 8.")
-@option("--lora-dropout", type=float, section=LORA, help="Dropout on the adapter's input. peft's default: 0.")
-@option("--lora-target-modules", metavar="NAMES", section=LORA, help="all-linear, or module names separated by commas (q_proj,v_proj). Default: peft's choice for the architecture.")
-@option("--lora-set", "lora_set", multiple=True, metavar="KEY=VALUE", section=LORA, help="Any other LoraConfig field, checked against LoraConfig, e.g. --lora-set use_rslora=true --lora-set modules_to_save=lm_head. Repeatable.")
+@lora_options
 @option("--quiet", "-q", is_flag=True, section="Run", help="Only errors: no progress bars, logs or warnings.")
 @debug_option
 def dpo_command(
@@ -77,16 +125,13 @@ def dpo_command(
     folder's safetensors before and after training. Checkpoints land in --output-dir as checkpoint-N/, where the
     next bema-average reads them; set --save-steps to that average's --update-freq.
     """
-    from ..train.dpo import lora_config, parse_config_overrides, require_dpo_extra, train_dpo
+    from ..train.dpo import parse_config_overrides, require_dpo_extra, train_dpo
 
     require_dpo_extra()
     overrides = parse_config_overrides(config_set)
-    lora_options = {"r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "target_modules": lora_target_modules}
-    lora = None
-    if lora_r is not None:
-        lora = lora_config(**lora_options, pairs=lora_set)
-    elif any(value is not None for value in lora_options.values()) or lora_set:
-        raise click.UsageError("--lora-alpha, --lora-dropout, --lora-target-modules and --lora-set configure the adapter that --lora-r asks for; add --lora-r")
+    lora = lora_from_options(
+        lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_target_modules=lora_target_modules, lora_set=lora_set
+    )
     with library_output(quiet=quiet):
         train_dpo(
             ref_model,

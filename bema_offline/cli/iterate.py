@@ -23,7 +23,7 @@ from ._methods import (
     schedule_from_options,
     schedule_options,
 )
-from .dpo import TRAINING, library_output, progress_bars_wanted
+from .dpo import TRAINING, library_output, lora_from_options, lora_options, progress_bars_wanted
 
 FIXED_REFERENCES = ("last", "base")
 # The same as train.rounds_plan.REFERENCES (which imports torch): every method of bema-average, and last and base.
@@ -35,6 +35,7 @@ Examples:
   bema-offline iterate ... --reference uniform --last 4          # the mean of round k's 4 newest checkpoints
   bema-offline iterate ... --reference power-ema --sigma-rel 0.1 # EDM2's post-hoc EMA of round k
   bema-offline iterate ... --reference base                      # plain multi-round DPO (each round still averaged)
+  bema-offline iterate ... --lora-r 16 --lora-target-modules all-linear  # LoRA rounds: each average merged, a full model
   bema-offline iterate --config rounds.yaml                      # the same plan, from a file
   bema-offline iterate --config rounds.yaml --rounds 4           # options on the command line win: one more round
   bema-offline iterate ... --eval-data heldout.jsonl --push-to-hub my-org/dpo-rounds
@@ -50,6 +51,8 @@ A rounds.yaml holds the options' names as keys (relative paths are taken from th
   reference: uniform
   last: 4
   config_set: {warmup_steps: 10}
+  lora_r: 16
+  lora_set: {use_rslora: true}
 """
 # The options that a --config file may give, by parameter name; the others (--config, --quiet, --debug) are not plan.
 NOT_IN_CONFIG = ("config_file", "quiet", "debug")
@@ -69,7 +72,11 @@ PATHS = ("base_model", "dataset", "workdir", "eval_data")
     "last checkpoint (last), or always the base model (base: plain multi-round DPO). With last and base each round "
     "is still averaged, with BEMA, for the rounds table and the Hub.",
 )
-@option("--policy-init", type=click.Choice(POLICY_INITS), section="Plan", help="Start round k+1's policy from its reference, or from round k's last checkpoint. Default: reference (last with --reference base).")
+@option(
+    "--policy-init", type=click.Choice(POLICY_INITS), section="Plan",
+    help="Start round k+1's policy from its reference, or from round k's last checkpoint (with --lora-r: merged onto "
+    "round k's policy, as round-K-last/). Default: reference (last with --reference base).",
+)
 @option("--save-steps", type=click.IntRange(min=1), section=TRAINING, help="Checkpoint every N steps; also the default --update-freq, so that every checkpoint is an update step. Required.")
 @option("--max-steps", type=int, section=TRAINING, help="Training steps per round. Default: TRL's num_train_epochs (3) over the round's data. Giving it lets the averaging method be checked against each round's checkpoints before anything trains.")
 @option("--beta", type=float, section=TRAINING, help="DPO β. TRL's default: 0.1.")
@@ -78,6 +85,7 @@ PATHS = ("base_model", "dataset", "workdir", "eval_data")
 @option("--bf16/--no-bf16", default=None, section=TRAINING, help="bf16 mixed precision. Default: on when a CUDA GPU supports it.")
 @option("--precompute-ref-log-probs", is_flag=True, section=TRAINING, help="Compute the reference log-probs before training, then release the reference model.")
 @option("--config-set", "config_set", multiple=True, metavar="KEY=VALUE", section=TRAINING, help="Any other DPOConfig field, e.g. --config-set warmup_steps=10. Repeatable.")
+@lora_options
 @method_parameter_options
 @schedule_options
 @option(
@@ -96,10 +104,11 @@ def iterate_command(config_file: Path | None, quiet: bool, debug: bool, **option
 
     Each round trains from its policy (the base model in round 1) against its reference, saving checkpoint-N/
     folders every --save-steps; bema-average then averages them (BEMA by default, or the --reference method, with
-    θ0 where the round started), and that average is the next round's reference. rounds.json records each round as
-    it finishes. Running the same command again resumes a killed run: a round killed while training goes on from
-    its last checkpoint, finished rounds and averages are reused once their fingerprints are checked, and a changed
-    plan is refused.
+    θ0 where the round started), and that average is the next round's reference. With --lora-r each round trains a
+    LoRA adapter, and its average is merged onto the round's policy: a full model again. rounds.json records each
+    round as it finishes. Running the same command again resumes a killed run: a round killed while training goes
+    on from its last checkpoint, finished rounds and averages are reused once their fingerprints are checked, and a
+    changed plan is refused.
     """
     from ..train.dpo import parse_config_overrides, require_dpo_extra
     from ..train.iterate import IteratePlan, run_rounds
@@ -132,6 +141,7 @@ def iterate_command(config_file: Path | None, quiet: bool, debug: bool, **option
         precompute_ref_log_probs=bool(options["precompute_ref_log_probs"]),
         config_overrides=parse_config_overrides(options["config_set"]),
         method=method,
+        lora=lora_from_options(**options),
         eval_data=options["eval_data"],
         push_to_hub=options["push_to_hub"],
         private=bool(options["private"]),
@@ -192,7 +202,7 @@ def merge_config(ctx: click.Context, path: Path, options: dict[str, Any]) -> tup
         if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None):
             continue  # the command line wins
         param = params[name]
-        if name == "config_set" and isinstance(value, dict):
+        if name in ("config_set", "lora_set") and isinstance(value, dict):
             value = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in value.items()]
         if param.multiple and not isinstance(value, list):
             value = [value]

@@ -2,16 +2,19 @@
 the optimizer state in the newest one only.
 
 The Trainer writes a checkpoint's files in order and `trainer_state.json` last, so a checkpoint is complete when
-that file reads back whole. Resuming needs the optimizer, scheduler and RNG state of one checkpoint, the newest; the
-others keep only what the averages read (the model files), which saves one optimizer state per checkpoint on disk.
+that file reads back whole (with the model's weights, or a LoRA round's adapter, beside it). Resuming needs the
+optimizer, scheduler and RNG state of one checkpoint, the newest; the others keep only what the averages read (the
+model files or the adapter), which saves one optimizer state per checkpoint on disk.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
+from ..sources.peft import ADAPTER_CONFIG, ADAPTER_SAFETENSORS
 from ..sources.run import find_checkpoints
 
 # What the Trainer writes to resume (besides trainer_state.json): removed from all but the newest checkpoint.
@@ -25,8 +28,20 @@ def is_complete_checkpoint(folder: Path) -> bool:
         state = json.loads((folder / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
-    has_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
-    return isinstance(state, dict) and "global_step" in state and has_weights
+    weights = ("model.safetensors", "model.safetensors.index.json", ADAPTER_SAFETENSORS)
+    return isinstance(state, dict) and "global_step" in state and any((folder / name).is_file() for name in weights)
+
+
+def adapter_fingerprint(folder: Path) -> str:
+    """sha256 of a LoRA checkpoint's adapter: its `adapter_config.json` and `adapter_model.safetensors`, byte for
+    byte (the weights it stands for are a merge onto its base model; `output.fingerprint` fingerprints those)."""
+    digest = hashlib.sha256()
+    for name in (ADAPTER_CONFIG, ADAPTER_SAFETENSORS):
+        digest.update(f"{name}\n".encode())
+        with open(folder / name, "rb") as f:
+            while chunk := f.read(2**24):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def has_resume_state(folder: Path) -> bool:

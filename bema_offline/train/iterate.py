@@ -6,6 +6,11 @@ Round 1 trains from the base model against the base. Each round's checkpoints ar
 (a method's name), its last checkpoint (`last`) or always the base (`base`, plain multi-round DPO). Round k+1's
 policy starts from its reference or from round k's last checkpoint (`policy_init`).
 
+LoRA rounds (`lora`) train an adapter on the round's policy. Their checkpoints hold adapters, and the round's average
+merges them onto the policy (W0 + s·Σ wᵢ·Bᵢ·Aᵢ, `bema-average`'s merged output), so that the reference and the
+policy of every round stay full model folders. Where the next round or the evaluation uses the last checkpoint, it
+is merged too (`round-K-last/`: the same merge with all the weight on that checkpoint).
+
 Everything lands under the work folder:
 
     rounds.json            the plan, and each round as it finishes (rewritten atomically)
@@ -13,6 +18,7 @@ Everything lands under the work folder:
     round-K/               round K's checkpoint-N/ folders; only the newest keeps the optimizer, scheduler and RNG
                            state that resuming needs
     round-K-bema/          round K's average, named after its method (round-K-uniform/, round-K-power-ema/, ...)
+    round-K-last/          LoRA rounds: round K's last checkpoint merged, where the next round or the evaluation uses it
 
 Running the same plan again on the same folder continues where it stopped: a round killed while training resumes
 from its newest complete checkpoint through the Trainer's `resume_from_checkpoint` (the result is bit-identical
@@ -27,6 +33,7 @@ With eval data, each round's reference, last checkpoint and average are evaluate
 
 from __future__ import annotations
 
+import copy
 import datetime
 import fcntl
 import json
@@ -39,12 +46,14 @@ from typing import Any
 from .._version import __version__
 from ..api import average
 from ..errors import DataError, UsageError
+from ..methods.windows import Uniform
 from ..output import hub
 from ..output.fingerprint import folder_fingerprint
+from ..sources.peft import is_adapter_folder
 from ..sources.run import find_checkpoints
-from .checkpoints import prepare_resume, prune_resume_state, resume_state_pruner
+from .checkpoints import adapter_fingerprint, prepare_resume, prune_resume_state, resume_state_pruner
 from .dpo import RECORD_FILE, _first_line, require_dpo_extra, train_dpo, write_json_atomically
-from .rounds_eval import check_eval_data, evaluate_round
+from .rounds_eval import check_eval_data, evaluate_round, last_model
 from .rounds_plan import IteratePlan, data_fingerprint, plan_differences, plan_record, upgraded_plan_record
 from .rounds_report import TABLE_FILE, average_title, rounds_card, rounds_table, write_rounds_table
 
@@ -116,9 +125,10 @@ class _Run:
     hub_api: Any = None
 
     def fingerprint(self, folder: Path) -> str:
+        """A model folder's fingerprint (`output.fingerprint`), or a LoRA checkpoint's (its adapter's files)."""
         key = str(folder)
         if key not in self.fingerprints:
-            self.fingerprints[key] = folder_fingerprint(folder)
+            self.fingerprints[key] = adapter_fingerprint(folder) if is_adapter_folder(folder) else folder_fingerprint(folder)
         return self.fingerprints[key]
 
     def save(self) -> None:
@@ -148,6 +158,12 @@ def run_rounds(plan: IteratePlan, *, log: Callable[[str], None] = print, progres
     >>> record = run_rounds(plan)
     >>> record["rounds"][-1]["average"]["path"]
     'runs/iter/round-3-bema'
+    >>> from bema_offline.train.dpo import lora_config  # LoRA rounds: each round's average merged, a full model
+    >>> lora_plan = IteratePlan(
+    ...     Path("base"), (Path("prefs.jsonl"),), rounds=3, workdir=Path("runs/iter-lora"), save_steps=100,
+    ...     lora=lora_config(r=16, target_modules="all-linear"),
+    ... )
+    >>> record = run_rounds(lora_plan)
     ```
     """
     plan.check()
@@ -224,15 +240,15 @@ def _inputs_of_round(run: _Run, k: int) -> tuple[dict, dict]:
     if k == 1:
         return {**base, "kind": "base"}, dict(base)
     previous = run.record["rounds"][k - 2]
-    last = previous["training"]["last_checkpoint"]
-    average_ = {"path": previous["average"]["path"], "fingerprint": previous["average"]["fingerprint"]}
+    uses_last = plan.reference == "last" or plan.policy_start == "last"
+    last = {key: last_model(previous)[key] for key in ("path", "fingerprint")} if uses_last else {}
     if plan.reference == "base":
         reference = base
     elif plan.reference == "last":
-        reference = {"path": last["path"], "fingerprint": last["fingerprint"]}
+        reference = last
     else:  # the reference is the round's average, whatever its method
-        reference = average_
-    policy = dict(reference) if plan.policy_start == "reference" else {"path": last["path"], "fingerprint": last["fingerprint"]}
+        reference = {"path": previous["average"]["path"], "fingerprint": previous["average"]["fingerprint"]}
+    policy = dict(reference) if plan.policy_start == "reference" else dict(last)
     return {**reference, "kind": plan.reference}, policy
 
 
@@ -264,8 +280,11 @@ def _reuse_round(run: _Run, k: int) -> None:
     entry = run.record["rounds"][k - 1]
     _check_dataset(run, k, entry["dataset"])
     _check_fingerprint(run, entry["average"], f"round {k}'s average")
+    if _merges_last_checkpoint(run.plan) and "last_merged" not in entry["training"]:
+        _merge_last_checkpoint(run, entry)  # --eval-data given now, after the round: it evaluates the merge
+        run.save()
     if k < run.plan.rounds and (run.plan.reference == "last" or run.plan.policy_start == "last"):
-        _check_fingerprint(run, entry["training"]["last_checkpoint"], f"round {k}'s last checkpoint")
+        _check_fingerprint(run, last_model(entry), f"round {k}'s last checkpoint")
     run.log(f"round {k}/{run.plan.rounds}: finished before; reusing {entry['average']['path']} (fingerprint checked)")
 
 
@@ -290,7 +309,8 @@ def _run_round(run: _Run, k: int) -> None:
         log(f"round {k}/{rounds}: training finished before; reusing {run_dir}")
     else:
         resume = prepare_resume(run_dir)
-        log(f"round {k}/{rounds}: training: policy {policy['path']}, reference {reference['path']}, data {dataset_path} -> {run_dir}")
+        adapter = "a LoRA adapter on " if plan.lora is not None else ""
+        log(f"round {k}/{rounds}: training: policy {adapter}{policy['path']}, reference {reference['path']}, data {dataset_path} -> {run_dir}")
         result = train_dpo(
             reference["path"],
             dataset_path,
@@ -304,6 +324,7 @@ def _run_round(run: _Run, k: int) -> None:
             bf16=plan.bf16,
             precompute_ref_log_probs=plan.precompute_ref_log_probs,
             config_overrides={**plan.config_overrides, "save_only_model": False},
+            lora=copy.deepcopy(plan.lora),  # peft writes the policy's name into the config it is given
             resume_from_checkpoint=resume,
             callbacks=[resume_state_pruner()],
             progress=run.progress,
@@ -318,12 +339,19 @@ def _run_round(run: _Run, k: int) -> None:
 
     method = plan.average_method
     average_dir = plan.workdir / f"round-{k}-{method.name}"
-    log(f"round {k}/{rounds}: averaging {run_dir} ({method.describe()}; step 0 is {policy['path']}) -> {average_dir}")
+    if plan.lora is None:
+        log(f"round {k}/{rounds}: averaging {run_dir} ({method.describe()}; step 0 is {policy['path']}) -> {average_dir}")
+    else:  # TRL's op-by-op replay needs full weights: a LoRA run's average is W0 + s·Σ wᵢ·Bᵢ·Aᵢ, by effective weights
+        log(
+            f"round {k}/{rounds}: averaging the adapters of {run_dir} ({method.label()}, by its effective weights), "
+            f"merged onto {policy['path']} -> {average_dir}"
+        )
     averaged = average(
         run_dir,
         average_dir,
         schedule=method,
-        base_model=policy["path"],
+        base_model=policy["path"],  # of a LoRA round: the model its adapters are on, the base of the merge
+        lora_output="merged",
         overwrite=True,  # an average published by a run killed before it recorded the round is made again
         resume=True,  # an average killed while writing reuses its finished shards
         progress=run.progress,
@@ -359,10 +387,44 @@ def _run_round(run: _Run, k: int) -> None:
         },
         "finished": _now(),
     }
+    if _merges_last_checkpoint(plan):
+        _merge_last_checkpoint(run, entry)
     run.record["rounds"].append(entry)
     run.record["in_progress"] = None
     run.save()
     log(f"round {k}/{rounds}: finished; recorded in {plan.workdir / ROUNDS_FILE}")
+
+
+def _merges_last_checkpoint(plan: IteratePlan) -> bool:
+    """Whether a LoRA round's last checkpoint is needed as a model folder: by the next round (its reference or policy),
+    or by the evaluation."""
+    uses_last = plan.reference == "last" or plan.policy_start == "last" or plan.eval_data is not None
+    return plan.lora is not None and uses_last
+
+
+def _merge_last_checkpoint(run: _Run, entry: dict) -> None:
+    """Merge a LoRA round's last adapter checkpoint onto the round's policy, into `round-K-last/`, and record it as
+    the entry's `training.last_merged`.
+
+    The merge is `bema-average`'s, with all the weight on that checkpoint (`Uniform(last=1)`): W0 + s·B·A streamed
+    within the memory budget, published atomically, and computed as the round's average computes its merge.
+    """
+    plan, k = run.plan, entry["round"]
+    training = entry["training"]
+    folder = plan.workdir / f"round-{k}-last"
+    run.log(f"round {k}/{plan.rounds}: merging the last checkpoint {training['last_checkpoint']['path']} onto {entry['policy']['path']} -> {folder}")
+    average(
+        training["output_dir"],
+        folder,
+        schedule=Uniform(last=1),
+        base_model=entry["policy"]["path"],
+        lora_output="merged",
+        overwrite=True,
+        resume=True,
+        progress=run.progress,
+    )
+    run.fingerprints.pop(str(folder), None)
+    training["last_merged"] = {"path": str(folder), "fingerprint": run.fingerprint(folder)}
 
 
 def _read_training_record(run_dir: Path) -> dict | None:

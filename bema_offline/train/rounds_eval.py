@@ -1,7 +1,8 @@
 """Per-round evaluation of an iterative run (`bema-offline iterate --eval-data`), with `bema_offline.eval`.
 
-After each round, three models are evaluated on held-out data: the round's reference, its last checkpoint and its
-average. The data's columns choose the metrics (see `bema_offline.eval.data`):
+After each round, three models are evaluated on held-out data: the round's reference, its last checkpoint (of a LoRA
+round: merged onto the round's policy) and its average. The data's columns choose the metrics (see
+`bema_offline.eval.data`):
 
 - preference data (`prompt`, `chosen`, `rejected`): DPO's implicit-reward metrics as TRL's `DPOTrainer` computes
   them (reward accuracy and margin, DPO loss, chosen loss, mean chosen and rejected rewards), with the run's β and
@@ -19,10 +20,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import DataError
 from ..eval import evaluate
 from ..eval.data import load_eval_data
 from ..eval.leaderboard import json_number
 from ..eval.metrics import METRICS
+from ..sources.peft import is_adapter_folder
 from .rounds_plan import IteratePlan, data_fingerprint
 
 ROLES = ("reference", "last checkpoint", "average")
@@ -39,9 +42,24 @@ def check_eval_data(path: Path) -> str:
     return load_eval_data(path, option="--eval-data").kind
 
 
+def last_model(entry: dict) -> dict:
+    """A round's last checkpoint as a model folder, `{path, fingerprint}`: the checkpoint itself, or for a LoRA round
+    its merge onto the round's policy (`round-K-last/`).
+
+    Raises:
+        `DataError`: a LoRA round whose last checkpoint was not merged.
+    """
+    training = entry["training"]
+    if "last_merged" in training:
+        return training["last_merged"]
+    if is_adapter_folder(Path(training["last_checkpoint"]["path"])):
+        raise DataError(f"{training['last_checkpoint']['path']}: round {entry['round']}'s last checkpoint is a LoRA adapter that was not merged; use a new --workdir")
+    return training["last_checkpoint"]
+
+
 def round_models(entry: dict) -> dict[str, dict]:
-    """A round's evaluated models by role: `{path, fingerprint}` each."""
-    return {"reference": entry["reference"], "last checkpoint": entry["training"]["last_checkpoint"], "average": entry["average"]}
+    """A round's evaluated models by role: `{path, fingerprint}` each (a LoRA round's last checkpoint merged)."""
+    return {"reference": entry["reference"], "last checkpoint": last_model(entry), "average": entry["average"]}
 
 
 def scores_key(plan: IteratePlan, plan_record: dict) -> dict:

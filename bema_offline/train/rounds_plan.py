@@ -1,13 +1,15 @@
 """The plan of an iterative DPO run (`bema-offline iterate`), and its fingerprint.
 
 `IteratePlan` holds the options. `plan_record` is what `rounds.json` keeps of them: the settings that decide every
-round's weights, with TRL's defaults resolved and the averaging method with all its parameters, so that a rerun can
-be compared with the run it continues (`plan_differences` names what differs, as options).
+round's weights, with TRL's defaults resolved, the averaging method with all its parameters and, for LoRA rounds, the
+adapter's settings, so that a rerun can be compared with the run it continues (`plan_differences` names what
+differs, as options).
 """
 
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,8 @@ from ..errors import BemaError, DataError, UsageError, steps_text
 from ..methods.base import Method
 from ..methods.registry import METHODS, make_method
 from ..methods.schedule import BEMASchedule
-from .dpo import _jsonable, dpo_config
+from ..sources.peft import ADAPTER_CONFIG, check_init, read_adapter_config
+from .dpo import LORA_OPTIONS, _jsonable, dpo_config
 
 FIXED_REFERENCES = ("last", "base")  # the references that are not an average: round k's last checkpoint, the base
 # Every averaging method of bema-average, and the two fixed references; the default first (the CLI keeps the same).
@@ -30,6 +33,11 @@ ITERATE_REFUSED_FIELDS = {
 }
 # DPOConfig fields that change what a run prints, not what it computes: left out of the plan's fingerprint.
 PRESENTATION_FIELDS = {"disable_tqdm", "report_to", "run_name", "log_level", "logging_dir", "logging_steps", "logging_first_step", "logging_strategy"}
+# LoraConfig fields that the plan's record always shows (the others only when they differ from peft's defaults), and
+# fields that do not decide the weights: TRL sets the base model's name, and peft its version.
+LORA_SHOWN = ("r", "lora_alpha", "lora_dropout", "target_modules")
+LORA_NOT_IN_PLAN = {"base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"}
+
 
 @dataclass(frozen=True)
 class IteratePlan:
@@ -59,6 +67,9 @@ class IteratePlan:
             then computed again.
         push_to_hub (`str`, *optional*): ORG/NAME; each round's average goes to branch `round-K`.
         private (`bool`, defaults to False): create the Hub repo private.
+        lora (`peft.LoraConfig`, *optional*): LoRA rounds: each round trains an adapter on its policy (see
+            `train.dpo.lora_config`); the round's average merges its adapter checkpoints onto the policy into a full
+            model folder, and so does the round's last checkpoint where the next round or the evaluation uses it.
     """
 
     base_model: Path
@@ -79,6 +90,7 @@ class IteratePlan:
     eval_data: Path | None = None
     push_to_hub: str | None = None
     private: bool = False
+    lora: Any | None = None
 
     @property
     def policy_start(self) -> str:
@@ -127,6 +139,29 @@ class IteratePlan:
             if key in ITERATE_REFUSED_FIELDS:
                 raise UsageError(f"--config-set {key}: not allowed, {ITERATE_REFUSED_FIELDS[key]}")
         self.check_method()
+        self.check_lora()
+
+    def check_lora(self) -> None:
+        """Refuse, before anything trains, LoRA settings whose checkpoints the round's average could not merge: the
+        adapter config every checkpoint will hold is written as peft writes it and read as `bema-average` reads it.
+        The adapter must start at zero (B·A = 0, peft's default init), so that θ0 of each round's average is the
+        weights the round started from."""
+        if self.lora is None:
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            self.lora.save_pretrained(folder)
+            path = Path(folder) / ADAPTER_CONFIG
+            try:
+                check_init(read_adapter_config(path), base_is_theta0=True)
+            except DataError as e:
+                reason = str(e).removeprefix(f"{path}: ").split(";")[0]
+                init = self.lora.init_lora_weights
+                if "init_lora_weights" in reason:
+                    raise UsageError(
+                        f"--lora-set init_lora_weights={str(init).lower()}: {reason}, and each round's average needs θ0 = "
+                        "the weights the round started from; use an init that starts at zero (peft's default, or gaussian)"
+                    ) from None
+                raise UsageError(f"--lora-set: {reason}; leave that setting out") from None
 
     def check_method(self) -> None:
         """Refuse, before anything trains, an average that the rounds' checkpoints could not give: a method other
@@ -218,8 +253,23 @@ def plan_record(plan: IteratePlan, base_fingerprint: str) -> dict:
                 key: _jsonable(value) for key, value in sorted(plan.config_overrides.items()) if key not in PRESENTATION_FIELDS
             },
         },
-        "lora": None,  # LoRA rounds: the LoraConfig fields, once they land
+        "lora": lora_record(plan.lora),
     }
+
+
+def lora_record(lora: Any | None) -> dict | None:
+    """What `rounds.json` keeps of a `peft.LoraConfig`: r, lora_alpha, lora_dropout and target_modules, then every
+    other field whose value is not peft's default (so that leaving `--lora-set use_rslora=false` out is the same
+    plan, and a field that a newer peft adds does not change it); None for full rounds."""
+    if lora is None:
+        return None
+    from peft import LoraConfig
+
+    settings = {key: _jsonable(value) for key, value in lora.to_dict().items() if key not in LORA_NOT_IN_PLAN}
+    defaults = {key: _jsonable(value) for key, value in LoraConfig(task_type=lora.task_type).to_dict().items()}
+    record = {key: settings.get(key) for key in LORA_SHOWN}
+    record.update({key: value for key, value in sorted(settings.items()) if key not in record and value != defaults.get(key)})
+    return record
 
 
 _OPTION_NAMES = {
@@ -255,6 +305,9 @@ def plan_differences(old: dict, new: dict) -> list[str]:
             continue  # named by the reference (or the method) already: another method's parameters are another set
         if key in _OPTION_NAMES:
             name = _OPTION_NAMES[key]
+        elif key.startswith("lora."):
+            setting = key.removeprefix("lora.")
+            name = LORA_OPTIONS.get(setting, f"--lora-set {setting}")
         elif key.startswith("dpo.overrides."):
             name = f"--config-set {key.removeprefix('dpo.overrides.')}"
         else:
@@ -268,7 +321,7 @@ def plan_differences(old: dict, new: dict) -> list[str]:
 def _flatten(record: dict, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in record.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict) and value and prefix != "lora.":  # a LoraConfig field is one option, dict or not
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value

@@ -66,12 +66,26 @@ def _number(value: float | str | None) -> float:
     return float(value.replace("Infinity", "inf")) if isinstance(value, str) else float(value)
 
 
+def lora_text(lora: dict) -> str:
+    """A LoRA plan as one phrase: `r=16, lora_alpha=32, lora_dropout=0.05, target_modules=q_proj,v_proj` and any
+    other setting that differs from peft's defaults."""
+
+    def shown(value: object) -> str:
+        if value is None:
+            return "peft's default"
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    return ", ".join(f"{key}={shown(value)}" for key, value in lora.items())
+
+
 def rounds_table(record: dict, workdir: Path) -> str:
     """The rounds as Markdown tables: what each round trained and wrote, then the evaluation (a row per round and
     model, a column per metric)."""
     base = record["plan"]["base_model"]["path"]
+    lora = record["plan"].get("lora")
+    adapter = f"; each round trains a LoRA adapter, {lora_text(lora)}, merged into the round's models" if lora else ""
     lines = [
-        f"Rounds of iterative DPO (base model: {base})",
+        f"Rounds of iterative DPO (base model: {base}{adapter})",
         "",
         "| round | reference | policy start | data | steps | checkpoints | average |",
         "|---|---|---|---|---|---|---|",

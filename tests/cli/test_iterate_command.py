@@ -149,7 +149,8 @@ def test_help_texts(capsys) -> None:
     assert not any(line.rstrip().endswith("...") for line in commands.splitlines())
     code, out, _ = run_cli(cli, ["iterate", "--help"], capsys)
     assert code == 0 and "Run the same command again to resume a killed run." in out
-    assert all(section in out for section in ("Plan:", "Training (TRL's DPOConfig):", "Method (what", "Schedule (", "Evaluation:", "Hub:"))
+    assert all(section in out for section in ("Plan:", "Training (TRL's DPOConfig):", "LoRA (peft's LoraConfig", "Method (what", "Schedule (", "Evaluation:", "Hub:"))
+    assert "--lora-r R" in out and "--lora-set KEY=VALUE" in out
     assert "--reference METHOD|last|base" in out and "--sigma-rel X" in out and "--method" not in out
     code, out, _ = run_cli(cli, ["dpo", "--help"], capsys)
     assert "bema-offline iterate --rounds K" in out and "scripts/" not in out
@@ -168,3 +169,25 @@ def test_the_command_offers_what_the_plan_takes() -> None:
     from bema_offline.train import rounds_plan
 
     assert command.REFERENCES == rounds_plan.REFERENCES and command.POLICY_INITS == rounds_plan.POLICY_INITS
+
+
+def test_lora_rounds_from_the_command_line_and_a_file(data: Path, tmp_path: Path, capsys) -> None:
+    """The --lora-* options of `dpo`, from the command line and a --config file (lora_set as a mapping), train an
+    adapter each round; the plan records them, and a changed one is refused with one line."""
+    config = tmp_path / "rounds.yaml"
+    config.write_text("lora_r: 2\nlora_target_modules: q_proj,v_proj\nlora_set: {use_rslora: true}\n")
+    args = ["iterate", "--config", config, "--base-model", data / "base", "--dataset", data / "prefs.jsonl", "--rounds", 1,
+            "--save-steps", 2, "--max-steps", 2, "--per-device-train-batch-size", 2, "--no-bf16", "--workdir", tmp_path / "work",
+            *[a for pair in FAST for a in ("--config-set", pair)]]  # fmt: skip
+    code, out, err = run_cli(cli, [*args, "--lora-alpha", 4], capsys)
+    assert code == 0, err
+    adapter = json.loads((tmp_path / "work" / "round-1" / "checkpoint-2" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"], adapter["use_rslora"], sorted(adapter["target_modules"])) == (2, 4, True, ["q_proj", "v_proj"])
+    record = json.loads((tmp_path / "work" / "rounds.json").read_text())
+    assert record["plan"]["lora"] == {"r": 2, "lora_alpha": 4.0, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "use_rslora": True}
+    assert (tmp_path / "work" / "round-1-bema" / "model.safetensors").is_file()
+    assert "round 1/1: averaging the adapters of" in out and "each round trains a LoRA adapter, r=2, lora_alpha=4.0" in out
+    code, _, err = run_cli(cli, [*args, "--lora-alpha", 4, "--lora-r", 3], capsys)
+    assert code == 2 and err.startswith("error: --workdir") and "another plan: --lora-r was 2, now 3; rerun" in err and err.count("\n") == 1
+    code, _, err = run_cli(cli, ["iterate", *args[3:], "--lora-alpha", 4], capsys)  # without the file's --lora-r
+    assert code == 2 and err == "error: --lora-alpha, --lora-dropout, --lora-target-modules and --lora-set configure the adapter that --lora-r asks for; add --lora-r (see --help)\n"

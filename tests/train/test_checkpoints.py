@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bema_offline.train.checkpoints import is_complete_checkpoint, prepare_resume, prune_resume_state
+from bema_offline.train.checkpoints import adapter_fingerprint, is_complete_checkpoint, prepare_resume, prune_resume_state
 
 STATE = ("optimizer.pt", "scheduler.pt", "rng_state.pth")
 
@@ -52,3 +52,26 @@ def test_only_the_newest_checkpoint_keeps_the_optimizer_state(tmp_path: Path) ->
         folder = run_dir / f"checkpoint-{step}"
         assert all((folder / name).exists() == kept for name in STATE)
         assert (folder / "model.safetensors").is_file() and (folder / "trainer_state.json").is_file()
+
+
+def test_a_lora_round_resumes_from_an_adapter_checkpoint(tmp_path: Path) -> None:
+    """A LoRA round's checkpoints hold an adapter instead of the model's weights; its fingerprint covers the adapter's
+    config and weights, byte for byte."""
+    run_dir = tmp_path / "round-1"
+    for step in (2, 4):
+        folder = checkpoint(run_dir, step)
+        (folder / "model.safetensors").rename(folder / "adapter_model.safetensors")
+        (folder / "adapter_config.json").write_text('{"r": 4}')
+    (run_dir / "checkpoint-4" / "adapter_model.safetensors").unlink()  # killed before the Trainer wrote it
+    assert [is_complete_checkpoint(run_dir / f"checkpoint-{s}") for s in (2, 4)] == [True, False]
+    assert prepare_resume(run_dir) == run_dir / "checkpoint-2" and not (run_dir / "checkpoint-4").exists()
+    folder = run_dir / "checkpoint-2"
+    before = adapter_fingerprint(folder)
+    (folder / "optimizer.pt").write_bytes(b"other state")  # not the adapter
+    assert adapter_fingerprint(folder) == before
+    for name, content in [("adapter_model.safetensors", b"weightz"), ("adapter_config.json", '{"r": 8}'.encode())]:
+        original = (folder / name).read_bytes()
+        (folder / name).write_bytes(content)
+        assert adapter_fingerprint(folder) != before
+        (folder / name).write_bytes(original)
+    assert adapter_fingerprint(folder) == before

@@ -18,6 +18,7 @@ import datasets
 import pytest
 import torch
 from hub_fake import FakeApi
+from round_kills import kill_at_training_step, killed_child
 from safetensors.torch import load_file
 from tiny_dpo import make_preference_dataset, make_tiny_llama, make_tokenizer
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -335,36 +336,6 @@ def test_bad_plans_are_one_line(data: Path, tmp_path: Path) -> None:
 
 
 # --- resuming after real kills -----------------------------------------------------------------------------------
-
-
-def killed_child(plan: IteratePlan, arm) -> None:
-    """Run the plan in a forked child that `arm` sets up to SIGKILL itself at one point; check that it died so."""
-    pid = os.fork()
-    if pid == 0:  # the child: it must never return into pytest
-        try:
-            arm()
-            run_rounds(plan, log=lambda line: None)
-        finally:
-            os._exit(3)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"the child was not killed (status {status})"
-
-
-def kill_at_training_step(step: int):
-    def arm() -> None:
-        from trl import DPOTrainer
-
-        original, calls = DPOTrainer.training_step, []
-
-        def training_step(self, *args, **kwargs):
-            calls.append(1)
-            if len(calls) == step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return original(self, *args, **kwargs)
-
-        DPOTrainer.training_step = training_step
-
-    return arm
 
 
 def kill_when_round_2_starts() -> None:

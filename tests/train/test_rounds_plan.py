@@ -91,3 +91,22 @@ def test_the_first_rounds_json_files_are_read_as_the_same_plan() -> None:
     first.update(average="bema", schedule=BEMASchedule(update_freq=2).to_dict())
     assert upgraded_plan_record(first) == current and plan_differences(first, current) == []
     assert plan_differences({**first, "schedule": {**first["schedule"], "lag": 5}}, current) == ["--lag was 5, now 10"]
+
+
+def test_what_the_plan_keeps_of_a_lora_config() -> None:
+    """r, lora_alpha, lora_dropout and target_modules always; any other field only where it differs from peft's
+    default, so that giving a default is the same plan; each difference named by its option."""
+    from bema_offline.train.dpo import lora_config
+
+    assert plan_record(plan(), "f" * 64)["lora"] is None
+    record = plan_record(plan(lora=lora_config(r=16, target_modules="v_proj,q_proj", pairs=["use_rslora=true", "bias=none"])), "f" * 64)["lora"]
+    assert record == {"r": 16, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "use_rslora": True}
+    default = plan_record(plan(lora=lora_config(r=16)), "f" * 64)["lora"]
+    assert default == {"r": 16, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": None}
+    rank = plan_record(plan(lora=lora_config(r=16, pairs=['rank_pattern={"v_proj": 2}'])), "f" * 64)["lora"]
+    assert rank["rank_pattern"] == {"v_proj": 2}
+    assert plan_differences({"lora": record}, {"lora": default}) == [
+        "--lora-target-modules was ['q_proj', 'v_proj'], now not set", "--lora-set use_rslora was True, now not set"
+    ]
+    assert plan_differences({"lora": default}, {"lora": rank}) == ["--lora-set rank_pattern was not set, now {'v_proj': 2}"]
+    assert plan_differences({"lora": None}, {"lora": default})[0] == "--lora-alpha was not set, now 8"

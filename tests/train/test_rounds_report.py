@@ -92,3 +92,16 @@ def test_only_rounds_evaluated_like_the_first_are_shown(tmp_path: Path) -> None:
     mixed["rounds"][1]["eval"]["key"] = {"data": "older"}
     text = rounds_table(mixed, tmp_path)
     assert "| 1 | reference |" in text and "| 2 | reference |" not in text
+
+
+def test_lora_rounds_say_so_above_the_table(tmp_path: Path) -> None:
+    lora = record(tmp_path)
+    lora["plan"]["lora"] = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": None, "use_rslora": True}
+    title = rounds_table(lora, tmp_path).splitlines()[0]
+    assert title.endswith(
+        "; each round trains a LoRA adapter, r=16, lora_alpha=32, lora_dropout=0.05, target_modules=peft's default, "
+        "use_rslora=True, merged into the round's models)"
+    )
+    lora["plan"]["lora"]["target_modules"] = ["q_proj", "v_proj"]
+    assert "target_modules=q_proj,v_proj, use_rslora=True" in rounds_table(lora, tmp_path)
+    assert "LoRA" not in rounds_table(record(tmp_path), tmp_path)
