@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..eval.leaderboard import format_number
 from ..output.card import card_metadata, metadata_yaml
+from ..output.hub import redacted_paths
 
 TABLE_FILE = "rounds.md"
 PLOT_FILE = "rounds.png"
@@ -169,10 +170,11 @@ def rounds_png(record: dict, path: Path) -> bool:
 
 
 def rounds_card(record: dict, workdir: Path, *, repo_id: str) -> str:
-    """The model card of the main branch: the rounds table, and how to load each round's branch."""
+    """The model card of the main branch: the rounds table, and how to load each round's branch (local paths shown
+    relative to the work folder, or by their last name)."""
     metadata = card_metadata({"training": {"tags": ["dpo", "iterative-dpo"]}})
     last = record["rounds"][-1]["round"]
-    return f"""---
+    card = f"""---
 {metadata_yaml(metadata)}
 ---
 
@@ -190,3 +192,4 @@ from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("{repo_id}", revision="round-{last}")
 ```
 """
+    return redacted_paths(card, workdir)  # the Hub gets no local path: the work folder's own names, or last names

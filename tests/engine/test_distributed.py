@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 from synthetic import make_run
 

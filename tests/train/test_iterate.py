@@ -238,6 +238,7 @@ def test_each_round_goes_to_its_branch_and_the_table_to_main(pushed) -> None:
     assert [c["path_in_repo"] for c in cards] == ["README.md", "README.md"]
     card = cards[-1]["content"].decode()
     assert "| 2 | round-1-bema |" in card and 'revision="round-2"' in card and "- iterative-dpo" in card
+    assert str(record["plan"]["base_model"]["path"]) not in card and "/tmp" not in card  # no local path goes to the Hub
     assert record["rounds"][1]["push"] == {"repo": "my-org/rounds", "revision": "round-2", "fingerprint": record["rounds"][1]["average"]["fingerprint"]}
 
 
