@@ -514,7 +514,10 @@ def _factor_differences(plan: Plan, spec: OutputSpec) -> dict[str, float]:
 
 def _write_adapters(plan: Plan, staging: Path, settings: dict) -> int:
     """`--lora-output adapter`: write each output as a PEFT adapter folder, with the tokenizer, the provenance and
-    the card; returns the input bytes read. Adapters are small: a resumed run writes them again."""
+    the card; returns the input bytes read. Adapters are small: a resumed run writes them again.
+
+    Each adapter is computed on one torch thread: the float64 QR and SVD of `--lora-rank` give other bits on other
+    thread counts, and `verify --recompute` writes the adapter again, on one thread, to compare it byte for byte."""
     import torch
 
     from .output.adapter import full_block_rows, write_adapter
@@ -527,17 +530,22 @@ def _write_adapters(plan: Plan, staging: Path, settings: dict) -> int:
         folder = staging / spec.relpath if spec.relpath else staging
         for leftover in (folder / ADAPTER_CONFIG, folder / ADAPTER_SAFETENSORS):  # of an interrupted run
             leftover.unlink(missing_ok=True)
-        report = write_adapter(
-            folder, lora.run, lora.base, spec.weights, rank=lora.rank, mode=lora.average, dtype=FLOAT_DTYPES.get(settings["dtype"]),
-            base_model=_adapter_base_name(plan), block_rows=block_rows, accum_dtype=accum_dtype, exist_ok=True,
-        )
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            report = write_adapter(
+                folder, lora.run, lora.base, spec.weights, rank=lora.rank, mode=lora.average, dtype=FLOAT_DTYPES.get(settings["dtype"]),
+                base_model=_adapter_base_name(plan), block_rows=block_rows, accum_dtype=accum_dtype, exist_ok=True,
+            )
+        finally:
+            torch.set_num_threads(threads)
         written = load_adapter_checkpoint(folder, spec.step)  # the light verify: its config and header read back as an adapter
         tokenizer = {name: path for name, path in plan.sidecars.get(spec.step, {}).items() if name not in MODEL_SIDECARS}
         copy_sidecar_files(tokenizer, folder)
         record = provenance(plan, spec, settings=settings, training=training)
         record["lora"].update(report.provenance())
         record["tensors"] = len(written.shapes)
-        record["output_files"] = output_files(folder)
+        record["output_files"] = output_files(folder)  # the adapter's weights and its config, with their sha256
         replace_file(folder / PROVENANCE_FILE, (json.dumps(record, indent=2) + "\n").encode())
         write_card(folder, record)
         fault_point("sidecars")

@@ -1,13 +1,13 @@
 """Push bema-offline output folders to the Hugging Face Hub.
 
-An output folder (one with `bema_offline.json` and safetensors weights) becomes one repo, or one branch of a
-repo. A run with several outputs (`--every-update`, `--save ema,bema`, several schedules) pushes each of them:
+An output folder (one with `bema_offline.json` and safetensors weights, or a PEFT adapter: `--lora-output adapter`)
+becomes one repo, or one branch of a repo. A run with several outputs (`--every-update`, `--save ema,bema`, several schedules) pushes each of them:
 
 - `repos` layout: one repo per output, `ORG/NAME-<subfolder with / replaced by ->`, e.g. `ORG/NAME-step-800`;
 - `branches` layout: one repo `ORG/NAME` with a branch per output, e.g. `step-800`, and an index card on main.
 
-Everything that can fail without uploading runs first: the folders are checked, the repo ids and branch
-names are validated, the token is looked up, the upload folders are prepared, and every repo and branch is created
+Everything that can fail without uploading runs first: the folders are checked (`verify.check_output_folder`, the
+headers and file sizes, and the tensor count against the record), the repo ids and branch names are validated, the token is looked up, the upload folders are prepared, and every repo and branch is created
 (or found), before the first file goes up.
 
 The local output folder is never modified. Each output goes up from an upload folder beside it
@@ -17,7 +17,9 @@ made), the model card rendered again for its repo (its load snippet names the re
 (`checkpoint-400`), other paths their last name. The local record keeps the absolute paths that `verify
 --recompute` needs. The ranking that `--select-by` leaves in `best/` (`eval.json`, `eval.md`) goes up redacted the
 same way, and a config's `_name_or_path` as its last name; any other file that still names the home folder or the
-run's folders (a tokenizer config from older transformers, say) goes up as it is, with a note saying so.
+run's folders (a tokenizer config from older transformers, say) goes up as it is, with a note saying so. An adapter's
+`adapter_config.json` names its base model by its Hub id when the record knows one, else by its folder's name (peft
+reads `base_model_name_or_path` to find the base), and the record uploaded gives that file's new sha256.
 """
 
 from __future__ import annotations
@@ -36,17 +38,24 @@ from typing import TYPE_CHECKING
 from .._version import __version__
 from ..errors import BemaError, DataError, UsageError
 from ..files import SMALL_FILE_LIMIT, parse_json, read_json_file, read_small_file, write_new_file
+from ..sources.peft import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, is_adapter_folder
 from ..sources.run import INDEX_FILE, SIDECAR_FILES, SINGLE_FILE
-from .card import CARD_FILE, PROVENANCE_FILE, PROVENANCE_LIMIT, write_card
+from .card import CARD_FILE, PROVENANCE_FILE, PROVENANCE_LIMIT, card_metadata, write_card
 from .chart import CHART_SVG
+from .verify import check_output_folder, file_sha256
 
 if TYPE_CHECKING:  # imported when used, not at startup
     from huggingface_hub import HfApi
 
 LAYOUTS = ("repos", "branches")
 # Weight files already in the repo (or the branch) that the upload does not replace are deleted in the same commit,
-# so that a repo never mixes the new weights with stale shards of an earlier push.
-DELETE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "effective_weights.png", "effective_weights.svg"]
+# so that a repo never mixes the new weights with stale shards of an earlier push (nor a model with a stale adapter
+# config, which loaders would take for an adapter).
+DELETE_PATTERNS = [
+    "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", ADAPTER_CONFIG, "effective_weights.png", "effective_weights.svg",
+]
+# An adapter's upload also deletes a model's configs left by an earlier push of a merged model.
+ADAPTER_DELETE_PATTERNS = [*DELETE_PATTERNS, "config.json", "generation_config.json"]
 _REPO_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # What the upload folder holds instead of a link: the files rendered again for the Hub (and the PNG chart of older
 # versions, which the new card does not show).
@@ -109,7 +118,8 @@ def find_outputs(output_dir: str | Path) -> list[tuple[str, Path]]:
         `list[tuple[str, Path]]`: `(relpath, folder)` pairs ordered by config, kind and step.
 
     Raises:
-        `DataError`: the folder is not a bema-offline output, or an output in it lacks its weights.
+        `DataError`: the folder is not a bema-offline output, or an output in it lacks its weights or fails the light
+            check (`verify.check_output_folder`: headers, file sizes, tensor count).
     """
     root = Path(output_dir)
     if not root.is_dir():
@@ -123,8 +133,16 @@ def find_outputs(output_dir: str | Path) -> list[tuple[str, Path]]:
     outputs = []
     for folder in folders:
         record = read_record(folder)
-        if not ((folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()):
-            raise DataError(f"{folder}: has {PROVENANCE_FILE} but no {SINGLE_FILE} or {INDEX_FILE}; the output is incomplete")
+        if not any((folder / name).is_file() for name in (SINGLE_FILE, INDEX_FILE, ADAPTER_SAFETENSORS)):
+            raise DataError(
+                f"{folder}: has {PROVENANCE_FILE} but no {SINGLE_FILE}, {INDEX_FILE} or {ADAPTER_SAFETENSORS}; the output is incomplete"
+            )
+        tensors = check_output_folder(folder)
+        if record.get("tensors") != len(tensors):
+            raise DataError(
+                f"{folder / PROVENANCE_FILE}: records {record.get('tensors')} tensors but the folder holds {len(tensors)}; "
+                "check it with `bema-offline verify`"
+            )
         relpath = folder.relative_to(root).as_posix()
         outputs.append(((record.get("config") or "", record.get("kind", ""), record.get("step", 0)), relpath, folder))
     return [(relpath, folder) for _, relpath, folder in sorted(outputs, key=lambda item: item[0])]
@@ -297,7 +315,7 @@ def push_to_hub(
                     repo_type="model",
                     revision=target.revision,
                     commit_message=message,
-                    delete_patterns=DELETE_PATTERNS,
+                    delete_patterns=ADAPTER_DELETE_PATTERNS if is_adapter_folder(upload) else DELETE_PATTERNS,
                 )
             except Exception as e:
                 done = ", ".join(t.where for t in pushed) or "nothing"
@@ -362,6 +380,7 @@ def stage_upload(target: PushTarget, upload: Path) -> Path:
     try:
         upload.parent.mkdir(parents=True, exist_ok=True)
         _link_tree(target.folder, upload, skip=RENDERED_FILES)
+        record = _redact_adapter_config(upload, record)
         write_new_file(upload / PROVENANCE_FILE, (json.dumps(record, indent=2) + "\n").encode())
         for name in [name for name in SIDECAR_FILES if name.endswith(".json")]:
             _rewrite_json(target.folder / name, upload / name, _without_local_name_or_path)
@@ -373,6 +392,29 @@ def stage_upload(target: PushTarget, upload: Path) -> Path:
     except OSError as e:
         raise DataError(f"{e.filename or upload}: cannot prepare the upload of {target.folder} ({e.strerror or e}); nothing was pushed") from e
     return upload
+
+
+def _redact_adapter_config(upload: Path, record: dict) -> dict:
+    """An adapter's `adapter_config.json` in the upload folder with its base model as a Hub id (the record's, when it
+    knows one) or the local folder's name instead of a local path; returns the record, its `output_files` giving
+    the new file's size and sha256 (so that `verify` still checks a downloaded copy). Anything else is left alone."""
+    path = upload / ADAPTER_CONFIG
+    if not path.is_file():
+        return record
+    try:
+        config = parse_json(read_small_file(path, what="adapter config"), what=f"{path}: malformed adapter config", hint="fix it")
+    except DataError:
+        return record
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not _is_local_path(base):
+        return record
+    shown = record.get("base_model_id") or _shown_path(base, None)
+    _replace(path, (json.dumps({**config, "base_model_name_or_path": shown}, indent=2, sort_keys=True) + "\n").encode())
+    entry = {"name": ADAPTER_CONFIG, "size": path.stat().st_size, "sha256": file_sha256(path)}
+    files = record.get("output_files")
+    if isinstance(files, list):
+        record = {**record, "output_files": [entry if isinstance(e, dict) and e.get("name") == ADAPTER_CONFIG else e for e in files]}
+    return record
 
 
 def _rewrite_json(source: Path, upload: Path, change: Callable[[object], object]) -> None:
@@ -537,11 +579,20 @@ def branches_index(targets: list[PushTarget]) -> str:
     rows = "\n".join(
         f"| `{t.revision}` | {r['kind']} | {r['step']} | {r.get('config') or ''} |" for t, r in zip(targets, records)
     )
-    repo_id = targets[0].repo_id
-    tags = ["bema", "bema-offline", *records[0].get("training", {}).get("tags", [])]
+    repo_id, revision = targets[0].repo_id, targets[-1].revision
+    metadata = card_metadata(records[0])  # the outputs' own cards' (library_name peft for adapters)
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(base_model=records[0].get("base_model_id"), library_name="transformers", tags=list(dict.fromkeys(tags)))
+    data = ModelCardData(base_model=metadata.get("base_model"), library_name=metadata["library_name"], tags=metadata["tags"])
+    if metadata["library_name"] == "peft":
+        base = metadata.get("base_model") or "path/to/the/base/model"
+        load = (
+            "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+            f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
+            f'model = PeftModel.from_pretrained(base, "{repo_id}", revision="{revision}")'
+        )
+    else:
+        load = f'from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained("{repo_id}", revision="{revision}")'
     body = f"""
 # Averaged models of `{Path(records[0]['run_dir']).name}`
 
@@ -553,9 +604,7 @@ its own model card gives the parameters and each checkpoint's effective weight.
 {rows}
 
 ```python
-from transformers import AutoModelForCausalLM
-
-model = AutoModelForCausalLM.from_pretrained("{repo_id}", revision="{targets[-1].revision}")
+{load}
 ```
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))

@@ -4,12 +4,14 @@ Two depths share one implementation:
 
 - `check_folder` (light, headers only; `average` runs it before it publishes): the weights are single-file or
   sharded with an index that agrees with the shards, no stray shard lies beside them, every shard holds exactly
-  the bytes its header describes, and, when given, the tensors are the planned ones.
+  the bytes its header describes, and, when given, the tensors are the planned ones. `check_adapter_folder` is the
+  same for a PEFT adapter folder (`--lora-output adapter`), and `check_output_folder` either, as the folder is.
 - `verify` (the `bema-offline verify` command): the light check, then `config.json` against the tensor shapes,
   every value finite and every weight file's sha256 (one streamed read in bounded memory), `bema_offline.json`
   against the folder (names, sizes and sha256 of the weight files: a single flipped bit is caught), the tensors
   against the source checkpoints named there, and with `recompute=K`, K random tensors recomputed from those
-  sources and compared bit for bit.
+  sources and compared bit for bit. The outputs of a LoRA run, whose sources are a base model and adapter
+  checkpoints, are checked against them in `verify_lora`.
 
 Every check is linear in the number of tensors and shards (up to a sort), so a folder of 20,000 tensors in
 20,000 shards verifies as fast as its bytes allow.
@@ -33,10 +35,11 @@ from ..dtypes import DTYPES, FLOAT_DTYPES
 from ..engine import kernels
 from ..engine.engine import Engine, Sink, Slice, all_finite
 from ..engine.kernels import KERNEL_DTYPES, kernel_name
-from ..engine.plan import OutputSpec, Plan, ScheduleRun
+from ..engine.plan import LORA_AVERAGES, LORA_OUTPUTS, OutputSpec, Plan, ScheduleRun
 from ..errors import BemaError, DataError
 from ..files import OpenFiles, read_json_file
 from ..methods.schedule import KINDS, BEMASchedule, effective_weights
+from ..sources.peft import ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS, is_adapter_folder, load_adapter_checkpoint
 from ..sources.run import BASE_STEP, INDEX_FILE, SINGLE_FILE, WeightSource, load_source
 from ..sources.tensors import TensorInfo
 from .card import PROVENANCE_FILE, PROVENANCE_LIMIT, record_method
@@ -61,6 +64,7 @@ class FolderReport:
     tensors: int
     shards: int
     has_provenance: bool
+    adapter: bool = False  # a PEFT adapter folder (`--lora-output adapter`), not a model folder
     sources_checked: list[int] = dataclasses.field(default_factory=list)
     recomputed: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -99,6 +103,40 @@ def check_folder(folder: Path, *, expected: Mapping[str, tuple[str, tuple[int, .
     if expected is not None:
         _check_expected(folder, tensors, expected)
     return tensors
+
+
+def check_adapter_folder(folder: Path) -> dict[str, TensorInfo]:
+    """The light check of a PEFT adapter folder (`--lora-output adapter`): `adapter_config.json` is a LoRA config this
+    tool can read, `adapter_model.safetensors` is the only weight file and holds floats only, and it is exactly as
+    long as its header says.
+
+    Args:
+        folder (`Path`): an adapter folder.
+
+    Returns:
+        `dict[str, TensorInfo]`: the adapter's tensors by key.
+    """
+    model = next((name for name in (SINGLE_FILE, INDEX_FILE) if os.path.lexists(folder / name)), None)
+    if model is not None:
+        raise DataError(
+            f"{folder}: holds both a PEFT adapter ({ADAPTER_CONFIG}) and model weights ({model}); loaders take it for an "
+            "adapter: remove one"
+        )
+    weights = folder / ADAPTER_SAFETENSORS
+    if not os.path.lexists(weights) and os.path.lexists(folder / ADAPTER_BIN):
+        raise DataError(f"{folder / ADAPTER_BIN}: a pickled adapter; verify reads {ADAPTER_SAFETENSORS} (peft's default): re-save it")
+    tensors = load_adapter_checkpoint(folder, BASE_STEP).source.tensors
+    stray = sorted(p.name for p in folder.glob("*.safetensors") if p.name != ADAPTER_SAFETENSORS)
+    if stray:
+        raise DataError(f"{folder / stray[0]}: a safetensors file beside the adapter's {ADAPTER_SAFETENSORS}; remove it")
+    _check_packed(weights, sorted(tensors.values(), key=lambda t: t.start))
+    return tensors
+
+
+def check_output_folder(folder: Path) -> dict[str, TensorInfo]:
+    """The light check of an output folder, as it is: a PEFT adapter's (`check_adapter_folder`) or a model's
+    (`check_folder`). Returns the folder's tensors by name."""
+    return check_adapter_folder(folder) if is_adapter_folder(folder) else check_folder(folder)
 
 
 def by_shard(tensors: Mapping[str, TensorInfo]) -> dict[Path, list[TensorInfo]]:
@@ -144,10 +182,11 @@ def _check_expected(folder: Path, tensors: dict[str, TensorInfo], expected: Mapp
 
 
 def output_files(folder: Path, sha256: Mapping[str, str] | None = None) -> list[dict]:
-    """The weight files of a model folder (shards and index), by name, size and sha256, for the provenance record.
+    """The weight files of an output folder, by name, size and sha256, for the provenance record: a model's shards
+    and index, or an adapter's weights and its `adapter_config.json` (which sets its ranks and scalings).
 
     Args:
-        folder (`Path`): a model folder.
+        folder (`Path`): a model or adapter folder.
         sha256 (`Mapping[str, str]`, *optional*): digests already known, by file name (computed while writing, or
             while reading the values); any other file is read and hashed here (shards reused by `--resume`, another
             rank's shards, the index).
@@ -156,7 +195,7 @@ def output_files(folder: Path, sha256: Mapping[str, str] | None = None) -> list[
         `list[dict]`: `{"name", "size", "sha256"}` per file, by name.
     """
     sha256 = sha256 or {}
-    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".safetensors") or p.name == INDEX_FILE)
+    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".safetensors") or p.name in (INDEX_FILE, ADAPTER_CONFIG))
     return [
         {"name": name, "size": (folder / name).stat().st_size, "sha256": sha256.get(name) or file_sha256(folder / name)}
         for name in names
@@ -183,7 +222,8 @@ def find_model_folders(output: Path) -> list[Path]:
     """The model folders of an output: the folder itself, or every subfolder holding a `bema_offline.json`."""
     if not output.is_dir():
         raise DataError(f"{output}: no such folder")
-    if (output / PROVENANCE_FILE).is_file() or (output / SINGLE_FILE).exists() or (output / INDEX_FILE).exists():
+    weights = (output / SINGLE_FILE).exists() or (output / INDEX_FILE).exists() or is_adapter_folder(output)
+    if (output / PROVENANCE_FILE).is_file() or weights:
         return [output]
     folders = sorted(p.parent for p in output.rglob(PROVENANCE_FILE))
     if not folders:
@@ -198,12 +238,13 @@ def verify(
     seed: int | None = None,
     max_memory: int = DEFAULT_CHUNK_BYTES,
 ) -> list[FolderReport]:
-    """Check every model folder of a `bema-average` output (or any safetensors model folder).
+    """Check every model folder of a `bema-average` output (or any safetensors model or adapter folder).
 
     Args:
         output (`str | Path`): an output folder; with several outputs, their parent.
         recompute (`int`, defaults to 0): recompute this many random tensors of each folder from the sources named
-            in its `bema_offline.json`, and compare them bit for bit.
+            in its `bema_offline.json`, and compare them bit for bit. An adapter output of a LoRA run is written
+            again whole (it is small) and compared byte for byte.
         seed (`int`, *optional*): seed of the random choice of tensors to recompute.
         max_memory (`int`, defaults to 64 MiB): bytes of tensor data held at once while reading values.
 
@@ -222,34 +263,41 @@ def verify(
     """
     reports = []
     for folder in find_model_folders(Path(output)):
-        tensors = check_folder(folder)
-        report = FolderReport(folder, len(tensors), len({t.path for t in tensors.values()}), (folder / PROVENANCE_FILE).is_file())
-        report.notes += check_config(folder, tensors)
+        adapter = is_adapter_folder(folder)
+        tensors = check_output_folder(folder)
+        report = FolderReport(
+            folder, len(tensors), len({t.path for t in tensors.values()}), (folder / PROVENANCE_FILE).is_file(), adapter
+        )
+        if not adapter:
+            report.notes += check_config(folder, tensors)
         digests = check_values(tensors, max_memory=max_memory)
-        if report.has_provenance:
-            record = read_provenance(folder)
-            report.notes += check_provenance(folder, record, tensors, digests)
-            if record.get("redacted"):
-                report.notes.append(
-                    f"{folder / PROVENANCE_FILE}: the copy made for the Hub, without local paths; the sources were not compared"
-                )
-                if recompute > 0:
-                    raise DataError(f"{folder}: its {PROVENANCE_FILE} names no source folders (the Hub copy); recompute from the local output")
-                reports.append(report)
-                continue
-            sources, notes = load_recorded_sources(record, folder)
-            report.notes += notes
-            check_against_sources(folder, record, tensors, sources)
-            report.sources_checked = sorted(sources)
-            if recompute > 0:
-                if len(sources) < len(record["inputs"]):
-                    raise DataError(f"{folder}: cannot recompute, some source checkpoints named in {PROVENANCE_FILE} are gone")
-                names = random.Random(seed).sample(sorted(tensors), min(recompute, len(tensors)))
-                recompute_tensors(record, tensors, sources, names, max_memory=max_memory)
-                report.recomputed = names
-        elif recompute > 0:
-            raise DataError(f"{folder}: no {PROVENANCE_FILE}, so the sources to recompute from are unknown")
         reports.append(report)
+        if not report.has_provenance:
+            if recompute > 0:
+                raise DataError(f"{folder}: no {PROVENANCE_FILE}, so the sources to recompute from are unknown")
+            continue
+        record = read_provenance(folder)
+        report.notes += check_provenance(folder, record, tensors, digests)
+        if record.get("redacted"):
+            report.notes.append(f"{folder / PROVENANCE_FILE}: the copy made for the Hub, without local paths; the sources were not compared")
+            if recompute > 0:
+                raise DataError(f"{folder}: its {PROVENANCE_FILE} names no source folders (the Hub copy); recompute from the local output")
+            continue
+        if record["_lora"] is not None:  # sources: a base model and adapter checkpoints
+            from .verify_lora import check_lora_output  # (torch: only for a LoRA run's outputs)
+
+            check_lora_output(report, record, tensors, recompute=recompute, seed=seed, max_memory=max_memory)
+            continue
+        sources, notes = load_recorded_sources(record, folder)
+        report.notes += notes
+        check_against_sources(folder, record, tensors, sources)
+        report.sources_checked = sorted(sources)
+        if recompute > 0:
+            if len(sources) < len(record["inputs"]):
+                raise DataError(f"{folder}: cannot recompute, some source checkpoints named in {PROVENANCE_FILE} are gone")
+            names = random.Random(seed).sample(sorted(tensors), min(recompute, len(tensors)))
+            recompute_tensors(record, tensors, sources, names, max_memory=max_memory)
+            report.recomputed = names
     return reports
 
 
@@ -402,27 +450,47 @@ def read_provenance(folder: Path) -> dict:
                 raise ValueError(f"kind {record['kind']!r}")
             record["_schedule"] = BEMASchedule(**record["schedule"])
             record["_update_steps"] = [int(s) for s in record["steps"]["update_steps_used"]]
+        record["_lora"] = _lora_options(record.get("lora"))
     except (BemaError, TypeError, KeyError, ValueError, AttributeError) as e:
         raise DataError(f"{path}: malformed provenance record ({e}); it was edited or damaged") from e
     return record
 
 
+def _lora_options(lora: object) -> dict | None:
+    """The `lora` entry of a LoRA run's record (None for other runs), with the options that shape the output checked."""
+    if lora is None:
+        return None
+    if not isinstance(lora, dict):
+        raise ValueError("lora is not an object")
+    rank = lora.get("rank")
+    if lora.get("output") not in LORA_OUTPUTS or lora.get("average") not in LORA_AVERAGES:
+        raise ValueError(f"lora output {lora.get('output')!r}, average {lora.get('average')!r}")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        raise ValueError(f"lora rank {rank!r}")
+    return lora
+
+
 def check_provenance(folder: Path, record: dict, tensors: dict[str, TensorInfo], digests: Mapping[str, str] | None = None) -> list[str]:
-    """`bema_offline.json` describes this folder: tensor count, files (names, sizes, sha256), dtype, shard size, and the
-    weights. `digests` are the shards' sha256 already computed (`check_values`), by file name; others are read.
-    Returns notes."""
+    """`bema_offline.json` describes this folder: what it is (a model or a PEFT adapter), tensor count, files (names,
+    sizes, sha256), dtype, shard size, and the weights. `digests` are the shards' sha256 already computed
+    (`check_values`), by file name; others are read. Returns notes."""
     path = folder / PROVENANCE_FILE
+    adapter, lora = is_adapter_folder(folder), record["_lora"]
+    if adapter != (lora is not None and lora["output"] == "adapter"):
+        recorded = "a PEFT adapter (--lora-output adapter)" if not adapter else "a model folder"
+        raise DataError(f"{path}: describes {recorded}, but the folder is {'an adapter' if adapter else 'a model folder'}; it was edited or damaged")
     if record["tensors"] != len(tensors):
         raise DataError(f"{path}: records {record['tensors']} tensors but the folder holds {len(tensors)}")
     notes = _check_output_files(folder, record.get("output_files"), digests)
     dtype = record["settings"].get("dtype")
     if dtype is not None:
         want = FLOAT_DTYPES.get(dtype)
-        wrong = next((i for i in tensors.values() if i.is_float and i.dtype != want), None)
+        # (an adapter keeps peft's frozen copies of base layers as saved; verify_lora checks each tensor's dtype)
+        wrong = next((i for i in tensors.values() if i.is_float and i.dtype != want and not (adapter and ".base_layer." in i.name)), None)
         if wrong is not None:
             raise DataError(f"{wrong.path}: tensor {wrong.name!r} is {wrong.dtype} but {path.name} says --dtype {dtype}")
     max_shard = record["settings"].get("max_shard_size")
-    if isinstance(max_shard, int):
+    if isinstance(max_shard, int) and not adapter:  # (an adapter is one file, whatever --max-shard-size)
         for shard, held in by_shard(tensors).items():
             if len(held) > 1 and sum(i.nbytes for i in held) > max_shard:
                 raise DataError(f"{shard}: holds more than the recorded max_shard_size {max_shard} bytes")
@@ -445,8 +513,10 @@ def check_provenance(folder: Path, record: dict, tensors: dict[str, TensorInfo],
     weights = record["_weights"]
     if set(weights) != set(expected) or any(not math.isclose(weights[s], w, rel_tol=1e-9, abs_tol=1e-12) for s, w in expected.items()):
         raise DataError(f"{path}: the effective weights do not follow from the recorded method; it was edited or damaged")
-    if set(record["_inputs"]) != set(weights):
+    if lora is None and set(record["_inputs"]) != set(weights):
         raise DataError(f"{path}: the inputs listed are not the steps with a weight")
+    if lora is not None and set(record["_inputs"]) != set(weights) | {BASE_STEP}:  # the base is W0 of every checkpoint
+        raise DataError(f"{path}: the inputs listed are not the base model and the steps with a weight")
     return notes
 
 
@@ -460,6 +530,10 @@ def _check_output_files(folder: Path, recorded: object, digests: Mapping[str, st
     if not isinstance(recorded, list) or not all(isinstance(entry, dict) for entry in recorded):
         raise DataError(f"{path}: malformed output_files; it was edited or damaged")
     actual = output_files(folder, digests)
+    notes = []
+    if ADAPTER_CONFIG in [entry["name"] for entry in actual] and ADAPTER_CONFIG not in [entry.get("name") for entry in recorded]:
+        actual = [entry for entry in actual if entry["name"] != ADAPTER_CONFIG]
+        notes.append(f"{path}: records no sha256 of {ADAPTER_CONFIG} (an adapter of an older bema-offline), so its bytes were not checked against it")
     if [(entry.get("name"), entry.get("size")) for entry in recorded] != [(entry["name"], entry["size"]) for entry in actual]:
         raise DataError(f"{path}: the weight files it records differ from the folder's (names or sizes); a file was replaced")
     if not any("sha256" in entry for entry in recorded):
@@ -470,31 +544,44 @@ def _check_output_files(folder: Path, recorded: object, digests: Mapping[str, st
                 f"{folder / have['name']}: its sha256 differs from the one recorded in {PROVENANCE_FILE}; the file changed "
                 "after it was written (a flipped bit, an edit): do not use it"
             )
-    return []
+    return notes
 
 
 def load_recorded_sources(record: dict, folder: Path) -> tuple[dict[int, WeightSource], list[str]]:
     """The source checkpoints named in the provenance that still exist, and notes on those gone or changed."""
-    sources, gone, changed = {}, [], []
-    for step, (source_folder, files) in sorted(record["_inputs"].items()):
-        if not source_folder.is_dir():
-            gone.append(str(source_folder))
-            continue
-        sources[step] = load_source(source_folder, step)
-        for name, size, mtime_ns in files:
+    gone = recorded_sources_gone(record)
+    sources = {}
+    for step, (source_folder, _) in sorted(record["_inputs"].items()):
+        if is_adapter_folder(source_folder):  # (a LoRA run's record has a lora entry, and verify_lora reads its sources)
+            raise DataError(
+                f"{folder / PROVENANCE_FILE}: names the PEFT adapter {source_folder} as a source but has no lora entry; "
+                "it was edited or damaged"
+            )
+        if source_folder.is_dir():
+            sources[step] = load_source(source_folder, step)
+    notes = [f"{folder}: {len(gone)} source folders are gone (e.g. {gone[0]}); they were not compared"] if gone else []
+    return sources, notes + recorded_sources_changed(record, folder)
+
+
+def recorded_sources_gone(record: dict) -> list[str]:
+    """The source folders named in the provenance that no longer exist."""
+    return [str(source_folder) for _, (source_folder, _) in sorted(record["_inputs"].items()) if not source_folder.is_dir()]
+
+
+def recorded_sources_changed(record: dict, folder: Path) -> list[str]:
+    """A note when source files named in the provenance changed (size or time) since the output was made."""
+    changed = []
+    for _, (source_folder, files) in sorted(record["_inputs"].items()):
+        for name, size, mtime_ns in files if source_folder.is_dir() else ():
             path = source_folder / name
             stat = path.stat() if path.is_file() else None
             if stat is None or (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns):
                 changed.append(str(path))
-    notes = []
-    if gone:
-        notes.append(f"{folder}: {len(gone)} source folders are gone (e.g. {gone[0]}); they were not compared")
-    if changed:
-        notes.append(f"{folder}: {len(changed)} source files changed since the output was made (e.g. {changed[0]})")
-    return sources, notes
+    return [f"{folder}: {len(changed)} source files changed since the output was made (e.g. {changed[0]})"] if changed else []
 
 
-def _planned_dtype(record: dict, source_info: TensorInfo) -> str:
+def planned_dtype(record: dict, source_info: TensorInfo) -> str:
+    """The dtype of an output tensor made from `source_info`, as the recorded settings (`--dtype`) make it."""
     dtype = record["settings"].get("dtype")
     if dtype in FLOAT_DTYPES and source_info.is_float:
         return FLOAT_DTYPES[dtype]
@@ -510,7 +597,7 @@ def check_against_sources(folder: Path, record: dict, tensors: dict[str, TensorI
                 raise DataError(f"{info.path}: tensor {name!r} is not in the source {source.label}")
             if origin.shape != info.shape:
                 raise DataError(f"{info.path}: tensor {name!r} is {list(info.shape)} but {list(origin.shape)} in {source.label}")
-            if step != BASE_STEP and _planned_dtype(record, origin) != info.dtype:
+            if step != BASE_STEP and planned_dtype(record, origin) != info.dtype:
                 raise DataError(f"{info.path}: tensor {name!r} is {info.dtype} but {origin.dtype} in {source.label}")
         if step != BASE_STEP:
             extra = next((name for name in source.tensors if name not in tensors), None)
@@ -521,7 +608,7 @@ def check_against_sources(folder: Path, record: dict, tensors: dict[str, TensorI
 # --- recompute ---------------------------------------------------------------------------------------------------
 
 
-class _CompareSink(Sink):
+class CompareSink(Sink):
     """Compares each recomputed slice with the bytes already in the output folder."""
 
     def __init__(self, tensors: dict[str, TensorInfo]) -> None:
@@ -560,11 +647,11 @@ def recompute_tensors(
         outputs=[output],
         sources=sources,
         tensors=[reference.tensors[name] for name in names],
-        output_dtypes={name: _planned_dtype(record, reference.tensors[name]) for name in names},
+        output_dtypes={name: planned_dtype(record, reference.tensors[name]) for name in names},
     )
     accum = record["settings"].get("accum_dtype")
     accum = accum if accum in ("float32", "float64") else "float32"
-    sink = _CompareSink(tensors)
+    sink = CompareSink(tensors)
     try:
         Engine(plan, sink, accum_dtype=accum, max_memory=max(max_memory, 2**20)).run()
     finally:
