@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from hub_fake import FakeApi
 from huggingface_hub import ModelCard
 from synthetic import make_run
@@ -423,3 +424,50 @@ def test_files_copied_from_the_checkpoints_that_name_local_paths_are_reported(si
     push_to_hub(single, "my-org/avg", api=FakeApi(), log=lines.append)
     assert lines[0] == f"note: tokenizer_config.json holds the local path {Path.home()}; it goes up as it is (to my-org/avg)"
     assert lines[1].startswith("pushed ")
+
+
+# --- LoRA runs: a merged model and a PEFT adapter go up, and come back down verified ---------------------------------
+
+
+def test_a_lora_adapter_output_goes_up_loads_with_peft_and_verifies_when_downloaded(tmp_path_factory, tmp_path) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from tiny_lora import lora_run, quiet
+
+    from bema_offline.output.verify import verify
+    from bema_offline.sources.peft import ADAPTER_CONFIG
+
+    run = lora_run(tmp_path_factory, "dpo")
+    output = tmp_path / "adapter"
+    average(run.run_dir, output, schedule=BEMASchedule(update_freq=2), lora_output="adapter")
+    before = state(output)
+    api = CapturingApi()
+    push_to_hub(output, "my-org/avg-adapter", api=api)
+    assert state(output) == before
+    (sent,) = api.sent
+    (upload,) = api.uploads
+    assert ADAPTER_CONFIG in sent and "adapter_model.safetensors" in sent and "model.safetensors" not in sent
+    delete = next(kwargs["delete_patterns"] for method, _, kwargs in api.calls if method == "upload_folder")
+    assert {"config.json", "*.safetensors"} <= set(delete)  # a merged model pushed there before does not linger
+    config = json.loads(sent[ADAPTER_CONFIG][0])
+    local = json.loads((output / ADAPTER_CONFIG).read_text())
+    assert local["base_model_name_or_path"] == str(run.base_dir)
+    assert config == {**local, "base_model_name_or_path": run.base_dir.name}  # no local path, nothing else changed
+    card = ModelCard(upload["card"])
+    assert card.data.library_name == "peft" and "PeftModel" in upload["card"]
+
+    download = tmp_path / "download"
+    download.mkdir()
+    for name, (data, _) in sent.items():
+        (download / name).write_bytes(data)
+    (report,) = verify(download)  # the uploaded record gives the redacted config's sha256
+    assert report.adapter and "the copy made for the Hub" in report.notes[-1]
+    model = quiet(PeftModel.from_pretrained, run.load_base(), download)
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    stored = load_file(download / "adapter_model.safetensors")
+    assert loaded and all(torch.equal(loaded[k.replace(".weight", ".default.weight")], v) for k, v in stored.items() if "lora_" in k)
+    edited = sent[ADAPTER_CONFIG][0].replace(b'"r": ', b'"r" :')  # the same size, other bytes
+    assert edited != sent[ADAPTER_CONFIG][0]
+    (download / ADAPTER_CONFIG).write_bytes(edited)
+    with pytest.raises(DataError, match=f"{ADAPTER_CONFIG}: its sha256 differs"):
+        verify(download)
