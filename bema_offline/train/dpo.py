@@ -128,24 +128,34 @@ def parse_config_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """
     from trl import DPOConfig
 
-    fields = {f.name for f in dataclasses.fields(DPOConfig) if f.init}
-    hints = typing.get_type_hints(DPOConfig)
-    overrides: dict[str, Any] = {}
+    return _parse_fields(
+        pairs, DPOConfig, option="--config-set", example="warmup_steps=10", own=OWN_OPTIONS, refused=REFUSED_FIELDS, where="trl.DPOConfig"
+    )
+
+
+def _parse_fields(
+    pairs: Sequence[str], config_class: type, *, option: str, example: str, own: dict[str, str], refused: dict[str, str], where: str
+) -> dict[str, Any]:
+    """`KEY=VALUE` strings of `option` as fields of the dataclass `config_class`, each value converted to its field's
+    type; a field with an option of its own (`own`), a refused one (`refused`) or an unknown one is a `UsageError`."""
+    fields = {f.name for f in dataclasses.fields(config_class) if f.init}
+    hints = typing.get_type_hints(config_class)
+    values: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
-            raise UsageError(f"--config-set {pair!r}: write KEY=VALUE, e.g. --config-set warmup_steps=10")
-        if key in OWN_OPTIONS:
-            raise UsageError(f"--config-set {key}: use {OWN_OPTIONS[key]} instead")
-        if key in REFUSED_FIELDS:
-            raise UsageError(f"--config-set {key}: not allowed, {REFUSED_FIELDS[key]}")
+            raise UsageError(f"{option} {pair!r}: write KEY=VALUE, e.g. {option} {example}")
+        if key in own:
+            raise UsageError(f"{option} {key}: use {own[key]} instead")
+        if key in refused:
+            raise UsageError(f"{option} {key}: not allowed, {refused[key]}")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"; did you mean {close[0]}?" if close else "; see the fields of trl.DPOConfig"
-            raise UsageError(f"--config-set {key}: DPOConfig has no such field{hint}")
-        overrides[key] = _convert(key, text.strip(), hints[key])
-    return overrides
+            hint = f"; did you mean {close[0]}?" if close else f"; see the fields of {where}"
+            raise UsageError(f"{option} {key}: {config_class.__name__} has no such field{hint}")
+        values[key] = _convert(key, text.strip(), hints[key], option=option)
+    return values
 
 
 LORA_OPTIONS = {"r": "--lora-r", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout", "target_modules": "--lora-target-modules"}
@@ -183,28 +193,15 @@ def lora_config(
     require_extra("LoRA training (--lora-*)", ("peft",))
     from peft import LoraConfig
 
-    fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
-    hints = typing.get_type_hints(LoraConfig)
     settings: dict[str, Any] = {"task_type": "CAUSAL_LM"}
     given = {"r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout}
     settings.update({key: value for key, value in given.items() if value is not None})
     if target_modules is not None:
         names = [name.strip() for name in target_modules.split(",") if name.strip()]
         settings["target_modules"] = "all-linear" if names == ["all-linear"] else names
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise UsageError(f"--lora-set {pair!r}: write KEY=VALUE, e.g. --lora-set use_rslora=true")
-        if key in LORA_OPTIONS:
-            raise UsageError(f"--lora-set {key}: use {LORA_OPTIONS[key]} instead")
-        if key in LORA_REFUSED:
-            raise UsageError(f"--lora-set {key}: not allowed, {LORA_REFUSED[key]}")
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f"; did you mean {close[0]}?" if close else "; see the fields of peft.LoraConfig"
-            raise UsageError(f"--lora-set {key}: LoraConfig has no such field{hint}")
-        settings[key] = _convert(key, text.strip(), hints[key], option="--lora-set")
+    settings.update(
+        _parse_fields(pairs, LoraConfig, option="--lora-set", example="use_rslora=true", own=LORA_OPTIONS, refused=LORA_REFUSED, where="peft.LoraConfig")
+    )
     try:
         return LoraConfig(**settings)
     except (ValueError, TypeError) as e:
