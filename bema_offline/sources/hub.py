@@ -330,6 +330,11 @@ def _folders_run(repo_id: str, revision: str | None, commit: str, files: dict[st
             notes.append(f"ignored {folder}/: no step number in its name")
             continue
         step = int(match.group(1))
+        if step == 0:  # step 0 is θ0, which is read from --base-model
+            raise DataError(
+                f"{HUB_PREFIX}{repo_id}: {folder}/ is a checkpoint at step 0, which is θ0, read from --base-model: download it "
+                f"(hf download {repo_id} --include '{folder}/*' --local-dir base) and pass --base-model base/{folder}"
+            )
         if step in checkpoints:
             raise DataError(f"{HUB_PREFIX}{repo_id}: {checkpoints[step].prefix}and {folder}/ are both step {step}; remove one of them from the repo")
         checkpoints[step] = HubCheckpoint(step, commit, folder + "/", folder, contents)
@@ -579,7 +584,8 @@ class HubDownloads:
         return Path(found) if isinstance(found, str) else None
 
     def _get(self, step: int, name: str) -> tuple[Path, bool]:
-        """The cache path of a file of a step, downloaded if needed; and whether this call downloaded it."""
+        """The cache path of a file of a step, downloaded if needed; and whether this call put its blob in the cache
+        (huggingface_hub reuses a blob already there, of another commit, and then only adds the snapshot's link)."""
         cached = self._cached(step, name)
         if cached is not None:
             return cached, False
@@ -589,6 +595,8 @@ class HubDownloads:
             from huggingface_hub import hf_hub_download
 
             self._download = hf_hub_download
+        blobs = self.cache_dir / ("models--" + self.run.repo_id.replace("/", "--")) / "blobs"
+        blobs_before = set(os.listdir(blobs)) if blobs.is_dir() else set()
         try:
             path = self._download(self.run.repo_id, filename, revision=checkpoint.commit, cache_dir=self.cache_dir)
         except Exception as e:
@@ -599,38 +607,66 @@ class HubDownloads:
                     f"`hf download {self.run.repo_id} {filename} --revision {checkpoint.commit}`"
                 ) from e
             raise hub_error(e, self.run.repo_id, checkpoint.commit, what=f"download {filename}") from e
-        return Path(path), True
+        blob = _repo_blob(Path(path))
+        return Path(path), blob is not None and blob.parent == blobs and blob.name not in blobs_before
 
     def _link(self, step: int, name: str, path: Path) -> None:
         link = self.folder / f"checkpoint-{step}" / name
         link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.is_symlink():
+        try:
             link.symlink_to(os.path.abspath(path))
+        except FileExistsError:  # made by the other thread (the planner and the download thread both link)
+            pass
 
     def _delete(self, step: int, files: Iterable[Path]) -> None:
-        """Delete downloaded weights: the cache's snapshot entry, its blob (unless another file this run still
-        needs shares it), and the run folder's link."""
+        """Delete downloaded weights: the cache's snapshot entry, the repo's blob it links to (unless another file
+        this run still needs shares it), and the run folder's link. Only blobs this run put in the cache are given
+        here. A blob that is itself a link into huggingface_hub's cache-wide store (hf_xet's shared blobs) loses
+        only that link; the store's entry is left to huggingface_hub's own collection, which keeps it while any
+        other repo's blob refers to it."""
         with self._lock:
-            still_needed = {os.path.realpath(path) for paths in self._downloaded.values() for path in paths}
+            still_needed = {_repo_blob(path) for paths in self._downloaded.values() for path in paths}
         removed = 0
         for path in files:
-            blob = os.path.realpath(path)
-            if blob in still_needed:  # another step downloaded the same bytes: only this entry goes
-                doomed = [str(path)]
-            else:
+            blob = _repo_blob(path)
+            doomed = [path]
+            if blob is not None and blob not in still_needed:  # else another step downloaded the same bytes
                 removed += os.stat(blob).st_size if os.path.exists(blob) else 0
-                doomed = list(dict.fromkeys([str(path), blob]))
+                doomed.append(blob)
+            store = os.path.realpath(blob) if blob is not None and blob.is_symlink() else None
             for name in doomed:
                 try:
                     os.unlink(name)
                 except FileNotFoundError:
                     pass
+            if store is not None and blob not in still_needed:
+                _collect_shared_blob(Path(store), self.cache_dir)
         with self._lock:
             self._on_disk -= removed
         folder = self.folder / f"checkpoint-{step}"
         for link in folder.rglob("*"):
             if link.is_symlink() and not link.exists():
                 link.unlink()
+
+
+def _repo_blob(pointer: Path) -> Path | None:
+    """The repo's `blobs/<etag>` entry that a snapshot's link points to (one level of link: never the cache-wide
+    store an entry may link to in turn), or None when the path is not a link."""
+    try:
+        target = os.readlink(pointer)
+    except OSError:
+        return None
+    return Path(os.path.normpath(os.path.join(os.path.dirname(pointer), target)))
+
+
+def _collect_shared_blob(store: Path, cache_dir: Path) -> None:
+    """Let huggingface_hub remove an entry of its cache-wide blob store if no repo's blob refers to it any more
+    (its own rule, under its own lock); nothing where this version of huggingface_hub has no such store."""
+    try:
+        from huggingface_hub.utils._shared_blobs import sweep_shared_blob
+    except ImportError:
+        return
+    sweep_shared_blob(store, cache_dir=cache_dir)
 
 
 def remote_source(run: HubRun, step: int, folder: Path, api: Any) -> WeightSource:

@@ -224,6 +224,28 @@ def test_downloads_run_one_step_ahead_and_release_deletes_only_what_this_run_dow
         hub.close()
 
 
+def test_blobs_of_an_earlier_commit_in_the_cache_survive_a_run_that_reuses_them(tmp_path, local_run):
+    """A run pushed with hub_strategy='all_checkpoints' gets a commit per save; the cache may hold an earlier commit's
+    snapshot, whose blobs a download of the new commit reuses (it adds only the snapshot link): the run deletes that
+    link and never the blob, so the earlier snapshot stays readable."""
+    run_dir, _ = local_run
+    repo = FakeRepo(REPO)
+    early = {k: v for k, v in folder_files(run_dir).items() if not k.startswith("checkpoint-8/")}
+    repo.commit(early, branch="early")
+    cache = tmp_path / "cache"
+    cache_files(cache, repo, branches=("early",))
+    repo.commit({**folder_files(run_dir), "README.md": b"# run\n"})
+    old = cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / repo.branches["early"] / "checkpoint-2" / "model.safetensors"
+    before = old.read_bytes()
+    run = open_hub_run(f"hf://{REPO}", api=FakeHubApi(repo))
+    with HubDownloads(run, tmp_path, keep=False, cache_dir=cache, download=FakeDownload(repo)) as hub:
+        for step in STEPS:
+            hub.fetch(step)
+            hub.release(step)
+        assert hub.downloaded_bytes == os.path.getsize(run_dir / "checkpoint-8" / "model.safetensors")  # the only new blob
+    assert old.read_bytes() == before
+
+
 @pytest.mark.parametrize("shards", [1, 3])
 def test_headers_over_range_requests_are_exactly_what_the_reader_reads_once_the_files_arrive(tmp_path, shards):
     run_dir, _, _ = make_run(tmp_path / "src", [5, 10], shards=shards)
