@@ -51,6 +51,11 @@ def find_checkpoints(run_dir: str | Path, *, min_step: int | None = None, max_st
         if not path.is_dir():
             raise DataError(f"{path}: not a folder (a broken link or a link loop?); fix or remove it")
         step = int(match.group(1))
+        if step == 0:  # step 0 is θ0, which is read from --base-model
+            raise DataError(
+                f"{path}: a checkpoint at step 0 is θ0, which bema-offline reads from --base-model: move it out of the run "
+                "and pass it as --base-model"
+            )
         if step in found:
             raise DataError(f"{found[step]} and {path} are both step {step}; remove one of them")
         found[step] = path
@@ -181,8 +186,9 @@ DEFAULT_UPDATE_FREQ = 400  # TRL's
 def run_cadence(run_dir: str | Path, *, min_step: int | None = None, max_step: int | None = None) -> tuple[int, str]:
     """The run's own checkpoint cadence, for `--update-freq` when none is given, and where it was read.
 
-    The newest checkpoint's `trainer_state.json` gives the Trainer's `save_steps`; else the checkpoints' spacing,
-    when it is even; else TRL's default (400).
+    The newest checkpoint's `trainer_state.json` gives the Trainer's `save_steps`, when every checkpoint but the newest
+    (a run's final save) lies on a multiple of it (a run that saves by epoch records the unused default, 500); else
+    the checkpoints' spacing, when it is even; else TRL's default (400).
 
     Raises:
         `DataError`: the run has no checkpoints (as `find_checkpoints`).
@@ -191,14 +197,17 @@ def run_cadence(run_dir: str | Path, *, min_step: int | None = None, max_step: i
     newest = max(found)
     state = read_trainer_state(found[newest])
     save_steps = state.get("save_steps") if state else None
-    if isinstance(save_steps, (int, float)) and not isinstance(save_steps, bool) and save_steps >= 1 and float(save_steps).is_integer():
-        return int(save_steps), f"the run's save_steps (trainer_state.json of checkpoint-{newest})"
     steps = sorted(found)
+    why = "no save_steps in trainer_state.json"
+    if isinstance(save_steps, (int, float)) and not isinstance(save_steps, bool) and save_steps >= 1 and float(save_steps).is_integer():
+        if all(step % int(save_steps) == 0 for step in steps[:-1]):
+            return int(save_steps), f"the run's save_steps (trainer_state.json of checkpoint-{newest})"
+        why = f"trainer_state.json's save_steps {int(save_steps)} does not fit them: saved by epoch?"
     gaps = {b - a for a, b in zip(steps, steps[1:])}
     if len(gaps) == 1:
         (gap,) = gaps
-        return gap, f"the spacing of the {len(steps)} checkpoints (no save_steps in trainer_state.json)"
-    return DEFAULT_UPDATE_FREQ, "TRL's default: the run states no save_steps and its checkpoints are not evenly spaced"
+        return gap, f"the spacing of the {len(steps)} checkpoints ({why})"
+    return DEFAULT_UPDATE_FREQ, f"TRL's default: the checkpoints are not evenly spaced ({why})"
 
 
 def read_trainer_state(folder: Path) -> dict | None:

@@ -134,3 +134,31 @@ def test_a_folder_with_both_model_safetensors_and_shards_is_read_as_transformers
     source = load_source(tmp_path / "both", 1)
     assert source.tensors["w"].path.name == "model.safetensors"
     assert any("the shards were ignored" in note for note in source.notes)
+
+
+def test_checkpoint_0_is_refused_with_the_fix(tmp_path):
+    make_dirs(tmp_path, ["checkpoint-0", "checkpoint-4"])
+    with pytest.raises(DataError, match="checkpoint-0: a checkpoint at step 0 is θ0.*pass it as --base-model"):
+        find_checkpoints(tmp_path)
+
+
+def test_a_run_that_saves_by_epoch_takes_its_cadence_from_the_checkpoints_not_the_unused_save_steps(tmp_path):
+    """The Trainer records `save_steps` (500 by default) in trainer_state.json whatever `save_strategy` is: a run
+    saved by epoch would replay with the wrong cadence if it were trusted."""
+    from tiny_hf import make_tiny_qwen2, make_tokenizer
+    from transformers import Trainer, TrainingArguments
+
+    from bema_offline.sources.run import run_cadence
+
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    model = make_tiny_qwen2(tmp_path / "base", tokenizer)
+    ids = tokenizer("the cat sat on the mat")["input_ids"]
+    data = [{"input_ids": ids, "labels": ids} for _ in range(6)]
+    args = TrainingArguments(
+        tmp_path / "run", num_train_epochs=3, per_device_train_batch_size=2, save_strategy="epoch", save_only_model=True,
+        use_cpu=True, report_to=[], disable_tqdm=True, logging_strategy="no",
+    )
+    Trainer(model=model, args=args, train_dataset=data).train()
+    assert sorted(find_checkpoints(tmp_path / "run")) == [3, 6, 9]
+    assert read_trainer_state(tmp_path / "run" / "checkpoint-9")["save_steps"] == 500  # recorded, not used
+    assert run_cadence(tmp_path / "run") == (3, "the spacing of the 3 checkpoints (trainer_state.json's save_steps 500 does not fit them: saved by epoch?)")
