@@ -22,7 +22,7 @@ from ..dtypes import DTYPES
 from ..errors import DataError
 from ..files import FileIdentity
 from .tensors import Extent, TensorInfo, WeightSource
-from .torch_bin import MAX_RUNS, Opaque, Region, StoredTensor, TorchArchive, _Marker, open_file, unpickle
+from .torch_bin import MAX_RUNS, Opaque, Region, StoredTensor, TorchArchive, _Marker, open_file, shown_value, unpickle
 
 DCP_FOLDER = "pytorch_model_fsdp_0"
 METADATA_FILE = ".metadata"
@@ -95,7 +95,7 @@ def _parse_metadata(metadata: object, path: Path):
 
     def fields(value: object, kind: str) -> dict:
         if not (isinstance(value, Opaque) and value.qualname.rsplit(".", 1)[-1] == kind):
-            raise DataError(f"{path}: expected DCP's {kind}, found {value!r}; this is not a torch.distributed.checkpoint folder, or the metadata is corrupt")
+            raise DataError(f"{path}: expected DCP's {kind}, found {shown_value(value)}; this is not a torch.distributed.checkpoint folder, or the metadata is corrupt")
         return value.fields
 
     top = fields(metadata, "Metadata")
@@ -112,7 +112,7 @@ def _parse_metadata(metadata: object, path: Path):
         chunks = [fields(chunk, "ChunkStorageMetadata") for chunk in entry.get("chunks") or []]
         chunks = [(_dims(chunk.get("offsets"), key, path), _dims(chunk.get("sizes"), key, path)) for chunk in chunks]
         if not isinstance(key, str):
-            raise DataError(f"{path}: a tensor key is {key!r}, not a name; the metadata is corrupt")
+            raise DataError(f"{path}: a tensor key is {shown_value(key)}, not a name; the metadata is corrupt")
         tensors[key] = (dtype, size, chunks)
     storage = {}
     for index, info in stored.items():
@@ -224,13 +224,13 @@ def _dtype(properties: object, key: str, path: Path) -> str:
     state = properties.state if isinstance(properties, Opaque) else None
     dtype = state[0] if isinstance(state, tuple) and state else (state or {}).get("dtype") if isinstance(state, dict) else None
     if not (isinstance(dtype, _Marker) and dtype.kind == "dtype"):
-        raise DataError(f"{path}: tensor {key!r} has no dtype this tool reads ({dtype!r}); the metadata is corrupt or the dtype is unsupported")
+        raise DataError(f"{path}: tensor {key!r} has no dtype this tool reads ({shown_value(dtype)}); the metadata is corrupt or the dtype is unsupported")
     return dtype.value
 
 
 def _dims(value: object, key: object, path: Path) -> tuple[int, ...]:
     if not (isinstance(value, tuple) and all(_is_count(v) for v in value)):
-        raise DataError(f"{path}: malformed size or offset {value!r} for {key!r}; the metadata is corrupt")
+        raise DataError(f"{path}: malformed size or offset {shown_value(value)} for {shown_value(key)}; the metadata is corrupt")
     return value
 
 

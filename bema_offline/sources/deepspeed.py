@@ -26,7 +26,7 @@ from pathlib import Path
 from ..errors import DataError
 from ..files import FileIdentity, read_small_file
 from .tensors import Extent, TensorInfo, WeightSource
-from .torch_bin import Opaque, Storage, StoredTensor, TorchArchive, open_file
+from .torch_bin import Opaque, Storage, StoredTensor, TorchArchive, open_file, shown_value
 
 LATEST_FILE = "latest"
 _OPTIM = re.compile(r"(?:bf16_|fp16_)?zero_pp_rank_([0-9]+)_mp_rank_([0-9]+)_optim_states\.pt")
@@ -360,7 +360,7 @@ def _container(value: object, kind: type, what: str, path: Path):
 
 def _name(value: object, path: Path) -> str:
     if not isinstance(value, str):
-        raise DataError(f"{path}: a parameter name is {value!r}, not a string; the checkpoint is corrupt")
+        raise DataError(f"{path}: a parameter name is {shown_value(value)}, not a string; the checkpoint is corrupt")
     return value
 
 
@@ -375,13 +375,13 @@ def _int(value: object, what: str, path: Path) -> int:
     if isinstance(value, Opaque) and len(value.args) == 1:
         value = value.args[0]
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise DataError(f"{path}: malformed {what} {value!r}; the checkpoint is corrupt")
+        raise DataError(f"{path}: malformed {what} {shown_value(value)}; the checkpoint is corrupt")
     return value
 
 
 def _shape(value: object, name: str, path: Path) -> tuple[int, ...]:
     if not (isinstance(value, tuple) and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in value)):
-        raise DataError(f"{path}: parameter {name!r} has a malformed shape {value!r}; the checkpoint is corrupt")
+        raise DataError(f"{path}: parameter {name!r} has a malformed shape {shown_value(value)}; the checkpoint is corrupt")
     return value
 
 

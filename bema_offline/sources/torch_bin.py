@@ -23,9 +23,10 @@ import math
 import os
 import pickle
 import pickletools
+import reprlib
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,6 +259,7 @@ def _rebuild_parameter(data, requires_grad, hooks, state=None):
 
 
 def _rebuild_from_type_v2(function, new_type, args, state):
+    function = function.function if isinstance(function, _Callable) else None
     if function not in _REBUILDERS or not (isinstance(new_type, _Marker) and new_type.kind == "tensor type"):
         raise pickle.UnpicklingError("_rebuild_from_type_v2 of something other than a tensor")
     return function(*args)
@@ -299,6 +301,20 @@ _GLOBALS: dict[tuple[str, str], object] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class _Callable:
+    """A function of `_GLOBALS` as a pickle gets it: a fresh wrapper per lookup, so that a pickle's BUILD opcode,
+    which sets attributes on what it is given, can change nothing another pickle gets (the function's defaults)."""
+
+    function: Callable
+
+    def __call__(self, *args):
+        return self.function(*args)
+
+
+OPAQUE_TYPES_LIMIT = 1000  # distinct classes an opaque pickle (an optimizer's, DCP's metadata) may name
+
+
 class _Unpickler(pickle.Unpickler):
     """Builds `StoredTensor`s, `Storage`s and plain containers; any other global is refused (or, with `opaque`,
     becomes an `Opaque` type). `find_class` is the only way a pickle reaches code, so none of its own runs."""
@@ -311,8 +327,12 @@ class _Unpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         found = _GLOBALS.get((module, name))
-        if found is not None:
+        if isinstance(found, _Marker):  # a fresh copy: nothing the pickle does to it reaches the next pickle
+            return _Marker(found.kind, found.value)
+        if isinstance(found, type):  # OrderedDict, set, frozenset: built-in types, which no attribute can be set on
             return found
+        if found is not None:
+            return _Callable(found)
         if not self.opaque:
             raise DataError(
                 f"{self.label}: the pickle needs {module}.{name}, which is neither a tensor nor a plain container; "
@@ -320,6 +340,8 @@ class _Unpickler(pickle.Unpickler):
                 "or as safetensors)"
             )
         key = (module, name)
+        if key not in self._opaque_types and len(self._opaque_types) >= OPAQUE_TYPES_LIMIT:
+            raise DataError(f"{self.label}: the pickle names more than {OPAQUE_TYPES_LIMIT} classes; the file is corrupt or hostile")
         if key not in self._opaque_types:
             qualname = f"{module}.{name}"
             self._opaque_types[key] = type(qualname, (Opaque,), {"qualname": qualname})
@@ -327,16 +349,26 @@ class _Unpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"an unexpected persistent id {str(pid)[:80]}")
+            raise pickle.UnpicklingError(f"an unexpected persistent id {shown_value(pid)}")
         _, kind, key, _location, numel = pid
         if not (isinstance(kind, _Marker) and kind.kind == "storage" and isinstance(key, str)):
-            raise pickle.UnpicklingError(f"a malformed storage id {str(pid)[:80]}")
+            raise pickle.UnpicklingError(f"a malformed storage id {shown_value(pid)}")
         if not isinstance(numel, int) or isinstance(numel, bool) or not 0 <= numel < 2**62:
-            raise pickle.UnpicklingError(f"storage {key!r} has a malformed size {numel!r}")
+            raise pickle.UnpicklingError(f"storage {key!r} has a malformed size {shown_value(numel)}")
         storage = Storage(key, kind.value, numel)
         if self.storages.setdefault(key, storage) != storage:
             raise pickle.UnpicklingError(f"storage {key!r} is named with two dtypes or sizes")
         return storage
+
+
+_SHOWN = reprlib.Repr()  # (Python 3.11's takes no arguments)
+_SHOWN.maxlevel, _SHOWN.maxtuple, _SHOWN.maxlist, _SHOWN.maxdict, _SHOWN.maxstring, _SHOWN.maxother = 3, 6, 6, 6, 60, 60
+
+
+def shown_value(value: object) -> str:
+    """A value from a pickle, for a message: bounded in depth and length (a tuple built by doubling through the memo
+    would otherwise expand to 2**40 items)."""
+    return _SHOWN.repr(value)
 
 
 def unpickle(data: bytes, label: str, *, opaque: bool = False) -> tuple[object, dict[str, Storage]]:
@@ -449,15 +481,15 @@ class TorchArchive:
         dtype = storage.dtype
         if tensor.dtype is not None:
             if not isinstance(tensor.dtype, _Marker) or tensor.dtype.kind != "dtype" or storage.dtype != "U8":
-                raise DataError(f"{where}: malformed tensor record (dtype {tensor.dtype!r}); the file is corrupt")
+                raise DataError(f"{where}: malformed tensor record (dtype {shown_value(tensor.dtype)}); the file is corrupt")
             dtype = tensor.dtype.value
         if tensor.metadata:
             raise DataError(
-                f"{where} carries tensor flags {tensor.metadata!r} (a conjugate or negative view), so its bytes are not "
+                f"{where} carries tensor flags {shown_value(tensor.metadata)} (a conjugate or negative view), so its bytes are not "
                 "its values; re-save it after .resolve_conj().resolve_neg()"
             )
         if not (_is_ints(shape) and _is_ints(stride) and len(shape) == len(stride) and _is_ints((offset,))):
-            raise DataError(f"{where}: malformed shape {shape!r}, stride {stride!r} or offset {offset!r}; the file is corrupt")
+            raise DataError(f"{where}: malformed shape {shown_value(shape)}, stride {shown_value(stride)} or offset {shown_value(offset)}; the file is corrupt")
         itemsize = DTYPES[dtype].itemsize
         if storage.nbytes % itemsize:
             raise DataError(f"{where}: its storage of {storage.nbytes} bytes is not a whole number of {dtype} elements; the file is corrupt")

@@ -196,3 +196,35 @@ def test_fuzz_damaged_archives_give_data_errors(tmp_path_factory, flips, length)
     size = (folder / "pytorch_model.bin").stat().st_size
     for info in source.tensors.values():
         assert all(offset + nbytes <= size for _, offset, nbytes in info.ranges(0, info.numel))
+
+
+def test_a_pickle_cannot_change_what_the_next_pickle_gets(tmp_path):
+    """BUILD sets attributes on whatever a pickle was given: a storage class's marker, a rebuild function. Each
+    pickle gets its own copies, so one hostile file cannot make every later FloatStorage read as int32."""
+    retag = b"\\x80\\x02ctorch\\nFloatStorage\\n}X\\x05\\x00\\x00\\x00valueX\\x03\\x00\\x00\\x00I32sb."
+    defaults = b"\\x80\\x02ctorch._utils\\n_rebuild_tensor_v2\\n}X\\x0c\\x00\\x00\\x00__defaults__(\\x88NX\\x03\\x00\\x00\\x00negtsb."
+    for hostile in (retag, defaults):
+        try:
+            unpickle(hostile.decode("unicode_escape").encode("latin-1"), "hostile.bin")
+        except DataError:
+            pass
+    state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    source = load_source(tmp_path, 1)
+    assert source.tensors["w"].dtype == "F32" and same_bits(read_tensor(source.tensors["w"]), state["w"])
+
+
+def test_a_pickle_that_expands_exponentially_gets_one_line_at_once():
+    """A tuple doubled through the memo 40 times is a few bytes, and 2**40 items when printed in full."""
+    data = bytearray(b"\\x80\\x04N")
+    for level in range(40):
+        data += b"\\x94h" + bytes([level]) + b"\\x86"  # MEMOIZE, BINGET level, TUPLE2: (x, x)
+    data += b"Q."  # BINPERSID: the tuple as a storage id
+    with pytest.raises(DataError, match=r"hostile.bin: malformed pickle \(an unexpected persistent id \(\(\(\(.{0,200}\); the file is corrupt"):
+        unpickle(bytes(data).decode("unicode_escape").encode("latin-1"), "hostile.bin")
+
+
+def test_an_opaque_pickle_naming_thousands_of_classes_is_refused():
+    names = b"".join(b"cmod\\nC%d\\n0" % i for i in range(1001))  # GLOBAL, POP
+    with pytest.raises(DataError, match="names more than 1000 classes"):
+        unpickle((b"\\x80\\x02" + names + b"N.").decode("unicode_escape").encode("latin-1"), "optimizer.pt", opaque=True)
