@@ -247,7 +247,8 @@ class OpenFiles:
     def __init__(
         self, *, writable: bool = False, max_open: int | None = 64, identities: Mapping[Path, FileIdentity] | None = None
     ) -> None:
-        self.flags = (os.O_WRONLY | os.O_NOFOLLOW if writable else os.O_RDONLY) | os.O_CLOEXEC
+        # (O_NONBLOCK: a path replaced by a FIFO since it was planned fails its identity check instead of blocking)
+        self.flags = (os.O_WRONLY | os.O_NOFOLLOW if writable else os.O_RDONLY | os.O_NONBLOCK) | os.O_CLOEXEC
         self.max_open = max_open
         self.identities = identities
         self._fds: OrderedDict[Path, int] = OrderedDict()

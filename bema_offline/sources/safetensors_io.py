@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import struct
 from pathlib import Path
 
@@ -38,8 +39,10 @@ def read_header(path: Path, identities: dict[Path, FileIdentity] | None = None) 
         `DataError`: the file is truncated, its header is malformed or inconsistent with its size.
     """
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:  # (a FIFO must not block)
             status = os.fstat(f.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                raise DataError(f"{path}: not a regular file; replace it with the saved weights")
             size = status.st_size
             if identities is not None:
                 identities[path] = FileIdentity.of(status)

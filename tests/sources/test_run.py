@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,12 @@ def test_a_run_that_saves_by_epoch_takes_its_cadence_from_the_checkpoints_not_th
     assert sorted(find_checkpoints(tmp_path / "run")) == [3, 6, 9]
     assert read_trainer_state(tmp_path / "run" / "checkpoint-9")["save_steps"] == 500  # recorded, not used
     assert run_cadence(tmp_path / "run") == (3, "the spacing of the 3 checkpoints (trainer_state.json's save_steps 500 does not fit them: saved by epoch?)")
+
+
+def test_a_weights_file_that_is_a_fifo_gets_one_line_and_never_blocks(tmp_path):
+    run_dir, _, _ = make_run(tmp_path, [1])
+    weights = run_dir / "checkpoint-1" / "model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    with pytest.raises(DataError, match="model.safetensors: not a regular file"):
+        load_source(run_dir / "checkpoint-1", 1)
