@@ -46,7 +46,8 @@ class Candidates:
 
     Args:
         models (`list[Candidate]`): in the order given (a sweep's outputs sorted by path), baselines last.
-        sweep_dir (`Path`, *optional*): the sweep folder, when exactly one was given.
+        sweep_dir (`Path`, *optional*): the sweep folder, when exactly one was given and it is a bema-average output
+            (where the report is written by default).
     """
 
     models: list[Candidate]
@@ -104,9 +105,11 @@ def find_candidates(paths: Sequence[str | Path], *, baselines: bool = False) -> 
         role = "average" if record is not None else "model"
         models.append(Candidate(label or folder.name, str(folder), role, record))
     models = _unique_labels(models)
+    # The report goes beside the models only in a bema-average output: never into a training run or other inputs
+    own_sweep = len(sweeps) == 1 and len(paths) == 1 and all(model.role == "average" for model in models)
     if baselines:
         models += _baselines(models, seen)
-    return Candidates(models=models, sweep_dir=sweeps[0] if len(sweeps) == 1 and len(paths) == 1 else None)
+    return Candidates(models=models, sweep_dir=sweeps[0] if own_sweep else None)
 
 
 def _model_folders(root: Path) -> list[Path]:

@@ -9,6 +9,7 @@ says so. The winner is the best-ranked model that is not a baseline.
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._version import __version__
+from ..files import replace_file
 from .candidates import Candidate
 from .leaderboard import format_number, json_number, leaderboard_markdown
 from .metrics import TIE_BREAK
@@ -156,10 +158,9 @@ class EvalReport:
 
             figure = draw_report(self)
             if figure is not None:
-                temporary = folder / f".{PNG_FILE}.tmp"
-                figure.savefig(temporary, format="png")
-                os.replace(temporary, folder / PNG_FILE)
-                written.append(folder / PNG_FILE)
+                image = io.BytesIO()
+                figure.savefig(image, format="png")
+                written.append(_write_atomic(folder / PNG_FILE, image.getvalue()))
         return written
 
 
@@ -275,6 +276,6 @@ def _absolute(source: str) -> str:
 
 def _write_atomic(path: Path, content: bytes) -> Path:
     temporary = path.parent / f".{path.name}.tmp"
-    temporary.write_bytes(content)
+    replace_file(temporary, content)  # (created anew: a link or a leftover there is removed by name, never written through)
     os.replace(temporary, path)
     return path

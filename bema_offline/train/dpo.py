@@ -39,6 +39,7 @@ import torch
 
 from .._version import __version__
 from ..errors import BemaError, DataError, UsageError
+from ..files import write_new_file
 from ..output.fingerprint import folder_fingerprint, tensors_fingerprint
 from ..sources.run import find_checkpoints, load_source
 from .preferences import load_preference_dataset
@@ -547,10 +548,8 @@ def build_trainer(
 def write_json_atomically(path: Path, content: dict) -> None:
     """Write a JSON file through a temporary file and a rename, so that a killed run never leaves it half written."""
     temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as f:
-        f.write(json.dumps(content, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    temporary.unlink(missing_ok=True)  # (a leftover of a killed run, or a link: removed by name, never written through)
+    write_new_file(temporary, (json.dumps(content, indent=2) + "\n").encode(), fsync=True)
     os.replace(temporary, path)
 
 

@@ -38,6 +38,7 @@ import datetime
 import fcntl
 import json
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,14 @@ class WorkdirLock:
         self._fd: int | None = None
 
     def __enter__(self) -> WorkdirLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # (never through a link: the lock is written below)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise DataError(f"{self.path}: cannot open the work folder's lock ({e.strerror or e}); if it is a link, remove it") from e
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:  # a hard link to another file: not ours to write
+            os.close(fd)
+            raise DataError(f"{self.path}: not the lock file bema-offline makes (a link, or not a plain file); remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

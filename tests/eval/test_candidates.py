@@ -35,6 +35,12 @@ def test_nested_outputs_hidden_folders_and_duplicate_names(grid, tmp_path: Path)
     assert len(find_candidates([grid.base_dir, grid.base_dir]).models) == 1  # the same folder once
 
 
+def test_a_training_run_is_evaluated_but_never_chosen_as_the_report_folder(grid) -> None:
+    found = find_candidates([grid.run_dir])  # its checkpoints are model folders; the run is an input
+    assert [c.role for c in found.models] == ["model"] * len(found.models) and found.models
+    assert found.sweep_dir is None
+
+
 @pytest.mark.parametrize(
     "case, message",
     [

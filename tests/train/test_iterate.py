@@ -379,3 +379,21 @@ def test_resume_after_kills_gives_the_uninterrupted_bits(data: Path, pushed, tmp
     for resumed, reference in zip(record["rounds"], pushed[1]["rounds"]):
         assert resumed["average"]["effective_weights"] == reference["average"]["effective_weights"]
         assert resumed["average"]["fingerprint"] == reference["average"]["fingerprint"]
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_a_lock_file_planted_as_a_link_is_refused_and_its_target_untouched(tmp_path, link):
+    from bema_offline.train.iterate import LOCK_FILE, WorkdirLock
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious data")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (os.symlink if link == "symlink" else os.link)(victim, workdir / LOCK_FILE)
+    with pytest.raises(DataError, match=LOCK_FILE):
+        with WorkdirLock(workdir):
+            pass
+    assert victim.read_text() == "precious data"
+    with WorkdirLock(tmp_path):  # an ordinary lock: made, and removed at the end
+        assert (tmp_path / LOCK_FILE).read_text() == str(os.getpid())
+    assert not (tmp_path / LOCK_FILE).exists()
