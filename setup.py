@@ -1,7 +1,7 @@
 """Builds the optional C kernel (bema_offline/engine/_kernel.c); everything else is in pyproject.toml.
 
 The kernel is optional: where no C compiler is found, the install goes on without it and bema-average runs the
-same arithmetic, with the same bits, as torch ops (slower; `bema-offline average --help` says which is in use).
+same arithmetic, with the same bits, as torch ops (slower; `bema-offline --version` says which is in use).
 """
 
 import sys

@@ -131,7 +131,7 @@ def average_command(
     debug: bool,
     **options: Any,
 ) -> None:
-    """Average the checkpoint-N folders of CKPT_DIR (BEMA by default, or any --method) and write Hugging Face model
+    """Average the checkpoint-N folders of RUN (BEMA by default, or any --method) and write Hugging Face model
     folders.
 
     The checkpoints are streamed tensor by tensor within --max-memory, in one read whatever the number of configs.

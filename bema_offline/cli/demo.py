@@ -21,8 +21,8 @@ MARKER = ".bema-demo"
                epilog="\b\nExample:\n  bema-offline demo --workdir /tmp/bema-demo")
 @option("--workdir", type=click.Path(path_type=Path), default=Path("bema-demo"), show_default=True, section="Demo",
         help="Where the run and its averages go (a previous demo there is replaced).")
-@option("--steps", type=int, default=240, show_default=True, section="Demo", help="Training steps.")
-@option("--save-every", type=int, default=20, show_default=True, section="Demo", help="Checkpoint (and BEMA update) every this many steps.")
+@option("--steps", type=click.IntRange(min=1), default=240, show_default=True, section="Demo", help="Training steps.")
+@option("--save-every", type=click.IntRange(min=1), default=20, show_default=True, section="Demo", help="Checkpoint (and BEMA update) every this many steps.")
 @option("--seed", type=int, default=0, show_default=True, section="Demo", help="Random seed.")
 @option("--quiet", "-q", is_flag=True, section="Run", help="No progress output (progress bars are shown on a terminal only).")
 @debug_option
@@ -31,6 +31,8 @@ def demo_command(workdir: Path, steps: int, save_every: int, seed: int, quiet: b
     then average them with BEMA and EMA and compare held-out losses."""
     from ..train.demo import heldout_loss, make_demo_run
 
+    if steps < save_every:
+        raise UsageError(f"--steps {steps} is fewer than --save-every {save_every}: the demo would save no checkpoint")
     if workdir.exists():
         if not (workdir / MARKER).exists():
             raise UsageError(f"--workdir {workdir} exists and is not a previous demo; choose another folder")

@@ -214,6 +214,8 @@ def merge_config(ctx: click.Context, path: Path, options: dict[str, Any]) -> tup
             raise UsageError(f"--config {path}: {key}: {e.message}") from None
         except UsageError as e:
             raise UsageError(f"--config {path}: {key}: {e}") from None
+        except (TypeError, ValueError):  # a list or a mapping where click expects a value
+            raise UsageError(f"--config {path}: {key}: {value!r} is not a value of {param.opts[0]} ({param.type.name})") from None
         from_file.add(name)
     return merged, from_file
 

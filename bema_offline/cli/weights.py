@@ -49,9 +49,9 @@ def weights_command(
     debug: bool,
     **options,
 ) -> None:
-    """Print the effective weight of the base model and of every checkpoint in each output that averaging CKPT_DIR
-    would write (a table and a text chart), with any method, grid or sweep. Only the checkpoints' folder names are
-    read: no tensor, no file.
+    """Print the effective weight of the base model and of every checkpoint in each output that averaging RUN
+    would write (a table and a text chart), with any method, grid or sweep. Only the checkpoints' folder names (and,
+    for the default --update-freq, the newest trainer_state.json) are read: no tensor.
 
     Every output is an affine combination of the base model and the checkpoints: its weights sum to 1. Some may be
     negative (BEMA's on the base model, DEMA's, ExPO's on θ_ref).

@@ -498,7 +498,13 @@ def build_trainer(
     policy = ref_folder if policy is None else policy
     policy_path = str(policy) if isinstance(policy, (str, Path)) else None
     tokenizer_source = policy_path if policy_path and (Path(policy_path) / "tokenizer_config.json").is_file() else ref_folder
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    except Exception as e:  # no tokenizer files: a bema-average output of checkpoints saved without one
+        raise DataError(
+            f"{tokenizer_source}: cannot load its tokenizer ({_first_line(e)}); copy the tokenizer files of the base model "
+            "into it, or pass as --policy a folder that has them"
+        ) from e
     reference, fingerprint = load_reference(ref_folder, log=log)
     if config.save_steps and config.max_steps > 0 and config.max_steps % config.save_steps:
         log(f"note: max_steps {config.max_steps} is not a multiple of save_steps {config.save_steps}; the last "

@@ -22,3 +22,13 @@ def test_demo_trains_averages_and_reports(tmp_path, capsys):
     other.mkdir()
     code, _, err = run_cli(["demo", "--workdir", other, "-q"], capsys, group=True)
     assert code == 2 and "is not a previous demo" in err
+
+
+def test_demo_options_that_would_save_no_checkpoint_are_usage_errors(tmp_path, capsys):
+    for options, message in (
+        (["--save-every", "0"], "--save-every"),
+        (["--steps", "5", "--save-every", "20"], "--steps 5 is fewer than --save-every 20"),
+    ):
+        code, out, err = run_cli(["demo", "--workdir", tmp_path / "demo", *options], capsys, group=True)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / "demo").exists()

@@ -80,3 +80,15 @@ def test_help_says_how_to_set_save_steps(capsys) -> None:
     assert code == 0
     text = " ".join(stdout.split())
     assert "Set it to the --update-freq of the next bema-average (save_steps = update_freq)" in text
+
+
+def test_a_reference_without_tokenizer_files_is_one_line(base: Path, tmp_path: Path, capsys) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((base / "base" / name).read_bytes())
+    args = ["dpo", "--ref-model", bare, "--dataset", base / "prefs.jsonl", "--output-dir", tmp_path / "round", "--max-steps", 2,
+            "--no-bf16", *[a for pair in FAST for a in ("--config-set", pair)]]  # fmt: skip
+    code, stdout, stderr = run_cli(cli, args, capsys)
+    assert code == 1 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith(f"error: {bare}: cannot load its tokenizer") and "copy the tokenizer files" in stderr

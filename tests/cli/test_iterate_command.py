@@ -89,6 +89,8 @@ def test_a_plan_from_a_file_with_the_command_line_winning(data: Path, tmp_path: 
         ("reference: best\n", "reference: 'best' is not one of 'bema', 'ema', 'last', 'base', 'dema', 'ouema', 'uniform', 'power-ema', 'wsm', 'expo'."),
         ("- rounds: 2\n", "expected a mapping of option names to values, got a list"),
         ("rounds: [2\n", "malformed YAML (while parsing a flow sequence)"),
+        ("base_model: [a, b]\n", "base_model: ['a', 'b'] is not a value of --base-model"),
+        ("rounds: [1]\n", "rounds: [1] is not a value of --rounds"),
     ],
 )
 def test_bad_config_files_are_one_line(tmp_path: Path, capsys, text: str, message: str) -> None:
