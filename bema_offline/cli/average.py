@@ -11,6 +11,7 @@ import click
 
 from ..api import DEFAULT_MAX_MEMORY, DEFAULT_MAX_SHARD_SIZE, average, open_run
 from ..engine.distributed import launched
+from ..errors import BemaError
 from ..output.report import plan_report, run_warnings
 from ..sources.hub import is_hub_url
 from ._help import CONTEXT, SectionedCommand, debug_option, option
@@ -22,7 +23,7 @@ from ._methods import (
     schedule_options,
     sweep_options,
 )
-from .eval import require_eval_extra
+from .eval import quiet_libraries, require_eval_extra
 from .push import AveragePush, push_to_hub_options
 
 EPILOG = """\b
@@ -145,7 +146,10 @@ def average_command(
     if select_by is not None:
         if dry_run:
             raise click.UsageError("--select-by evaluates the outputs written; it cannot run with --dry-run")
+        if lora_output == "adapter":
+            raise click.UsageError("--select-by evaluates model folders, not PEFT adapters: use --lora-output merged")
         require_eval_extra()  # before any averaging
+        _check_selection(select_by, select_metric)
     if every_update and steps:
         raise click.UsageError("--every-update and --steps exclude each other")
     if no_bias_correction:
@@ -160,6 +164,8 @@ def average_command(
     with open_run(ckpt_dir, output, revisions=revisions, keep_downloads=keep_downloads, progress=not quiet) as (run_dir, hub):
         cadence = cadence_from_run(run_dir, options, min_step=min_step, max_step=max_step)
         configs = method_configs_from_options(**options)
+        if select_by is not None and not every_update and len(steps or [None]) < 2 and len(configs) * len(save) < 2:
+            raise click.UsageError("--select-by picks the best of several outputs; this run would write one (use --grid or --sweep)")
         push = AveragePush.from_options(options, dry_run=dry_run)  # a missing token fails here, before any averaging
         result = average(
             hub or run_dir,
@@ -225,11 +231,26 @@ def average_command(
         push.run(pushed, echo=click.echo)
 
 
+def _check_selection(data: Path, metric: str | None) -> None:
+    """`--select-by DATA` and `--select-metric`, checked before any averaging: the data reads, and the metric is one
+    it gives."""
+    from ..eval.data import load_eval_data
+    from ..eval.runner import ranking_metric
+
+    with quiet_libraries():
+        kind = load_eval_data(data, option="--select-by").kind
+    ranking_metric(metric, kind, None, option="--select-metric")
+
+
 def _select(output: Path, data: Path, metric: str | None, *, device: str, quiet: bool) -> Path:
     """Evaluate the outputs of a finished sweep and publish the winner as OUTPUT/best (see `eval.select_best`)."""
     from ..eval import select_best
 
-    selection = select_best(output, data, metric=metric, device=device, log=None if quiet else lambda line: click.echo(line, err=True))
+    try:
+        with quiet_libraries():
+            selection = select_best(output, data, metric=metric, device=device, log=None if quiet else lambda line: click.echo(line, err=True))
+    except BemaError as e:  # the averages are written: say how to finish without averaging again
+        raise type(e)(f"{e}; the averages are in {output}: rank them with `bema-offline eval {output} --data {data} --publish-best`") from e
     if not quiet:
         click.echo(selection.report.table())
         click.echo(f"published {selection.winner} as {selection.best}")

@@ -94,7 +94,7 @@ def eval_command(
     say = (lambda line: None) if quiet else (lambda line: click.echo(line, err=True))
     settings = dict(metric=metric, ref_model=ref_model, beta=beta, device=device, dtype=dtype, batch_size=batch_size,
                     max_length=max_length, tokenizer=tokenizer, lm_eval=lm_eval, baselines=baselines, log=say)
-    with _quiet_libraries():
+    with quiet_libraries():
         if publish_best:
             if len(models) != 1:
                 raise click.UsageError("--publish-best needs exactly one sweep folder")
@@ -138,7 +138,7 @@ def require_eval_extra() -> None:
 
 
 @contextlib.contextmanager
-def _quiet_libraries():
+def quiet_libraries():
     """No loading bars or load reports from transformers, no progress bars from datasets, for the run only (a folder
     whose weights do not fit fails with its own error)."""
     import datasets

@@ -112,7 +112,7 @@ def evaluate(
         settings["lm_eval"] = {"tasks": lm_eval.tasks, "include_path": lm_eval.include_path, "limit": lm_eval.limit,
                                "num_fewshot": lm_eval.num_fewshot}
     eval_data = load_eval_data(data) if data is not None else None
-    metric = _ranking_metric(metric, eval_data.kind if eval_data else None, lm_eval)
+    metric = ranking_metric(metric, eval_data.kind if eval_data else None, lm_eval)
     scorer = None
     if eval_data is not None:
         tokenizer_source = str(tokenizer or candidates.models[0].source)
@@ -236,15 +236,21 @@ def _check_options(data, lm_eval, *, dtype: str, batch_size: int, max_length: in
         raise UsageError(f"--beta must be positive, got {beta}")
 
 
-def _ranking_metric(metric: str | None, kind: str | None, lm_eval: LmEvalSettings | None) -> str | None:
+def ranking_metric(metric: str | None, kind: str | None, lm_eval: LmEvalSettings | None, *, option: str = "--metric") -> str | None:
+    """The metric models are ranked by: `metric`, checked against the data's kind, or the kind's default.
+
+    Raises:
+        `UsageError`: a metric this data does not give.
+    """
     if metric is None:
         return DEFAULT_METRIC[kind] if kind is not None else None  # lm-eval only: its first metric, once known
     if metric in METRICS:
         if kind is None or metric not in METRICS_OF_KIND[kind]:
             offered = ", ".join(METRICS_OF_KIND[kind]) if kind else "none without --data"
-            raise UsageError(f"--metric {metric}: not a metric of this data (its metrics: {offered})")
+            raise UsageError(f"{option} {metric}: not a metric of this data (its metrics: {offered})")
     elif not (lm_eval is not None and "/" in metric):
-        raise UsageError(f"--metric {metric}: choose from {', '.join(METRICS)}, or TASK/METRIC of an --lm-eval-tasks task")
+        lm_eval_metrics = ", or TASK/METRIC of an --lm-eval-tasks task" if option == "--metric" else ""
+        raise UsageError(f"{option} {metric}: choose from {', '.join(METRICS)}{lm_eval_metrics}")
     return metric
 
 

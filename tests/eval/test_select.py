@@ -182,4 +182,16 @@ def test_select_by_refuses_what_it_cannot_do(grid, tmp_path: Path, capsys) -> No
     code, _, stderr = run_cli(average_command, [*common, "--select-by", grid.heldout, "--dry-run"], capsys)
     assert code == 2 and "cannot run with --dry-run" in stderr
     code, _, stderr = run_cli(average_command, [*common, "--select-by", grid.heldout], capsys)
-    assert code == 2 and "this run wrote one (use --grid or --sweep)" in stderr
+    assert code == 2 and "this run would write one (use --grid or --sweep)" in stderr
+    no_columns = tmp_path / "no-columns.jsonl"
+    no_columns.write_text('{"question": "?"}\n')
+    sweep = [*common, "--grid", "ema_power=0.3,0.7"]
+    for options, code_wanted, message in (
+        (["--select-by", tmp_path / "missing.jsonl"], 1, "missing.jsonl"),
+        (["--select-by", no_columns], 1, "no-columns.jsonl"),
+        (["--select-by", grid.heldout, "--select-metric", "reward_accuracy"], 2, "--select-metric reward_accuracy: not a metric of this data"),
+        (["--select-by", grid.heldout, "--lora-output", "adapter"], 2, "not PEFT adapters"),
+    ):
+        code, _, stderr = run_cli(average_command, [*sweep, *options], capsys)
+        assert code == code_wanted and stderr.count("\n") == 1 and message in stderr, stderr
+    assert not (tmp_path / "out").exists()  # every check ran before any averaging
