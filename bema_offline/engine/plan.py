@@ -251,6 +251,7 @@ def make_plan(
         else:
             weights = method.weights(list(found), base=has_base, allow_missing=allow_missing)
             outputs.append(OutputSpec(None, method.name, max(weights), name, weights, name, method))
+    _check_weights_fit(outputs)
     needed = sorted({run.schedule.theta0_step for run in runs} | {step for out in outputs for step in out.weights})
     if adapters:  # W0 is in every checkpoint's weights
         needed = sorted({BASE_STEP, *needed})
@@ -269,7 +270,7 @@ def make_plan(
             run_dir, found, sources[BASE_STEP], runs, outputs, base_model=base_model, base_model_dir=base_model_dir,
             dtype=dtype, output=lora_output, rank=lora_rank, average=lora_average, base_given=base_named_by is None,
         )
-    notes = [*_source_notes(sources), *_untie_head(sources, sources[needed[-1]])]
+    notes = [*_source_notes(sources), *untie_head(sources, sources[needed[-1]])]
     reference = sources[needed[-1]]
     notes += _check_sources(reference, sources)
     output_dtypes = {
@@ -438,7 +439,7 @@ def _source_notes(sources: dict[int, WeightSource]) -> list[str]:
 TIED_HEAD = "lm_head.weight"
 
 
-def _untie_head(sources: dict[int, WeightSource], reference: WeightSource) -> list[str]:
+def untie_head(sources: dict[int, WeightSource], reference: WeightSource) -> list[str]:
     """A tied output head saved by the checkpoints (FSDP and DeepSpeed save it a second time; `save_pretrained`
     leaves it out), while the base, whose config ties it, lacks it: it is left out of the plan, as transformers'
     loader ties it again. Changes `sources` in place."""
@@ -514,6 +515,21 @@ def _check_sources(reference: WeightSource, sources: dict[int, WeightSource]) ->
             "they are read as they are and converted"
         )
     return notes
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_weights_fit(outputs: list[OutputSpec]) -> None:
+    """Every effective weight is a finite float32 (the engine rounds the float64 weights to float32 once)."""
+    for output in outputs:
+        step, weight = next(((s, w) for s, w in output.weights.items() if not abs(w) <= FLOAT32_MAX), (None, None))
+        if step is not None:
+            where = f"config {output.config}: " if output.config else ""
+            raise UsageError(
+                f"{where}{output.kind} gives {'the base' if step == BASE_STEP else f'step {step}'} the weight {weight:g}, "
+                "beyond float32; choose smaller parameters (e.g. a smaller --alpha)"
+            )
 
 
 def _replayed_outputs(index: int, run: ScheduleRun, kinds: list[str], steps: str | Sequence[int]) -> list[OutputSpec]:

@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,17 +176,19 @@ def sweep_configs(path: str | Path, options: MethodOptions = MethodOptions()) ->
 
 
 def check_names(configs: Sequence[tuple[str, object]], *, source: str) -> list:
-    """Config names must be distinct, and each a plain folder name: no separator, no leading dot, no control
-    character, valid Unicode, at most `MAX_NAME_BYTES` bytes, and not named like a file of a model folder or a
-    checkpoint."""
-    seen = set()
+    """Config names must be distinct, also to a file system that ignores case (macOS's, Windows'), and each a plain
+    folder name: no separator, no leading dot, no control character, valid Unicode, at most `MAX_NAME_BYTES` bytes,
+    and not named like a file of a model folder or a checkpoint."""
+    seen: dict[str, str] = {}
     for name, _ in configs:
         problem = _name_problem(name)
         if problem:
             raise UsageError(f"{source}: config name {name!r} {problem}")
-        if name in seen:
-            raise UsageError(f"{source}: two configs are named {name!r}; names must be distinct")
-        seen.add(name)
+        folded = unicodedata.normalize("NFC", name).casefold()
+        if folded in seen:
+            same = f"named {name!r}" if seen[folded] == name else f"named {seen[folded]!r} and {name!r}, one folder where case is ignored"
+            raise UsageError(f"{source}: two configs are {same}; names must be distinct")
+        seen[folded] = name
     return list(configs)
 
 

@@ -35,7 +35,7 @@ from ..dtypes import DTYPES, FLOAT_DTYPES
 from ..engine import kernels
 from ..engine.engine import Engine, Sink, Slice, all_finite
 from ..engine.kernels import KERNEL_DTYPES, kernel_name
-from ..engine.plan import LORA_AVERAGES, LORA_OUTPUTS, OutputSpec, Plan, ScheduleRun
+from ..engine.plan import LORA_AVERAGES, LORA_OUTPUTS, OutputSpec, Plan, ScheduleRun, untie_head
 from ..errors import BemaError, DataError
 from ..files import OpenFiles, read_json_file
 from ..methods.schedule import KINDS, BEMASchedule, effective_weights
@@ -559,6 +559,8 @@ def load_recorded_sources(record: dict, folder: Path) -> tuple[dict[int, WeightS
             )
         if source_folder.is_dir():
             sources[step] = load_source(source_folder, step)
+    if sources:  # a tied head that FSDP or DeepSpeed saved, left out of the output as the run left it out of its plan
+        untie_head(sources, sources[max(sources)])
     notes = [f"{folder}: {len(gone)} source folders are gone (e.g. {gone[0]}); they were not compared"] if gone else []
     return sources, notes + recorded_sources_changed(record, folder)
 

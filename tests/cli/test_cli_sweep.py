@@ -88,6 +88,7 @@ def test_sweep_file(run, tmp_path, capsys, suffix):
         (["--grid", "ema_power=-1"], 2, "ema_power and bias_power must be >= 0"),
         (["--grid", "ema_power=0.3", "--sweep", "x.yaml"], 2, "exclude each other"),
         (["--sweep", "SWEEP:- {name: a}\n- {name: a, lag: 3}\n"], 2, "two configs are named 'a'"),
+        (["--sweep", "SWEEP:- {name: Fast}\n- {name: fast, lag: 3}\n"], 2, "two configs are named 'Fast' and 'fast', one folder where case is ignored"),
         (["--sweep", "SWEEP:- {name: ../up}\n"], 2, "cannot be a folder name"),
         (["--sweep", "SWEEP:[1, 2"], 1, "malformed YAML"),
         (["--sweep", "SWEEP:[]"], 1, "no configs"),

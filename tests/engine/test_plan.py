@@ -99,3 +99,15 @@ def test_a_tied_head_saved_by_the_checkpoints_but_not_by_the_base_is_left_out(tm
     result = average(run_dir, tmp_path / "out", schedule=schedule, base_model=base_dir)
     assert "lm_head.weight" not in load_file(tmp_path / "out" / "model.safetensors")
     assert any("tied to the input embedding" in note for note in result.plan.notes)
+    from bema_offline.output.verify import verify
+
+    (report,) = verify(tmp_path / "out", recompute=2, seed=0)  # its sources hold the head the output left out
+    assert report.sources_checked == [0, 1, 2] and sorted(report.recomputed) == ["model.embed_tokens.weight", "model.norm.weight"]
+
+
+def test_a_weight_beyond_float32_is_a_usage_error(tmp_path: Path) -> None:
+    from bema_offline.methods.registry import make_method
+
+    run_dir, base_dir, _ = make_run(tmp_path, [1, 2])
+    with pytest.raises(UsageError, match="expo gives the base the weight -1e\\+39, beyond float32; choose smaller parameters"):
+        average(run_dir, tmp_path / "out", schedule=make_method("expo", {"alpha": 1e39}), base_model=base_dir, dry_run=True)
