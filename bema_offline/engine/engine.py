@@ -430,7 +430,7 @@ class Engine:
         cache_bytes = None if self.staged else CACHE_BYTES
         self.fused = fused and not self.staged and kernel_name() is not None
         with OpenFiles(identities=plan.identities) as files:
-            self.frozen = frozen_tensors(plan.sources.values(), [info.name for info in plan.tensors], files)
+            self.frozen = frozen_tensors(plan.sources.values(), [info.name for info in plan.tensors], files, max_memory=max_memory)
         packed = _pack(
             plan, max_memory=max_memory // self.threads, accum_dtype=accum_dtype, cache_bytes=cache_bytes, replay=self.fused,
             frozen=self.frozen,

@@ -26,17 +26,20 @@ FIRST_CHUNK = 4096  # bytes compared first; each further chunk is 4 times larger
 LARGEST_CHUNK = 4 * 2**20
 
 
-def frozen_tensors(sources: Iterable[WeightSource], names: Iterable[str], files: OpenFiles) -> set[str]:
+def frozen_tensors(sources: Iterable[WeightSource], names: Iterable[str], files: OpenFiles, *, max_memory: int | None = None) -> set[str]:
     """The float tensors among `names` whose bytes (and dtype) are the same in every source.
 
     Args:
         sources (`Iterable[WeightSource]`): every source the run reads (θ0 and the update steps).
         names (`Iterable[str]`): the tensors to decide for.
         files (`OpenFiles`): where to read (its identity checks apply).
+        max_memory (`int`, *optional*): the working memory the reads may take (whatever the number of sources:
+            each is compared with the first in turn); default 16 MiB.
     """
     sources = list(sources)
     if len(sources) < 2:
         return set()
+    chunk = LARGEST_CHUNK if max_memory is None else max(FIRST_CHUNK, min(LARGEST_CHUNK, max_memory // 4))
     frozen = set()
     small: list[list[TensorInfo]] = []  # small tensors are compared whole, many per read (an MoE has thousands)
     small_bytes = 0
@@ -48,25 +51,32 @@ def frozen_tensors(sources: Iterable[WeightSource], names: Iterable[str], files:
         if nbytes <= SMALL_TENSOR and all(len(info.extents) == 1 for info in infos):
             small.append(infos)
             small_bytes += nbytes
-            if small_bytes >= BATCH_BYTES:
+            if small_bytes >= chunk:
                 frozen |= _same_small(small, files)
                 small, small_bytes = [], 0
-        elif _same_bytes(infos, files):
+        elif _same_bytes(infos, files, largest=chunk):
             frozen.add(name)
     return frozen | _same_small(small, files)
 
 
 SMALL_TENSOR = FIRST_CHUNK  # bytes: a tensor no larger than the first comparison is read whole, beside its neighbours
-BATCH_BYTES = 4 * 2**20
 
 
 def _same_small(batch: list[list[TensorInfo]], files: OpenFiles) -> set[str]:
     """The tensors of `batch` (each a list of one small tensor's infos, one per source) that are the same in every
-    source; each source's part is read in spans of neighbouring tensors, not tensor by tensor."""
+    source; each source's part is read in spans of neighbouring tensors, not tensor by tensor, and compared with
+    the first source's (two sources in memory at once, whatever their number)."""
     if not batch:
         return set()
-    contents = [_read_many([infos[k] for infos in batch], files) for k in range(len(batch[0]))]
-    return {infos[0].name for i, infos in enumerate(batch) if all(content[i] == contents[0][i] for content in contents[1:])}
+    reference = _read_many([infos[0] for infos in batch], files)
+    same = [True] * len(batch)
+    for k in range(1, len(batch[0])):
+        content = _read_many([infos[k] for infos in batch], files)
+        same = [alike and content[i] == reference[i] for i, alike in enumerate(same)]
+        del content  # (before the next source's span is read)
+        if not any(same):
+            break
+    return {infos[0].name for infos, alike in zip(batch, same) if alike}
 
 
 def _read_many(infos: list[TensorInfo], files: OpenFiles) -> list[memoryview]:
@@ -91,7 +101,7 @@ def _read_many(infos: list[TensorInfo], files: OpenFiles) -> list[memoryview]:
     return found
 
 
-def _same_bytes(infos: list[TensorInfo], files: OpenFiles) -> bool:
+def _same_bytes(infos: list[TensorInfo], files: OpenFiles, *, largest: int = LARGEST_CHUNK) -> bool:
     reference, others = infos[0], infos[1:]
     itemsize = reference.itemsize
     first, chunk = 0, max(1, FIRST_CHUNK // itemsize)
@@ -100,7 +110,7 @@ def _same_bytes(infos: list[TensorInfo], files: OpenFiles) -> bool:
         expected = _read(reference, first, stop, files)
         if any(_read(info, first, stop, files) != expected for info in others):
             return False
-        first, chunk = stop, min(chunk * 4, max(1, LARGEST_CHUNK // itemsize))
+        first, chunk = stop, min(chunk * 4, max(1, largest // itemsize))
     return True
 
 

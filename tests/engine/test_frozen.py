@@ -123,3 +123,24 @@ def test_a_frozen_tensor_is_copied_bit_for_bit_and_cast_for_dtype(tmp_path: Path
     assert written.dtype == torch.bfloat16 and torch.equal(written, weights[0]["model.norm.weight"].to(torch.bfloat16))
     record = json.loads((cast / "bema_offline.json").read_text())
     assert record["settings"]["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("max_memory", [None, 2**20])
+def test_the_check_holds_two_sources_at_once_whatever_their_number(tmp_path: Path, max_memory) -> None:
+    """An MoE's thousands of small tensors in 21 sources: compared with the first source one source at a time."""
+    import tracemalloc
+
+    tensors = {f"experts.{i}.w": torch.randn(256) for i in range(4096)}  # 1 KiB each, 4 MiB per source
+    tensors["moving"] = torch.randn(256)
+    first = _write(tmp_path / "s0", tensors)
+    folders = [first] + [_write(tmp_path / f"s{i}", {**tensors, "moving": tensors["moving"] + i}) for i in range(1, 21)]
+    sources = _sources(folders)
+    tracemalloc.start()
+    try:
+        with OpenFiles() as files:
+            frozen = frozen_tensors(sources, list(tensors), files, max_memory=max_memory)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert frozen == set(tensors) - {"moving"}
+    assert peak <= 3 * (4 * 2**20 if max_memory is None else max_memory // 4) + 2**20, peak  # not 21 sources' worth
