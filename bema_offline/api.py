@@ -356,7 +356,7 @@ def _average_shared(
 
         prepared = share.run("preparing the output", prepare, main_only=True)
         try:
-            writers = share.run(
+            writers, frozen = share.run(
                 "writing its shards",
                 lambda: _write_shards(
                     plan, staging_path(output), settings, layout=layout, mine=owned[share.rank], index=share.is_main,
@@ -366,7 +366,7 @@ def _average_shared(
 
             def finish() -> bool:
                 lock, staging = prepared
-                _finish_folders(plan, settings, writers)
+                _finish_folders(plan, settings, writers, frozen)
                 check_output(output, overwrite=overwrite, run_dir=plan.run_dir, source_folders=source_folders)
                 staging.remove_resume_files()
                 with interrupts_deferred():
@@ -417,11 +417,11 @@ def _write_outputs(
     layout = shard_layout(_tensor_specs(plan), settings["max_shard_size"])
     keep = journal.reusable_shards([spec.relpath for spec in plan.outputs], layout)
     with ShardFlusher() as flusher:  # the last shards reach the disk while the card and the rest are written
-        writers = _write_shards(
+        writers, frozen = _write_shards(
             plan, staging, settings, layout=layout, keep=keep, on_shard_done=journal.record_done, progress=progress,
             threads=threads, device=device, flusher=flusher, hub=hub,
         )
-        _finish_folders(plan, settings, writers)
+        _finish_folders(plan, settings, writers, frozen)
     return len(keep), _todo(plan, layout, keep).bytes_to_read
 
 
@@ -447,10 +447,11 @@ def _write_shards(
     device: str,
     flusher: ShardFlusher | None = None,
     hub: HubDownloads | None = None,
-) -> list[ModelFolderWriter]:
+) -> tuple[list[ModelFolderWriter], list[str] | None]:
     """Compute the shards of every output folder: all but `keep` (finished by an interrupted run), or only `mine`
     (a rank's share of a distributed run). Each finished shard is flushed to disk, by `flusher` when given (wait
-    on it before publishing), else before this returns."""
+    on it before publishing), else before this returns. Returns the writers, and the tensors copied as frozen
+    (`_frozen_tensors`)."""
     specs = _tensor_specs(plan)
     folders = [staging / spec.relpath if spec.relpath else staging for spec in plan.outputs]
     todo = _todo(plan, layout, keep, mine)
@@ -483,11 +484,12 @@ def _write_shards(
         check_unchanged(plan.identities)  # a checkpoint rewritten during the run would mix two versions
         for writer in writers:
             writer.finish(index=index)
-    return writers
+    return writers, _frozen_tensors(plan, todo, engine, settings, hub)
 
 
-def _finish_folders(plan: Plan, settings: dict, writers: list[ModelFolderWriter]) -> None:
-    """Check every output folder's shards, then add the sidecar files, the provenance and the model card."""
+def _finish_folders(plan: Plan, settings: dict, writers: list[ModelFolderWriter], frozen: list[str] | None) -> None:
+    """Check every output folder's shards, then add the sidecar files, the provenance (with the tensors copied as
+    frozen, when known) and the model card."""
     expected = {spec.name: (spec.dtype, spec.shape) for spec in _tensor_specs(plan)}
     training = run_training(plan)
     untie = plan.lora is not None and bool(plan.lora.run.layout.untied)
@@ -496,12 +498,35 @@ def _finish_folders(plan: Plan, settings: dict, writers: list[ModelFolderWriter]
         check_folder(folder, expected=expected)  # the light verify, before anything is published
         copy_sidecar_files(plan.sidecars.get(spec.step, {}), folder, dtype=settings["dtype"], untie_embeddings=untie)
         record = provenance(plan, spec, settings=settings, training=training)
+        if frozen is not None:
+            record["frozen_tensors"] = frozen
         if plan.lora is not None and plan.lora.average == "factors":
             record["lora"]["factor_differences"] = _factor_differences(plan, spec)
         record["output_files"] = output_files(folder, writer.digests())  # the shards hashed as written; others are read
         replace_file(folder / PROVENANCE_FILE, (json.dumps(record, indent=2) + "\n").encode())
         write_card(folder, record)
         fault_point("sidecars")
+
+
+def _frozen_tensors(plan: Plan, todo: Plan, engine: object, settings: dict, hub: HubDownloads | None) -> list[str] | None:
+    """The tensors the run copied as frozen (bit-identical in every source it read: `frozen.py`), for the record:
+    the engine's decision when it saw every tensor, else decided again over the whole plan (a resumed or distributed
+    run's engine saw part of it; the answer depends on the inputs alone), or None where the sources are gone
+    (`--no-keep-downloads`). `verify --recompute` recomputes with this decision: an output of a sweep or of
+    `--every-update` was decided over every checkpoint the run read, not its own alone."""
+    if plan.lora is not None:
+        return None
+    if len(todo.tensors) == len(plan.tensors):
+        decided = getattr(engine, "frozen", None)
+        decided = getattr(engine, "candidates", None) if decided is None else decided
+        if decided is not None:
+            return sorted(decided)
+    if hub is not None and not hub.keep:
+        return None
+    from .engine.frozen import frozen_tensors
+
+    with OpenFiles(identities=plan.identities) as files:
+        return sorted(frozen_tensors(plan.sources.values(), [info.name for info in plan.tensors], files, max_memory=settings["max_memory"]))
 
 
 def _factor_differences(plan: Plan, spec: OutputSpec) -> dict[str, float]:

@@ -406,6 +406,8 @@ class Engine:
         on_progress (`Callable[[int, int], None]`, optional): called with (bytes read, tensors finished).
         fused (`bool`, defaults to True): replay the groups the C kernel covers on it (see `kernels`); False runs
             torch's ops, step by step, everywhere. The bits are the same.
+        frozen (`Collection[str]`, *optional*): the tensors to copy as frozen, as a run decided them (`verify`
+            recomputes an output with its record's); default: decided here over the plan's sources (`frozen.py`).
     """
 
     def __init__(
@@ -419,6 +421,7 @@ class Engine:
         device: str = "cpu",
         on_progress: Callable[[int, int], None] | None = None,
         fused: bool = True,
+        frozen: Collection[str] | None = None,
     ) -> None:
         self.plan = plan
         self.sink = sink
@@ -429,8 +432,11 @@ class Engine:
         # a GPU has no CPU cache to fit, and wants large ops: groups then use the whole budget
         cache_bytes = None if self.staged else CACHE_BYTES
         self.fused = fused and not self.staged and kernel_name() is not None
-        with OpenFiles(identities=plan.identities) as files:
-            self.frozen = frozen_tensors(plan.sources.values(), [info.name for info in plan.tensors], files, max_memory=max_memory)
+        if frozen is not None:
+            self.frozen = {info.name for info in plan.tensors if info.name in frozen}
+        else:
+            with OpenFiles(identities=plan.identities) as files:
+                self.frozen = frozen_tensors(plan.sources.values(), [info.name for info in plan.tensors], files, max_memory=max_memory)
         packed = _pack(
             plan, max_memory=max_memory // self.threads, accum_dtype=accum_dtype, cache_bytes=cache_bytes, replay=self.fused,
             frozen=self.frozen,

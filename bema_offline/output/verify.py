@@ -451,6 +451,10 @@ def read_provenance(folder: Path) -> dict:
             record["_schedule"] = BEMASchedule(**record["schedule"])
             record["_update_steps"] = [int(s) for s in record["steps"]["update_steps_used"]]
         record["_lora"] = _lora_options(record.get("lora"))
+        frozen = record.get("frozen_tensors")  # (None in records of older versions: decided again on the sources)
+        if frozen is not None and not (isinstance(frozen, list) and all(isinstance(name, str) for name in frozen)):
+            raise ValueError("frozen_tensors is not a list of names")
+        record["_frozen"] = None if frozen is None else set(frozen)
     except (BemaError, TypeError, KeyError, ValueError, AttributeError) as e:
         raise DataError(f"{path}: malformed provenance record ({e}); it was edited or damaged") from e
     return record
@@ -655,7 +659,7 @@ def recompute_tensors(
     accum = accum if accum in ("float32", "float64") else "float32"
     sink = CompareSink(tensors)
     try:
-        Engine(plan, sink, accum_dtype=accum, max_memory=max(max_memory, 2**20)).run()
+        Engine(plan, sink, accum_dtype=accum, max_memory=max(max_memory, 2**20), frozen=record["_frozen"]).run()
     finally:
         sink.files.close()
     short = [name for name in names if sink.compared.get(name, 0) != tensors[name].numel]

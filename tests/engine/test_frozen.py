@@ -144,3 +144,27 @@ def test_the_check_holds_two_sources_at_once_whatever_their_number(tmp_path: Pat
         tracemalloc.stop()
     assert frozen == set(tensors) - {"moving"}
     assert peak <= 3 * (4 * 2**20 if max_memory is None else max_memory // 4) + 2**20, peak  # not 21 sources' worth
+
+
+def test_an_output_of_every_update_step_verifies_with_the_run_s_frozen_decision(tmp_path: Path) -> None:
+    """A tensor the same in the base and checkpoint-400 that changes at checkpoint-800 is not frozen for the run, so
+    it is replayed in step-400/ too (where a run of that output alone copies it: the replay moves it by an ulp);
+    the record says which tensors were copied, and `verify --recompute` recomputes with that decision instead of
+    refusing a correct output."""
+    from bema_offline.output.verify import read_provenance
+
+    name = "model.norm.weight"
+    run_dir, base_dir, weights = make_run(tmp_path, [400, 800])
+    first = load_file(run_dir / "checkpoint-400" / "model.safetensors")
+    first[name] = weights[0][name].clone()
+    save_file(first, run_dir / "checkpoint-400" / "model.safetensors")
+    out, alone = tmp_path / "out", tmp_path / "alone"
+    average(run_dir, out, schedule=BEMASchedule(), base_model=base_dir, steps="every")
+    average(run_dir, alone, schedule=BEMASchedule(), base_model=base_dir, max_step=400)
+    replayed, copied = load_file(out / "step-400" / "model.safetensors")[name], load_file(alone / "model.safetensors")[name]
+    assert torch.equal(copied, weights[0][name]) and not torch.equal(replayed, copied)  # within an ulp: see the README
+    assert read_provenance(out / "step-400")["frozen_tensors"] == []  # decided over every checkpoint read
+    assert read_provenance(alone)["frozen_tensors"] == [name]
+    for folder in (out / "step-400", alone):
+        (report,) = verify(folder, recompute=10, seed=0)
+        assert name in report.recomputed
