@@ -26,7 +26,7 @@ from .files import OpenFiles, check_unchanged, replace_file
 from .methods.base import Method
 from .methods.schedule import BEMASchedule
 from .output.card import PROVENANCE_FILE, provenance, run_training, write_card
-from .output.publish import OutputLock, check_output, discard, interrupts_deferred, publish, staging_path
+from .output.publish import OutputLock, check_output, discard, interrupts_deferred, output_of, publish, staging_path, state_path
 from .output.resume import Staging, plan_fingerprint, prepare_staging
 from .output.verify import check_folder, output_files
 from .output.writer import (
@@ -474,7 +474,7 @@ def _write_shards(
                 from .engine.stepwise import StepwiseEngine
 
                 engine = StepwiseEngine(
-                    todo, FolderSink(writers), state_dir=staging.parent, on_progress=on_progress,
+                    todo, FolderSink(writers), state_dir=state_path(output_of(staging)), on_progress=on_progress,
                     fetch=lambda step: hub.fetch(step) if step in hub.run.checkpoints else plan.sources[step],
                     release=hub.release, **options,
                 )

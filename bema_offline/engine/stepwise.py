@@ -83,7 +83,8 @@ class StepwiseEngine:
     Args:
         plan (`Plan`): what to read and write.
         sink (`Sink`): receives output slices.
-        state_dir (`str | Path`): where the state files go (a private folder in it, removed at the end).
+        state_dir (`str | Path`): where the state files go (a private folder in it, removed at the end, and the folder
+            itself when that leaves it empty; `bema-average` gives `.NAME.bema-state` beside the output).
         accum_dtype (`str`, defaults to "float32"): "float32" or "float64" (widened to the input's if wider).
         max_memory (`int`): working-memory budget in bytes, shared by all workers.
         threads (`int`, *optional*): workers for the groups of a step; default one per core.
@@ -256,6 +257,8 @@ class StepwiseEngine:
             for worker in workers:
                 worker.files.close()
             shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):  # (the output's state folder, when no other run's state is in it)
+                self.state_dir.rmdir()
             if torch_threads is not None:
                 torch.set_num_threads(torch_threads)
 

@@ -36,9 +36,21 @@ def trash_path(output: Path) -> Path:
     return output.parent / f".{output.name}.bema-old"
 
 
+def state_path(output: Path) -> Path:
+    """Where `--no-keep-downloads` keeps its state (EMAs, sums, θ0) between checkpoints: a fixed name, so that the
+    next run removes what a killed one left (it may be as large as the model, several times)."""
+    return output.parent / f".{output.name}.bema-state"
+
+
+def output_of(staging: Path) -> Path:
+    """The output whose staging folder is `staging` (see `staging_path`)."""
+    return staging.parent / staging.name[1:].removesuffix(".bema-partial")
+
+
 def leftovers(output: Path) -> list[Path]:
-    """What a killed run left beside `output` (staging folder, lock file, old output), if no run holds the lock."""
-    found = [path for path in (staging_path(output), lock_path(output), trash_path(output)) if os.path.lexists(path)]
+    """What a killed run left beside `output` (staging folder, lock file, old output, state of `--no-keep-downloads`),
+    if no run holds the lock."""
+    found = [path for path in (staging_path(output), lock_path(output), trash_path(output), state_path(output)) if os.path.lexists(path)]
     if found and _lock_is_held(lock_path(output)):
         return []
     return found

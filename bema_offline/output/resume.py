@@ -31,7 +31,7 @@ from ..engine.plan import Plan
 from ..errors import DataError
 from ..files import read_json_file, read_small_file, write_new_file
 from ..sources.tensors import WeightSource
-from .publish import fresh_staging, remove_path, staging_path, trash_path
+from .publish import fresh_staging, remove_path, staging_path, state_path, trash_path
 from .writer import ShardLayout
 
 PLAN_FILE = ".bema-plan.json"
@@ -123,6 +123,14 @@ def _is_own_file(status: os.stat_result) -> bool:
     return stat.S_ISREG(status.st_mode) and status.st_nlink == 1
 
 
+def _holds_links(folder: Path) -> bool:
+    """Whether anything under `folder` is a link (a resumed run writes into its subfolders: never through a link)."""
+    for current, dirs, files in os.walk(folder):
+        if any(os.path.islink(os.path.join(current, name)) for name in dirs + files):
+            return True
+    return False
+
+
 def _is_own_path(path: Path) -> bool:
     """Nothing at `path`, or a file of this tool's (see `_is_own_file`)."""
     try:
@@ -156,12 +164,22 @@ def prepare_staging(output: Path, fingerprint: dict, *, resume: bool) -> Staging
     plan_hash = fingerprint_hash(fingerprint)
     path = staging_path(output)
     trash = trash_path(output)
-    removed_trash = trash.exists() or trash.is_symlink()
-    if removed_trash:  # the old output that an interrupted --overwrite had moved aside
+    removed_trash = os.path.lexists(trash)
+    if removed_trash and not os.path.lexists(output) and not trash.is_symlink():
+        # killed between the two renames of a publish without an atomic exchange: the old output goes back
+        os.rename(trash, output)
+    elif removed_trash:  # the old output that an interrupted --overwrite had moved aside, replaced since
         remove_path(trash)
+    state = state_path(output)  # the state of a killed --no-keep-downloads run, which cannot be resumed
+    removed_state = os.path.lexists(state)
+    if removed_state:
+        remove_path(state)
+    removed_trash = removed_trash or removed_state
     if resume and path.is_dir() and not path.is_symlink():
         previous = _read_plan(path)
-        if not all(_is_own_path(path / name) for name in (PLAN_FILE, DONE_FILE)):
+        if _holds_links(path):
+            note = f"the leftovers at {path} hold links, where this tool keeps its own files and folders; started over"
+        elif not all(_is_own_path(path / name) for name in (PLAN_FILE, DONE_FILE)):
             note = f"the leftovers at {path} hold links where this tool keeps its own files; started over"
         elif previous is not None and previous.get("plan_hash") == plan_hash:
             return Staging(path, plan_hash, _read_done(path), removed_leftovers=removed_trash)

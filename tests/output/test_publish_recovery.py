@@ -89,9 +89,35 @@ def test_the_old_output_moved_aside_by_a_killed_overwrite_is_removed(tmp_path):
     from bema_offline.output.resume import prepare_staging
 
     out = tmp_path / "out"
+    out.mkdir()  # the new output is in place: the old one is no longer needed
     trash_path(out).mkdir()
     staging = prepare_staging(out, {"tool": "x"}, resume=False)
-    assert staging.removed_leftovers and not trash_path(out).exists()
+    assert staging.removed_leftovers and not trash_path(out).exists() and out.is_dir()
+
+
+def test_an_overwrite_killed_between_its_two_renames_gets_the_old_output_back(tmp_path):
+    """Where the file system has no atomic exchange (NFS), publish renames the old output aside, then the new one in:
+    a kill between the two leaves no output; the next run puts the old one back rather than deleting it."""
+    from bema_offline.output.resume import prepare_staging
+
+    out = tmp_path / "out"
+    trash_path(out).mkdir()
+    (trash_path(out) / "model.safetensors").write_bytes(b"the old output")
+    staging = prepare_staging(out, {"tool": "x"}, resume=False)
+    assert staging.removed_leftovers and (out / "model.safetensors").read_bytes() == b"the old output"
+    assert not trash_path(out).exists()
+
+
+def test_the_state_of_a_killed_no_keep_downloads_run_is_a_leftover_and_removed(tmp_path):
+    from bema_offline.output.publish import leftovers, state_path
+    from bema_offline.output.resume import prepare_staging
+
+    out = tmp_path / "out"
+    (state_path(out) / ".bema-state-x").mkdir(parents=True)
+    (state_path(out) / ".bema-state-x" / "ema.state").write_bytes(b"\0" * 1024)
+    assert leftovers(out) == [state_path(out)]
+    staging = prepare_staging(out, {"tool": "x"}, resume=True)
+    assert staging.removed_leftovers and not state_path(out).exists()
 
 
 @pytest.fixture

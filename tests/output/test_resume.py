@@ -159,6 +159,21 @@ def test_links_planted_in_a_resumed_staging_folder_are_never_written_through(run
     assert precious.read_bytes() == b"keep me"
 
 
+def test_a_resumed_staging_folder_holding_a_linked_subfolder_starts_over(run, tmp_path, monkeypatch):
+    """A config's folder replaced by a link to another folder: the resumed run would create shards through it."""
+    run_dir, base_dir, reference = run
+    out = tmp_path / "out"
+    interrupted(run_dir, base_dir, out, monkeypatch, recorded=1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    staging = staging_path(out)
+    (staging / "bema").rename(tmp_path / "moved")
+    (staging / "bema").symlink_to(elsewhere)
+    result = average(run_dir, out, schedule=SCHEDULE, base_model=base_dir, resume=True, **OPTIONS)
+    assert "hold links" in result.resume_note and result.reused_shards == 0
+    assert model_files(out) == reference and list(elsewhere.iterdir()) == []
+
+
 def test_the_layout_digest_changes_with_any_tensor_name_shape_dtype_or_place(tmp_path):
     """The plan's fingerprint holds each source's tensor layout as one digest (a JSON tree of every tensor made
     planning 20,000 tensors cost a second); any change to where a tensor's bytes lie changes it."""
