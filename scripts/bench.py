@@ -940,13 +940,14 @@ def _ratios(results: dict) -> list[str]:
     if naive and ours:
         lines.append(f"naive baseline / bema-average: {naive / ours:.1f}× faster")
     if previous and ours:
-        lines.append(f"previous engine / bema-average: {previous / ours:.1f}× faster")
+        change = f"{previous / ours:.2f}× faster" if previous >= ours else f"{ours / previous:.2f}× slower"
+        lines.append(f"bema-average against the previous engine: {change} ({ours:.2f} s against {previous:.2f} s)")
     inside = {label: _after_startup(results, "main", label) for label in ("naive", "previous", "bema-average")}
     if all(inside.values()) and raw:
         lines.append(
             f"after startup (imports done; the tools' own timers): bema-average {inside['bema-average']:.2f} s = "
             f"{inside['bema-average'] / raw:.2f}× the raw read; naive / bema-average {inside['naive'] / inside['bema-average']:.1f}×; "
-            f"previous / bema-average {inside['previous'] / inside['bema-average']:.1f}×"
+            f"bema-average / previous {inside['bema-average'] / inside['previous']:.2f}×"
         )
     for where, size in (("disk", "1"), ("tmpfs", "0.5")):
         tag = f"({size} GiB × 8, output on {where})"
