@@ -127,6 +127,7 @@ ROUND_2 = [
     ]),
     ("a checkpoint with model.safetensors and shards plus an index", [
         "tests/output/test_verify.py::test_both_single_file_and_index",
+        "tests/sources/test_run.py::test_a_folder_with_both_model_safetensors_and_shards_is_read_as_transformers_loads_it",
     ]),
     ("a checkpoint rewritten in place during a run", [
         "tests/test_files.py::test_open_files_refuses_a_file_replaced_since_it_was_planned",
