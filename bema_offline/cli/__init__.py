@@ -78,9 +78,24 @@ average_entry.params = list(average_command.params)
 click.version_option(__version__, prog_name="bema-average", message=_version_message())(average_entry)
 
 
+# What a stopped command leaves, for the line it ends with (`average`, `verify`, `push`, `weights`: nothing)
+LEFT_BEHIND = {
+    "dpo": "the checkpoints saved so far stay in --output-dir (a new run needs a new folder)",
+    "iterate": "finished rounds and checkpoints stay in --workdir: run the same command again to resume",
+    "demo": "run it again to start over",
+    "eval": "no report was written",
+}
+
+
+def _left_behind(command: click.Command, args: list[str]) -> str:
+    name = command.name if not isinstance(command, click.Group) else next((a for a in args if not a.startswith("-")), "")
+    return LEFT_BEHIND.get(name, "nothing was written")
+
+
 def _run(command: click.Command, args: list[str] | None = None, prog_name: str | None = None) -> None:
     args = sys.argv[1:] if args is None else args
     debug = "--debug" in args
+    left = _left_behind(command, args)
     try:
         if environment_error() is not None:
             raise UsageError(environment_error())
@@ -88,12 +103,12 @@ def _run(command: click.Command, args: list[str] | None = None, prog_name: str |
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.Abort:
-        click.echo("interrupted; nothing was written", err=True)
+        click.echo(f"interrupted; {left}", err=True)
         sys.exit(130)
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
-        click.echo("interrupted; nothing was written", err=True)
+        click.echo(f"interrupted; {left}", err=True)
         sys.exit(130)
     except click.ClickException as e:
         if debug:
@@ -111,7 +126,7 @@ def _run(command: click.Command, args: list[str] | None = None, prog_name: str |
         where = f"{e.filename} -> {e.filename2}: " if e.filename2 else (f"{e.filename}: " if e.filename else "")
         full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
         hint = "; free some disk space or choose another --output" if full else ""
-        click.echo(one_line(f"error: {where}{e.strerror or e}{hint}; nothing was written (--debug shows the traceback)"), err=True)
+        click.echo(one_line(f"error: {where}{e.strerror or e}{hint}; {left} (--debug shows the traceback)"), err=True)
         sys.exit(1)
     except Exception as e:  # a bug: still one line, unless --debug
         if debug:

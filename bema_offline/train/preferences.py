@@ -75,11 +75,17 @@ def load_table(path: str | Path, *, option: str = "--dataset", split: str = "tra
     elif path.suffix.lower() not in DATASET_SUFFIXES:
         raise UsageError(f"{option} {path}: use a .json, .jsonl or .parquet file, or a folder saved with save_to_disk")
     else:
+        import datasets
+
         reader = Dataset.from_parquet if path.suffix.lower() == ".parquet" else Dataset.from_json
+        verbosity = datasets.logging.get_verbosity()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own log of a malformed file: ours is one line
         try:
             loaded = reader(str(path))
         except Exception as e:  # pyarrow and datasets raise many kinds for a malformed file
             raise DataError(f"{option} {path}: cannot read it ({_first_line(e)})") from e
+        finally:
+            datasets.logging.set_verbosity(verbosity)
     return loaded
 
 

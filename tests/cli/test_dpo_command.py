@@ -92,3 +92,16 @@ def test_a_reference_without_tokenizer_files_is_one_line(base: Path, tmp_path: P
     code, stdout, stderr = run_cli(cli, args, capsys)
     assert code == 1 and stderr.count("\n") == 1, stderr
     assert stderr.startswith(f"error: {bare}: cannot load its tokenizer") and "copy the tokenizer files" in stderr
+
+
+def test_malformed_json_data_is_one_line(base: Path, tmp_path: Path) -> None:
+    """As a user sees it (a process: datasets logs through `logging`, which capsys does not capture)."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "b"\n')
+    args = ["dpo", "--ref-model", base / "base", "--dataset", bad, "--output-dir", tmp_path / "round", "--no-bf16"]
+    done = subprocess.run([sys.executable, "-m", "bema_offline", *map(str, args)], capture_output=True, text=True, timeout=300)
+    lines = [line for line in done.stderr.splitlines() if "accelerator" not in line]  # (DeepSpeed's import notice)
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: --dataset {bad}: cannot read it"), done.stderr

@@ -193,3 +193,11 @@ def test_lora_rounds_from_the_command_line_and_a_file(data: Path, tmp_path: Path
     assert code == 2 and err.startswith("error: --workdir") and "another plan: --lora-r was 2, now 3; rerun" in err and err.count("\n") == 1
     code, _, err = run_cli(cli, ["iterate", *args[3:], "--lora-alpha", 4], capsys)  # without the file's --lora-r
     assert code == 2 and err == "error: --lora-alpha, --lora-dropout, --lora-target-modules and --lora-set configure the adapter that --lora-r asks for; add --lora-r (see --help)\n"
+
+
+def test_a_stopped_iterate_or_dpo_says_what_it_leaves_not_nothing_written() -> None:
+    from bema_offline.cli import _left_behind, average_entry
+
+    assert "run the same command again to resume" in _left_behind(cli, ["iterate", "--workdir", "w"])
+    assert "stay in --output-dir" in _left_behind(cli, ["--debug", "dpo"])
+    assert _left_behind(cli, ["average", "run"]) == _left_behind(average_entry, ["run"]) == "nothing was written"
