@@ -71,6 +71,9 @@ class AveragePush:
             for name in ("private", "revision", "commit_message"):
                 if options.get(name):
                     raise click.UsageError(f"--{name.replace('_', '-')} needs --push-to-hub ORG/NAME")
+            context = click.get_current_context(silent=True)
+            if context is not None and context.get_parameter_source("push_layout") == click.core.ParameterSource.COMMANDLINE:
+                raise click.UsageError("--push-layout needs --push-to-hub ORG/NAME")
             return None
         repo_id = options["push_to_hub"]
         check_repo_id(repo_id)

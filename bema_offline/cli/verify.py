@@ -38,6 +38,8 @@ def verify_command(output: Path, recompute: int, seed: int | None, max_memory: s
 
     Exits with 0 when everything checks out, 1 with a one-line error otherwise.
     """
+    if seed is not None and not recompute:
+        raise click.UsageError("--seed chooses the tensors of --recompute; give --recompute N too")
     if seed is None and recompute:
         seed = random.SystemRandom().randrange(2**31)
     reports = verify(output, recompute=recompute, seed=seed, max_memory=parse_size(max_memory, option="--max-memory"))

@@ -67,10 +67,8 @@ def find_checkpoints(run_dir: str | Path, *, min_step: int | None = None, max_st
         if (min_step is None or step >= min_step) and (max_step is None or step <= max_step)
     }
     if not narrowed:
-        raise DataError(
-            f"{run_dir}: no checkpoint between --min-step {min_step} and --max-step {max_step} "
-            f"(found steps {steps_text(found)})"
-        )
+        bounds = " and ".join(f"{option} {value}" for option, value in (("--min-step", min_step), ("--max-step", max_step)) if value is not None)
+        raise DataError(f"{run_dir}: no checkpoint within {bounds} (found steps {steps_text(found)})")
     return narrowed
 
 

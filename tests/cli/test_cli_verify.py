@@ -72,3 +72,5 @@ def test_leftovers_of_a_killed_run_are_pointed_out(output):
 def test_bad_options_are_usage_errors(output):
     code, _, stderr = verify_cli(output, "--recompute", "-1")
     assert code == 2 and stderr.startswith("error: ") and "--recompute" in stderr
+    code, _, stderr = verify_cli(output, "--seed", "3")
+    assert code == 2 and "--seed chooses the tensors of --recompute" in stderr

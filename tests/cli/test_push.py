@@ -131,3 +131,5 @@ def test_average_dry_run_shows_the_push(run, api, monkeypatch, tmp_path, capsys)
 def test_hub_settings_need_push_to_hub(run, api, tmp_path, capsys) -> None:
     code, _, err = run_cli(average_command, [run[0], "--private", "-o", tmp_path / "out"], capsys)
     assert code == 2 and "--private needs --push-to-hub ORG/NAME" in err
+    code, _, err = run_cli(average_command, [run[0], "--push-layout", "branches", "-o", tmp_path / "out"], capsys)
+    assert code == 2 and "--push-layout needs --push-to-hub ORG/NAME" in err and not (tmp_path / "out").exists()

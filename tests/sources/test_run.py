@@ -20,8 +20,10 @@ def test_steps_sorted_numerically_and_narrowed(tmp_path):
     assert list(find_checkpoints(tmp_path)) == [9, 10, 100]
     assert list(find_checkpoints(tmp_path, min_step=10)) == [10, 100]
     assert list(find_checkpoints(tmp_path, max_step=10)) == [9, 10]
-    with pytest.raises(DataError, match="no checkpoint between --min-step 11 and --max-step 99"):
+    with pytest.raises(DataError, match="no checkpoint within --min-step 11 and --max-step 99"):
         find_checkpoints(tmp_path, min_step=11, max_step=99)
+    with pytest.raises(DataError, match=r"no checkpoint within --max-step 5 \(found steps"):
+        find_checkpoints(tmp_path, max_step=5)
 
 
 @pytest.mark.parametrize(
