@@ -40,7 +40,7 @@ def provenance(plan: Plan, output: OutputSpec, *, settings: dict, training: Trai
     steps = {
         "found": plan.found_steps,
         "used": sorted(output.weights),
-        "ignored": [s for s in plan.found_steps if s not in plan.sources],
+        "ignored": [s for s in plan.found_steps if s not in output.weights],  # by this output (a sweep's others may read them)
     }
     if run is not None:
         steps.update({
@@ -241,7 +241,7 @@ def model_card(record: dict, *, repo_id: str | None = None, revision: str | None
         step_lines = [
             f"- Update steps used: {_steps(steps['update_steps_used'])}",
             f"- Update steps skipped (no checkpoint): {_steps(skipped)}",
-            f"- Checkpoints not on an update step (not used): {_steps(steps['ignored'])}",
+            f"- Checkpoints not used (off the update steps, or after this output's step): {_steps(steps['ignored'])}",
         ]
     else:
         step_lines = [f"- Sources used: {_steps(steps.get('used', sorted(weights)))}", f"- Checkpoints not used: {_steps(steps['ignored'])}"]

@@ -94,6 +94,14 @@ def test_a_weighted_method_s_card_names_the_method_its_parameters_and_sources(tm
     assert "| checkpoint-6 | 6 | +0.500000 |" in card.text and "| checkpoint-8 | 8 | +0.500000 |" in card.text
 
 
+def test_in_a_sweep_each_card_names_the_checkpoints_its_own_output_did_not_use(tmp_path: Path) -> None:
+    out = _average(tmp_path, [2, 4, 6, 8], schedule=[("last2", Uniform(last=2)), ("all", Uniform())])
+    last2 = json.loads((out / "last2" / "bema_offline.json").read_text())
+    assert last2["steps"]["used"] == [6, 8] and last2["steps"]["ignored"] == [2, 4]  # though "all" read them
+    assert "- Checkpoints not used: 2, 4" in ModelCard.load(out / "last2" / "README.md").text
+    assert json.loads((out / "all" / "bema_offline.json").read_text())["steps"]["ignored"] == []
+
+
 @pytest.mark.parametrize(
     "metrics, method",
     [
