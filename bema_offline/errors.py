@@ -8,6 +8,12 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
 
 
+def first_line(error: BaseException) -> str:
+    """An error's message, first line only (a library's may run to many), or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def steps_text(steps, limit: int = 12, *, total: int | None = None) -> str:
     """Steps for a message: the first `limit`, and how many there are in all (`total`, when more exist than given)."""
     steps = sorted(steps)

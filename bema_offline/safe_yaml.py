@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
-from .errors import BemaError, DataError
+from .errors import BemaError, DataError, first_line
 
 
 def load_yaml(text: str | bytes, *, what: str, refuse: type[BemaError] = DataError) -> object:
@@ -64,5 +64,4 @@ def load_yaml(text: str | bytes, *, what: str, refuse: type[BemaError] = DataErr
     except BemaError:
         raise
     except Exception as e:  # yaml.YAMLError, and the ValueErrors and TypeErrors of some malformed documents
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise refuse(f"{what}: malformed YAML ({first_line[:200]})") from e
+        raise refuse(f"{what}: malformed YAML ({first_line(e)[:200]})") from e

@@ -20,7 +20,6 @@ from .record import OutputRecord, read_output_record
 BEST_FOLDER = "best"
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-ROLES = ("average", "model", "baseline")
 
 
 @dataclass(frozen=True)

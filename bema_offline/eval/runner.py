@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..engine.engine import check_device
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, first_line
 from .candidates import Candidate, find_candidates
 from .data import load_eval_data
 from .metrics import DEFAULT_METRIC, METRICS, METRICS_OF_KIND, loss_metrics, preference_metrics
@@ -191,7 +191,7 @@ def load_model(source: str, *, device: str = "cpu", dtype: str = "float32"):
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, output_loading_info=True)
     except Exception as e:  # OSError, ValueError, safetensors errors...: one line that names the folder
-        raise DataError(f"{source}: transformers cannot load it as a causal LM ({_first_line(e)})") from e
+        raise DataError(f"{source}: transformers cannot load it as a causal LM ({first_line(e)})") from e
     problems = [f"{what} {', '.join(sorted(info.get(key) or []))}" for key, what in
                 (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "mismatched"))
                 if info.get(key)]
@@ -279,7 +279,7 @@ def _load_tokenizer(source: str):
     try:
         return AutoTokenizer.from_pretrained(source)
     except Exception as e:
-        raise DataError(f"{source}: cannot load its tokenizer ({_first_line(e)}); pass --tokenizer") from e
+        raise DataError(f"{source}: cannot load its tokenizer ({first_line(e)}); pass --tokenizer") from e
 
 
 def _data_summary(eval_data, prepared: PreparedData | None) -> dict | None:
@@ -296,8 +296,4 @@ def _data_summary(eval_data, prepared: PreparedData | None) -> dict | None:
         "scored_tokens": prepared.scored_tokens,
     }
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 

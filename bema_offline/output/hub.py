@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
 from .._version import __version__
-from ..errors import BemaError, DataError, UsageError
+from ..errors import BemaError, DataError, UsageError, first_line
 from ..files import SMALL_FILE_LIMIT, parse_json, read_json_file, read_small_file, write_new_file
 from ..sources.peft import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, is_adapter_folder
 from ..sources.run import INDEX_FILE, SIDECAR_FILES, SINGLE_FILE
@@ -320,7 +320,7 @@ def push_to_hub(
             except Exception as e:
                 done = ", ".join(t.where for t in pushed) or "nothing"
                 raise HubError(
-                    f"uploading {target.folder} to {target.where} failed ({_first_line(e)}); pushed so far: {done}; "
+                    f"uploading {target.folder} to {target.where} failed ({first_line(e)}); pushed so far: {done}; "
                     "run `bema-offline push` again to retry"
                 ) from e
             pushed.append(target)
@@ -556,7 +556,7 @@ def _hub_call(call: Callable, what: str, *, then: str = "nothing was uploaded"):
     try:
         return call()
     except Exception as e:  # huggingface_hub raises HTTP, network and validation errors alike
-        raise HubError(f"{what}: {_first_line(e)}{_hint(e)}; {then}") from e
+        raise HubError(f"{what}: {first_line(e)}{_hint(e)}; {then}") from e
 
 
 def _hint(error: Exception) -> str:
@@ -566,11 +566,6 @@ def _hint(error: Exception) -> str:
     if status == 403:
         return " (the token may not write there: use a write token, and check the organisation name)"
     return ""
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def branches_index(targets: list[PushTarget]) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..dtypes import DTYPES, dtype_name
-from ..errors import DataError
+from ..errors import DataError, first_line
 from ..files import FileIdentity, OpenFiles, file_identity, read_json_file
 from .safetensors_io import read_header
 from .tensors import TensorInfo, WeightSource
@@ -409,8 +409,7 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise DataError(f"{path}: cannot read the adapter ({first_line}); re-save it (peft saves safetensors by default)") from e
+        raise DataError(f"{path}: cannot read the adapter ({first_line(e)[:200]}); re-save it (peft saves safetensors by default)") from e
     if not isinstance(loaded, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
         raise DataError(f"{path}: not a state dict of named tensors; re-save the adapter with peft")
     for name, tensor in loaded.items():

@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import DataError, UsageError, steps_text
+from ..errors import DataError, UsageError, first_line, steps_text
 from ..files import read_json_file
 from .dcp import DCP_FOLDER, load_dcp
 from .deepspeed import is_deepspeed_folder, load_deepspeed
@@ -143,9 +143,8 @@ def resolve_base_model(base_model: str | Path) -> Path:
     try:
         return Path(snapshot_download(text, allow_patterns=["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja"]))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(
-            f"--base-model {text}: cannot fetch it from the Hub ({first_line}); pass a local folder instead"
+            f"--base-model {text}: cannot fetch it from the Hub ({first_line(e)}); pass a local folder instead"
         ) from e
 
 

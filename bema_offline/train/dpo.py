@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._version import __version__
-from ..errors import BemaError, DataError, UsageError
+from ..errors import BemaError, DataError, UsageError, first_line
 from ..files import write_new_file
 from ..output.fingerprint import folder_fingerprint, tensors_fingerprint
 from ..sources.run import find_checkpoints, load_source
@@ -206,7 +206,7 @@ def lora_config(
     try:
         return LoraConfig(**settings)
     except (ValueError, TypeError) as e:
-        raise UsageError(f"peft.LoraConfig refused the settings: {_first_line(e)}") from e
+        raise UsageError(f"peft.LoraConfig refused the settings: {first_line(e)}") from e
 
 
 def _convert(key: str, text: str, hint: Any, *, option: str = "--config-set") -> Any:
@@ -294,7 +294,7 @@ def dpo_config(
             warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
             return DPOConfig(**settings)
     except (ValueError, TypeError) as e:
-        raise UsageError(f"DPOConfig refused the settings: {_first_line(e)}") from e
+        raise UsageError(f"DPOConfig refused the settings: {first_line(e)}") from e
 
 
 # --- the reference model -----------------------------------------------------------------------------------
@@ -502,7 +502,7 @@ def build_trainer(
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     except Exception as e:  # no tokenizer files: a bema-average output of checkpoints saved without one
         raise DataError(
-            f"{tokenizer_source}: cannot load its tokenizer ({_first_line(e)}); copy the tokenizer files of the base model "
+            f"{tokenizer_source}: cannot load its tokenizer ({first_line(e)}); copy the tokenizer files of the base model "
             "into it, or pass as --policy a folder that has them"
         ) from e
     reference, fingerprint = load_reference(ref_folder, log=log)
@@ -578,6 +578,3 @@ def _jsonable(value: Any) -> Any:
         return str(value)
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -46,14 +46,14 @@ from typing import Any
 
 from .._version import __version__
 from ..api import average
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, first_line
 from ..methods.windows import Uniform
 from ..output import hub
 from ..output.fingerprint import folder_fingerprint
 from ..sources.peft import is_adapter_folder
 from ..sources.run import find_checkpoints
 from .checkpoints import adapter_fingerprint, prepare_resume, prune_resume_state, resume_state_pruner
-from .dpo import RECORD_FILE, _first_line, require_dpo_extra, train_dpo, write_json_atomically
+from .dpo import RECORD_FILE, require_dpo_extra, train_dpo, write_json_atomically
 from .rounds_eval import check_eval_data, evaluate_round, last_model
 from .rounds_plan import IteratePlan, data_fingerprint, plan_differences, plan_record, upgraded_plan_record
 from .rounds_report import TABLE_FILE, average_title, rounds_card, rounds_table, write_rounds_table
@@ -485,7 +485,7 @@ def _push_round(run: _Run, entry: dict) -> None:
         )
     except Exception as e:  # huggingface_hub raises HTTP, network and validation errors alike
         raise hub.HubError(
-            f"writing the rounds table to the main branch of {plan.push_to_hub} failed ({_first_line(e)}); "
+            f"writing the rounds table to the main branch of {plan.push_to_hub} failed ({first_line(e)}); "
             f"round {k} is on branch {branch}; run the same command again to retry"
         ) from e
     entry["push"] = pushed  # recorded once the card is up too, so that a rerun retries both

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, UsageError
+from ..errors import DataError, UsageError, first_line
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 DATASET_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -64,7 +64,7 @@ def load_table(path: str | Path, *, option: str = "--dataset", split: str = "tra
         try:
             loaded = load_from_disk(str(path))
         except (FileNotFoundError, ValueError) as e:
-            raise DataError(f"{option} {path}: not a folder written by datasets' save_to_disk ({_first_line(e)})") from e
+            raise DataError(f"{option} {path}: not a folder written by datasets' save_to_disk ({first_line(e)})") from e
         if isinstance(loaded, DatasetDict):
             if split not in loaded:
                 what = "training" if split == "train" else repr(split)
@@ -83,7 +83,7 @@ def load_table(path: str | Path, *, option: str = "--dataset", split: str = "tra
         try:
             loaded = reader(str(path))
         except Exception as e:  # pyarrow and datasets raise many kinds for a malformed file
-            raise DataError(f"{option} {path}: cannot read it ({_first_line(e)})") from e
+            raise DataError(f"{option} {path}: cannot read it ({first_line(e)})") from e
         finally:
             datasets.logging.set_verbosity(verbosity)
     return loaded
@@ -140,6 +140,3 @@ def value_kind(value: Any) -> str | None:
     return None
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

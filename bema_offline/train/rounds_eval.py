@@ -28,7 +28,6 @@ from ..eval.metrics import METRICS
 from ..sources.peft import is_adapter_folder
 from .rounds_plan import IteratePlan, data_fingerprint
 
-ROLES = ("reference", "last checkpoint", "average")
 DEFAULT_EVAL_BATCH_SIZE = 8  # TRL's per_device_eval_batch_size
 
 
