@@ -77,6 +77,8 @@ _EXPECTED = {
 # names of the input embedding that a tied `lm_head.weight` shares (transformers drops the head from the file)
 TIED_HEAD = "lm_head.weight"
 INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight")
+# the input and output embedding layers, which peft saves whole with save_embedding_layers
+EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings", "shared")
 
 
 def is_adapter_folder(folder: Path) -> bool:
@@ -157,8 +159,8 @@ class AdapterConfig:
         return any(module == t or module.endswith("." + t) for t in targets)
 
     def saves_module(self, module: str) -> bool:
-        """Whether `modules_to_save` names `module` (an exact name or a `.name` suffix)."""
-        return any(module == m or module.endswith("." + m) for m in self.modules_to_save)
+        """Whether `modules_to_save` names `module`: peft's rule, a plain suffix (`head` names `lm_head`)."""
+        return any(module.endswith(m) for m in self.modules_to_save)
 
     def compared(self) -> dict[str, object]:
         """The fields two checkpoints of one run must agree on."""
@@ -600,6 +602,12 @@ def map_adapter(
             module, _, param = name.rpartition(".")
             partner = _module_of(partners.get(name))  # a tied head saved beside its saved embedding
             if not (config.saves_module(module) or (partner and config.saves_module(partner)) or (param == "bias" and config.bias != "none")):
+                if module.rpartition(".")[2] in EMBEDDING_NAMES:
+                    raise DataError(
+                        f"{where}: tensor {key!r} is a whole embedding layer that peft saved beside the adapter "
+                        "(save_embedding_layers: the vocabulary was resized?); bema-offline averages adapters on an "
+                        "unchanged base: merge each checkpoint with peft (merge_and_unload) and average the merged folders"
+                    )
                 raise DataError(
                     f"{where}: tensor {key!r} is neither a LoRA factor nor in modules_to_save "
                     f"({', '.join(config.modules_to_save) or 'none'}); the adapter and its config disagree"

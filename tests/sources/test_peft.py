@@ -298,6 +298,7 @@ def test_keys_that_are_not_peft_s(tmp_path_factory, tmp_path):
     cases = [
         ({"model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32)}, "does not start with 'base_model.model.'"),
         ({"base_model.model.model.norm.weight": torch.zeros(32)}, "neither a LoRA factor nor in modules_to_save"),
+        ({"base_model.model.model.embed_tokens.weight": torch.zeros(8, 32)}, "a whole embedding layer that peft saved beside the adapter"),
         ({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32)}, "has no lora_B tensor"),
     ]
     for index, (tensors, message) in enumerate(cases):
@@ -366,3 +367,13 @@ def test_config_defaults_of_older_peft_versions(tmp_path):
     assert isinstance(config, AdapterConfig)
     assert (config.use_rslora, config.rank_pattern, config.use_dora, config.bias, config.modules_to_save) == (False, {}, False, "none", ())
     assert config.scaling("model.layers.0.self_attn.q_proj") == 2.0
+
+
+def test_modules_to_save_names_modules_by_peft_s_plain_suffix_rule(tmp_path_factory, tmp_path):
+    """peft's `_set_trainable` matches `key.endswith(name)`: `head` names `lm_head` (peft 0.21)."""
+    dpo = lora_run(tmp_path_factory, "dpo")
+    folder = tmp_path / "checkpoint-2"
+    shutil.copytree(dpo.checkpoint(2), folder)
+    edit_config(folder, modules_to_save=["head"])
+    config = load_adapter_checkpoint(folder, 2).config
+    assert config.saves_module("lm_head") and config.saves_module("model.lm_head") and not config.saves_module("lm_head.proj")
