@@ -203,13 +203,15 @@ def weight_files(run: HubRun, step: int) -> list[str]:
     """
     files = checkpoint_files(run, step)
     top = [name for name in files if "/" not in name]
-    choices = [
-        [SINGLE_FILE] if SINGLE_FILE in top else [n for n in top if n.endswith(".safetensors") and n.startswith("model")],
-        [n for n in top if n.endswith(".bin") and n.startswith("pytorch_model") and n not in NOT_WEIGHTS],
-        [n for n in files if n.startswith("pytorch_model_fsdp_0/")],
-        [n for n in files if re.match(r"global_step[0-9]+/", n)] if "latest" in files else [],
-        [n for n in top if n == "adapter_model.safetensors"],
-    ]
+    if "adapter_config.json" in top:  # a PEFT adapter, whatever lies beside it (as `load_source` decides locally)
+        choices = [[name] for name in ("adapter_model.safetensors", "adapter_model.bin") if name in top]
+    else:
+        choices = [
+            [SINGLE_FILE] if SINGLE_FILE in top else [n for n in top if n.endswith(".safetensors") and n.startswith("model")],
+            [n for n in top if n.endswith(".bin") and n.startswith("pytorch_model") and n not in NOT_WEIGHTS],
+            [n for n in files if n.startswith("pytorch_model_fsdp_0/")],
+            [n for n in files if re.match(r"global_step[0-9]+/", n)] if "latest" in files else [],
+        ]
     chosen = next((choice for choice in choices if choice), None)
     if chosen is None:
         checkpoint = run.checkpoints[step]

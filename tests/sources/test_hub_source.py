@@ -72,6 +72,22 @@ def test_the_step_of_a_revision_is_its_step_number_or_its_only_number(name, step
     assert revision_step(name) == step
 
 
+@pytest.mark.parametrize(
+    ("files", "weights"),
+    [
+        ({"adapter_config.json", "adapter_model.safetensors"}, ["adapter_model.safetensors"]),
+        ({"adapter_config.json", "adapter_model.bin", "training_args.bin"}, ["adapter_model.bin"]),  # saved without safetensors
+        ({"adapter_config.json", "adapter_model.safetensors", "model.safetensors"}, ["adapter_model.safetensors"]),  # as locally
+        ({"pytorch_model.bin", "training_args.bin", "optimizer.pt"}, ["pytorch_model.bin"]),
+    ],
+)
+def test_a_hub_checkpoint_s_weights_are_those_the_local_reader_reads(files, weights):
+    repo = FakeRepo(REPO)
+    repo.commit({f"checkpoint-2/{name}": b"x" for name in files})
+    run = open_hub_run(f"hf://{REPO}", api=FakeHubApi(repo))
+    assert weight_files(run, 2) == weights
+
+
 def test_a_pushed_run_lists_its_checkpoints_and_downloads_only_weights_and_small_files(pushed):
     run = open_hub_run(f"hf://{REPO}", api=FakeHubApi(pushed))
     assert sorted(run.checkpoints) == STEPS
