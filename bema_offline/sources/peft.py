@@ -79,6 +79,7 @@ TIED_HEAD = "lm_head.weight"
 INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight")
 # the input and output embedding layers, which peft saves whole with save_embedding_layers
 EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings", "shared")
+TORCH_NAMES = {dtype.torch_name for dtype in DTYPES.values()}  # the torch dtypes an adapter .bin may hold
 
 
 def is_adapter_folder(folder: Path) -> bool:
@@ -389,8 +390,16 @@ def load_adapter_checkpoint(folder: Path, step: int) -> AdapterCheckpoint:
         shapes = {name: (t.dtype, t.shape) for name, t in tensors.items()}
         checkpoint = AdapterCheckpoint(step, folder, config, shapes, source=source, identities=identities)
     elif os.path.lexists(binary):
+        if not binary.is_file():  # (a FIFO would block torch.load)
+            raise DataError(f"{binary}: not a regular file (a broken link?); replace it with the saved adapter")
+        before = file_identity(binary)
         loaded = _load_bin(binary)
         identities[binary] = file_identity(binary)
+        if identities[binary] != before:
+            raise DataError(f"{binary}: changed while it was read; rerun when nothing writes to the run")
+        unknown = next((name for name, t in loaded.items() if str(t.dtype).removeprefix("torch.") not in TORCH_NAMES), None)
+        if unknown is not None:
+            raise DataError(f"{binary}: tensor {unknown!r} is {loaded[unknown].dtype}, a dtype this tool does not read; this is not a LoRA adapter")
         shapes = {name: (dtype_name(t.dtype), tuple(t.shape)) for name, t in loaded.items()}
         checkpoint = AdapterCheckpoint(step, folder, config, shapes, loaded=loaded, identities=identities)
     else:

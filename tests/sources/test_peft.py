@@ -4,6 +4,7 @@ run's adapters can be wrong, each refused in one line."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -350,6 +351,22 @@ def test_a_bin_adapter_reads_as_its_safetensors_twin(tmp_path_factory, tmp_path)
             assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
         key = next(iter(layout.modules.values())).lora_B
         assert torch.equal(binary.read_tensor(key, files, rows=(3, 9)), twin.read_tensor(key, files, rows=(3, 9)))
+
+
+def test_a_bin_adapter_that_is_a_fifo_or_holds_an_unknown_dtype_gets_one_line(tmp_path_factory, tmp_path):
+    dpo = lora_run(tmp_path_factory, "dpo")
+    fifo = tmp_path / "checkpoint-2"
+    fifo.mkdir()
+    shutil.copy(dpo.checkpoint(2) / "adapter_config.json", fifo)
+    os.mkfifo(fifo / "adapter_model.bin")
+    with pytest.raises(DataError, match="adapter_model.bin: not a regular file"):
+        load_adapter_checkpoint(fifo, 2)
+    odd = tmp_path / "checkpoint-4"
+    odd.mkdir()
+    shutil.copy(dpo.checkpoint(4) / "adapter_config.json", odd)
+    torch.save({"base_model.model.x.lora_A.weight": torch.zeros(2, 2, dtype=torch.complex64)}, odd / "adapter_model.bin")
+    with pytest.raises(DataError, match="torch.complex64, a dtype this tool does not read"):
+        load_adapter_checkpoint(odd, 4)
 
 
 def test_tied_head_detection(tmp_path_factory):
