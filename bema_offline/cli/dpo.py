@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from ._help import CONTEXT, SectionedCommand, debug_option, option
+from .eval import quiet_libraries
 
 EPILOG = """\b
 Iterative DPO, round by round (the BEMA of round k is the reference of round k+1):
@@ -177,31 +178,16 @@ def library_output(*, quiet: bool):
 
 @contextlib.contextmanager
 def _without_bars(*, quiet: bool):
-    import datasets
-    import transformers
-
-    hf_logging = transformers.utils.logging
-    bars = (datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled())
-    verbosity = hf_logging.get_verbosity()
     tqdm_disable = os.environ.get("TQDM_DISABLE")
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-    if quiet:
-        hf_logging.set_verbosity_error()
     os.environ["TQDM_DISABLE"] = "1"  # TRL's and the Trainer's own tqdm bars read it
     try:
-        with contextlib.ExitStack() as stack:
+        with quiet_libraries(errors_only=quiet), contextlib.ExitStack() as stack:
             if quiet:
                 stack.enter_context(warnings.catch_warnings())
                 stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
                 warnings.simplefilter("ignore")
             yield
     finally:
-        if bars[0]:
-            datasets.enable_progress_bars()
-        if bars[1]:
-            hf_logging.enable_progress_bar()
-        hf_logging.set_verbosity(verbosity)
         if tqdm_disable is None:
             os.environ.pop("TQDM_DISABLE", None)
         else:

@@ -138,9 +138,9 @@ def require_eval_extra() -> None:
 
 
 @contextlib.contextmanager
-def quiet_libraries():
-    """No loading bars or load reports from transformers, no progress bars from datasets, for the run only (a folder
-    whose weights do not fit fails with its own error)."""
+def quiet_libraries(*, errors_only: bool = True):
+    """No loading bars from transformers and no progress bars from datasets, and (`errors_only`) no load reports
+    from transformers, for the block only (a folder whose weights do not fit fails with its own error)."""
     import datasets
     import transformers
 
@@ -149,7 +149,8 @@ def quiet_libraries():
     verbosity = logging.get_verbosity()
     logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    logging.set_verbosity_error()
+    if errors_only:
+        logging.set_verbosity_error()
     try:
         yield
     finally:
