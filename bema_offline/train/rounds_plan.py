@@ -111,6 +111,19 @@ class IteratePlan:
         name = "bema" if self.reference in FIXED_REFERENCES else self.reference
         return make_method(name, {}, schedule=BEMASchedule(update_freq=self.save_steps), where=f"--reference {name}")
 
+    @property
+    def training_options(self) -> dict[str, object]:
+        """The settings every round trains with, as `dpo_config` and `train_dpo` take them."""
+        return {
+            "beta": self.beta,
+            "learning_rate": self.learning_rate,
+            "max_steps": self.max_steps,
+            "per_device_train_batch_size": self.per_device_train_batch_size,
+            "save_steps": self.save_steps,
+            "bf16": self.bf16,
+            "precompute_ref_log_probs": self.precompute_ref_log_probs,
+        }
+
     def expected_steps(self) -> list[int] | None:
         """The checkpoints each round will save, when `max_steps` says how long a round is (else None): every
         `save_steps`, and the last step (the Trainer saves at the end of training)."""
@@ -224,17 +237,7 @@ def plan_record(plan: IteratePlan, base_fingerprint: str) -> dict:
     """What `rounds.json` keeps of the plan: the settings that decide every round's weights, resolved (TRL's
     defaults filled in), so that leaving an option out and giving its default value are the same plan. The number
     of rounds and the data are checked per round instead, so that a finished run can be extended."""
-    config = dpo_config(
-        plan.workdir / "round-1",
-        beta=plan.beta,
-        learning_rate=plan.learning_rate,
-        max_steps=plan.max_steps,
-        per_device_train_batch_size=plan.per_device_train_batch_size,
-        save_steps=plan.save_steps,
-        bf16=plan.bf16,
-        precompute_ref_log_probs=plan.precompute_ref_log_probs,
-        overrides=plan.config_overrides,
-    )
+    config = dpo_config(plan.workdir / "round-1", overrides=plan.config_overrides, **plan.training_options)
     return {
         "base_model": {"path": str(plan.base_model), "fingerprint": base_fingerprint},
         "reference": plan.reference,
