@@ -55,6 +55,7 @@ from .frozen import frozen_tensors
 from .kernels import KERNEL_DTYPES, Floats, kernel_name
 from .plan import Plan
 from .program import make_program
+from .workqueue import WorkQueue
 
 if TYPE_CHECKING:
     import torch
@@ -444,8 +445,6 @@ class Engine:
         self.kinds = [kind for kind, _ in packed]
         self.groups = [group for _, group in packed]
         self.threads = max(1, min(self.threads, len(self.groups)))
-        self._on_progress = on_progress
-        self._progress_lock = threading.Lock()  # progress callbacks, one at a time; a worker writing its outputs does not stall the others
         self.program = make_program(plan)
         self.last_slice = {}
         for group in self.groups:
@@ -453,11 +452,9 @@ class Engine:
                 self.last_slice[piece.name] = piece
         counts = _Counts.of(plan)
         self.arena_bytes = max((self._arena_need(group, kind, counts) for group, kind in zip(self.groups, self.kinds)), default=0)
-        self._lock = threading.Lock()  # the next group, and the first error
         self._output_locks = [threading.Lock() for _ in plan.outputs]  # one writer per output at a time
         self._concurrent_sink = getattr(sink, "concurrent", False)
-        self._next = 0
-        self._error: BaseException | None = None
+        self.queue = WorkQueue(len(self.groups), on_progress)
 
     @property
     def uses_torch(self) -> bool:
@@ -481,7 +478,7 @@ class Engine:
                 thread.start()
             self._work(workers[0])
         except BaseException as e:  # Ctrl-C in the main thread: stop the others too
-            self._fail(e)
+            self.queue.fail(e)
         finally:
             for thread in threads:
                 thread.join()
@@ -489,17 +486,11 @@ class Engine:
                 worker.files.close()
             if torch_threads is not None:
                 torch.set_num_threads(torch_threads)
-        if self._error is not None:
-            raise self._error
+        self.queue.raise_error()
 
     def _work(self, worker: _Worker) -> None:
         try:
-            while True:
-                with self._lock:
-                    if self._error is not None or self._next == len(self.groups):
-                        return
-                    index = self._next
-                    self._next += 1
+            while (index := self.queue.take()) is not None:
                 worker.reset()
                 group, kind = self.groups[index], self.kinds[index]
                 if kind.accum is None:
@@ -509,19 +500,9 @@ class Engine:
                 else:
                     self._average_on_torch(group, kind, worker)
                 finished = sum(1 for piece in group if self.last_slice[piece.name] == piece)
-                self._progress(0, finished)
+                self.queue.progress(0, finished)
         except BaseException as e:
-            self._fail(e)
-
-    def _fail(self, error: BaseException) -> None:
-        with self._lock:
-            if self._error is None:
-                self._error = error
-
-    def _progress(self, nbytes: int, ntensors: int) -> None:
-        if self._on_progress is not None:
-            with self._progress_lock:
-                self._on_progress(nbytes, ntensors)
+            self.queue.fail(e)
 
     # --- one group -------------------------------------------------------------------------------------------
 
@@ -657,7 +638,7 @@ class Engine:
                 if kind.frozen or out.step == step:
                     self._emit(output_index, pieces)
         # counted as read at every step, so that progress adds up to the plan's total
-        self._progress(sum(layout.nbytes for layout in layouts.values()), 0)
+        self.queue.progress(sum(layout.nbytes for layout in layouts.values()), 0)
 
     def _cast(self, pieces: list[tuple[Slice, memoryview]], layout: _Layout, read: int, dtype: str, worker: _Worker) -> list[tuple[Slice, memoryview]]:
         """A frozen group's slices cast to the output dtype (torch's rounding, as the averaged tensors get)."""
@@ -695,7 +676,7 @@ class Engine:
     def _read(self, layout: _Layout, read: int, worker: _Worker) -> None:
         """Read a group's bytes at one step into the host arena at offset `read`, and count them as read."""
         self._fill(layout, read, worker)
-        self._progress(layout.nbytes, 0)
+        self.queue.progress(layout.nbytes, 0)
 
     @staticmethod
     def _fill(layout: _Layout, read: int, worker: _Worker) -> None:

@@ -39,6 +39,7 @@ from ..files import OpenFiles, writable_view
 from ..sources.peft import LoraModule, ModuleFactors, read_module_factors, read_tensor
 from ..sources.tensors import BASE_STEP, TensorInfo
 from .engine import Sink, Slice, all_finite, check_device, default_threads, fits
+from .workqueue import WorkQueue
 from .lora import TILE_ROWS, ModuleAverage, full_rows, tiles_numel
 from .plan import Plan
 
@@ -154,13 +155,9 @@ class LoraEngine:
         threads = threads or default_threads()
         self.threads = max(1, min(threads, len(self.tasks), max_memory // max(largest.minimum if largest else 1, 1)))
         self.budget = max_memory // self.threads
-        self._on_progress = on_progress
-        self._lock = threading.Lock()  # the next task, and the first error
-        self._progress_lock = threading.Lock()
         self._output_locks = [threading.Lock() for _ in plan.outputs]
         self._concurrent_sink = getattr(sink, "concurrent", False)
-        self._next = 0
-        self._error: BaseException | None = None
+        self.queue = WorkQueue(len(self.tasks), on_progress)
 
     # --- planning ------------------------------------------------------------------------------------------------
 
@@ -208,38 +205,23 @@ class LoraEngine:
                 thread.start()
             self._work()
         except BaseException as e:  # Ctrl-C in the main thread: stop the others too
-            self._fail(e)
+            self.queue.fail(e)
         finally:
             for thread in threads:
                 thread.join()
             torch.set_num_threads(torch_threads)
-        if self._error is not None:
-            raise self._error
+        self.queue.raise_error()
 
     def _work(self) -> None:
         arena = _Arena()
         try:
             with OpenFiles(identities=self.plan.identities) as files:
-                while True:
-                    with self._lock:
-                        if self._error is not None or self._next == len(self.tasks):
-                            return
-                        task = self.tasks[self._next]
-                        self._next += 1
+                while (index := self.queue.take()) is not None:
+                    task = self.tasks[index]
                     getattr(self, f"_{task.kind}")(task, files, arena)
-                    self._progress(self.lora.read_bytes(task.name), 1)
+                    self.queue.progress(self.lora.read_bytes(task.name), 1)
         except BaseException as e:
-            self._fail(e)
-
-    def _fail(self, error: BaseException) -> None:
-        with self._lock:
-            if self._error is None:
-                self._error = error
-
-    def _progress(self, nbytes: int, ntensors: int) -> None:
-        if self._on_progress is not None:
-            with self._progress_lock:
-                self._on_progress(nbytes, ntensors)
+            self.queue.fail(e)
 
     # --- one task ------------------------------------------------------------------------------------------------
 
